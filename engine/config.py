@@ -1,0 +1,57 @@
+"""Run configuration: frozen, keyword-only dataclasses. CLI options map onto them one to one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import ConfigError
+from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+
+Backend = Literal["auto", "onnxruntime", "tensorrt", "null"]
+Device = Literal["cpu", "gpu"]
+
+BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "null")
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+@dataclass(frozen=True, kw_only=True)
+class ScreenConfig:
+    inputs: tuple[Path, ...]
+    out: Path
+    models: Path | None = None
+    backend: Backend = "auto"
+    batch_size: int = 16
+    threshold: float | None = None  # None: the classifier manifest's threshold
+    embeddings_in_parquet: bool = False
+    shard_size: int = 256  # rows per Parquet part
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    threads: int = field(default_factory=default_threads)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no INPUT given: name image files, directories or archives to screen")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if not 1 <= self.batch_size <= 4096:
+            raise ConfigError(f"--batch-size must be between 1 and 4096, not {self.batch_size}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be a probability in [0, 1], not {self.threshold}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, not {self.shard_size}")
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ConfigError("--max-pixels and --min-side must be positive")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, not {self.threads}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [str(p) for p in self.inputs]
+        d["out"] = str(self.out)
+        d["models"] = str(self.models) if self.models else None
+        return d

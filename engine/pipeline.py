@@ -1,0 +1,184 @@
+"""The DALI preprocessing pipeline: ONE graph, device is a parameter.
+
+    encoded bytes (PNG/JPEG) --decode(gray, uint16)--+
+                                                     +--> float --resize(S x S)--> intensity
+    DICOM pixels (uint16, from pydicom) -------------+        normalise --> work image [0, 1]
+                                                                   |
+                                         resize(seg size) -> (x - mean) / std -> segmenter input
+
+Decoding to uint16 keeps 16-bit PNGs exact and scales 8-bit sources by 257, so every source
+lands on the same 0..65535 scale. DICOM pixels come through ``external_source`` and join the
+decoded ones through a DALI conditional, so both run through the same operators. The work
+image is the square the lung crop is later cut from (the classifier manifest's
+``crop.source_size``); the segmenter input is derived from it.
+
+DALI's operators are imported lazily so that ``import engine`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import ConfigError, ImageError
+from engine.models import ModelSet
+
+UINT16_MAX = 65535.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image ready for the pipeline: encoded bytes, or decoded uint16 (H, W) pixels."""
+
+    encoded: np.ndarray | None = None  # uint8, 1-D
+    pixels: np.ndarray | None = None  # uint16, (H, W)
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessed:
+    """Pipeline output for the samples that decoded; failures are listed by index."""
+
+    ok: list[int]  # indices into the input batch
+    work: np.ndarray  # (n_ok, S, S) float32 in [0, 1]
+    seg_input: np.ndarray  # (n_ok, 1, h, w) float32, normalised for the segmenter
+    errors: dict[int, str]
+
+
+def _define(models: ModelSet, *, device: str, batch_size: int, threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    seg_pre = models.segmenter.preprocess
+    clf = models.classifier
+    if clf.crop is None:  # validated in the manifest; guards a hand-built ModelSet
+        raise ConfigError("classifier manifest has no crop section")
+    side = clf.crop.source_size
+    intensity = clf.preprocess.intensity
+    decode_device = "mixed" if device == "gpu" else "cpu"
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=0 if device == "gpu" else None,
+        prefetch_queue_depth=1,  # we feed one batch and run it; no look-ahead inside DALI
+        exec_dynamic=True,
+        enable_conditionals=True,
+    )
+    def preprocess():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        pixels = fn.external_source(name="pixels", dtype=types.UINT16, ndim=3, layout="HWC")
+        is_pixels = fn.external_source(name="is_pixels", dtype=types.BOOL, ndim=0)
+        if is_pixels:
+            image = pixels.gpu() if device == "gpu" else pixels
+        else:
+            image = fn.decoders.image(
+                encoded, device=decode_device, output_type=types.GRAY, dtype=types.UINT16
+            )
+        image = fn.cast(image, dtype=types.FLOAT)
+        work = fn.resize(image, size=[side, side], interp_type=types.INTERP_LINEAR, antialias=True)
+        if intensity == "minmax":
+            lo = fn.reductions.min(work)
+            hi = fn.reductions.max(work)
+            work = (work - lo) / dmath.max(hi - lo, 1e-6)
+        else:
+            work = work * (1.0 / UINT16_MAX)
+        seg = fn.resize(work, size=list(seg_pre.size), interp_type=types.INTERP_LINEAR, antialias=True)
+        seg = fn.crop_mirror_normalize(
+            seg, mean=list(seg_pre.mean), std=list(seg_pre.std), output_layout="CHW"
+        )
+        return work, seg
+
+    return preprocess()
+
+
+_EMPTY_ENCODED = np.zeros((1,), np.uint8)
+_EMPTY_PIXELS = np.zeros((1, 1, 1), np.uint16)
+
+
+class Preprocessor:
+    """Runs batches through the pipeline; one bad image never fails the others."""
+
+    def __init__(self, models: ModelSet, *, device: str = "cpu", batch_size: int, threads: int):
+        if device not in ("cpu", "gpu"):
+            raise ConfigError(f"pipeline device must be 'cpu' or 'gpu', not {device!r}")
+        self.device = device
+        self.batch_size = batch_size
+        self._pipe = _define(models, device=device, batch_size=batch_size, threads=threads)
+        self._pipe.build()
+
+    def run(self, samples: Sequence[Sample]) -> Preprocessed:
+        if not samples:
+            raise ValueError("empty batch")
+        if len(samples) > self.batch_size:
+            raise ValueError(f"batch of {len(samples)} exceeds the pipeline's {self.batch_size}")
+        try:
+            work, seg = self._run(samples)
+            return Preprocessed(ok=list(range(len(samples))), work=work, seg_input=seg, errors={})
+        except RuntimeError:
+            if len(samples) == 1:
+                raise
+        return self._run_one_by_one(samples)
+
+    def run_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Work image (S, S) and segmenter input (1, h, w) of one sample; ImageError if bad."""
+        try:
+            work, seg = self._run([sample])
+        except RuntimeError as exc:
+            raise ImageError(
+                f"cannot decode: the file is truncated or corrupt ({decoder_message(exc)})"
+            ) from None
+        return work[0], seg[0]
+
+    def _run_one_by_one(self, samples: Sequence[Sample]) -> Preprocessed:
+        # A decoder error fails DALI's whole batch; rerun singly to pin it on the bad images.
+        ok, works, segs, errors = [], [], [], {}
+        for i, sample in enumerate(samples):
+            try:
+                work, seg = self.run_one(sample)
+            except ImageError as exc:
+                errors[i] = str(exc)
+                continue
+            ok.append(i)
+            works.append(work)
+            segs.append(seg)
+        return Preprocessed(
+            ok=ok,
+            work=np.stack(works) if works else np.empty((0, 0, 0), np.float32),
+            seg_input=np.stack(segs) if segs else np.empty((0, 1, 0, 0), np.float32),
+            errors=errors,
+        )
+
+    def _run(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        encoded, pixels, is_pixels = [], [], []
+        for s in samples:
+            if s.pixels is not None:
+                encoded.append(_EMPTY_ENCODED)
+                pixels.append(s.pixels.reshape(*s.pixels.shape[:2], 1))
+                is_pixels.append(np.array(True))
+            else:
+                if s.encoded is None:
+                    raise ValueError("a Sample needs encoded bytes or pixels")
+                encoded.append(s.encoded)
+                pixels.append(_EMPTY_PIXELS)
+                is_pixels.append(np.array(False))
+        self._pipe.feed_input("encoded", encoded)
+        self._pipe.feed_input("pixels", pixels)
+        self._pipe.feed_input("is_pixels", is_pixels)
+        work, seg = self._pipe.run()
+        if self.device == "gpu":
+            work, seg = work.as_cpu(), seg.as_cpu()
+        return work.as_array()[..., 0], seg.as_array()
+
+
+def decoder_message(exc: BaseException) -> str:
+    """The informative part of a DALI error: what follows "encountered:", if anything.
+
+    DALI errors embed the pipeline definition's traceback, which says nothing about the image.
+    """
+    text = str(exc)
+    _, found, tail = text.partition("encountered:")
+    lines = [ln.strip() for ln in (tail if found else text).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Current pipeline", "Critical error"))]
+    return (useful[0] if useful else type(exc).__name__)[:300]

@@ -1,0 +1,50 @@
+"""ONNX Runtime on the CPU: the embedded default and the numerical oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import ModelError
+from engine.runtime.base import Backend
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        path = self.manifest.onnx_path
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
+        self._check_names()
+
+    def _check_names(self) -> None:
+        got_in = {i.name for i in self._session.get_inputs()}
+        got_out = {o.name for o in self._session.get_outputs()}
+        want_in = {t.name for t in self.manifest.inputs}
+        want_out = {t.name for t in self.manifest.outputs}
+        if not want_in <= got_in or not want_out <= got_out:
+            raise ModelError(
+                f"{self.manifest.onnx_path}: tensors do not match the manifest: model has "
+                f"inputs {sorted(got_in)} / outputs {sorted(got_out)}, manifest names "
+                f"{sorted(want_in)} / {sorted(want_out)}"
+            )
+        self._outputs = [t.name for t in self.manifest.outputs]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._outputs, feeds)
+        return dict(zip(self._outputs, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None
