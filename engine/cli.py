@@ -1,0 +1,226 @@
+"""The `cxr` command. The only place where exceptions become exit codes and messages.
+
+Exit codes (also in the README):
+  0  every image in the output directory was screened (status "ok")
+  1  fatal error: nothing or only part was done (bad models, output directory in use, ...)
+  2  bad command line (unknown option, missing argument)
+  3  the run finished, but some images could not be screened (they are rows with status "error")
+  130 interrupted (Ctrl-C); what was finished is kept, rerun the same command to resume
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import EngineError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Screen chest X-ray archives: lung segmentation + ResNet50, Parquet + usearch output.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="Export and inspect models.")
+app.add_typer(models_app, name="models")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def fatal_errors() -> Iterator[None]:
+    """EngineError -> message on stderr and exit code 1; Ctrl-C -> 130."""
+    try:
+        yield
+    except EngineError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FATAL) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def screen(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files, directories, .tar/.tar.gz/.tgz/.zip archives.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    models: Annotated[
+        Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | null")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    threshold: Annotated[
+        float | None, typer.Option(help="Decision threshold on prob (default: the model's).")
+    ] = None,
+    embeddings_in_parquet: Annotated[
+        bool, typer.Option(help="Also store each embedding in the Parquet rows.")
+    ] = False,
+    shard_size: Annotated[int, typer.Option(help="Rows per Parquet part.")] = 256,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse images above this many pixels (decompression bombs).")
+    ] = 100_000_000,
+    min_side: Annotated[int, typer.Option(help="Refuse images with a side below this.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar on a terminal.")] = True,
+) -> None:
+    """Screen every image of INPUT... into --out: one Parquet row per image + usearch index."""
+    from engine.config import ScreenConfig, default_threads
+    from engine.runner import screen as run_screen
+
+    with fatal_errors():
+        config = ScreenConfig(
+            inputs=tuple(inputs),
+            out=out,
+            models=models,
+            backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
+            batch_size=batch_size,
+            threshold=threshold,
+            embeddings_in_parquet=embeddings_in_parquet,
+            shard_size=shard_size,
+            max_pixels=max_pixels,
+            min_side=min_side,
+            threads=threads or default_threads(),
+            progress=progress,
+        )
+        with _progress(config.progress and err_console.is_terminal) as advance:
+            summary = run_screen(config, on_progress=advance)
+    _print_summary(summary)
+    if summary.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    raise typer.Exit(EXIT_IMAGE_ERRORS if summary.total_errors else EXIT_OK)
+
+
+@contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("screening"),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("screen", total=None, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:6.1f} img/s" if speed else "")
+
+        yield advance
+
+
+def _print_summary(s) -> None:  # s: engine.runner.RunSummary
+    table = Table(title=f"cxr screen -> {s.out}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("backend", s.backend)
+    table.add_row("models", s.model_id + ("" if s.trained else "  [bold red]UNTRAINED[/]"))
+    table.add_row("screened now", str(s.processed))
+    table.add_row("ok", str(s.ok))
+    table.add_row("errors", f"[red]{s.errors}[/]" if s.errors else "0")
+    table.add_row("positives", str(s.positives))
+    table.add_row("already in output (skipped)", str(s.skipped_existing))
+    table.add_row("non-image files ignored", str(s.ignored_files))
+    table.add_row("images/s", f"{s.images_per_s:.1f}  ({s.wall_s:.1f} s)")
+    table.add_row("rows in output / errors", f"{s.total_rows} / {s.total_errors}")
+    table.add_row("index size", str(s.index_size))
+    out_console.print(table)
+    for message in s.error_samples[:10]:
+        out_console.print(f"  [red]error[/] {message}", highlight=False, soft_wrap=True)
+    if s.errors > 10:
+        out_console.print(f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions")
+    if not s.trained:
+        out_console.print(
+            "[bold red]WARNING: the models are UNTRAINED (random weights from `cxr models init`). "
+            "Probabilities and decisions are meaningless; do not use them for screening.[/]"
+        )
+    if s.interrupted:
+        out_console.print("[yellow]interrupted: rerun the same command to finish (nothing is lost).[/]")
+
+
+@app.command()
+def similar(
+    query: Annotated[str, typer.Argument(help="An image file, or the key of a screened image.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of cxr screen.")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    models: Annotated[
+        Path | None, typer.Option(help="Models directory (default: the one the run used).")
+    ] = None,
+) -> None:
+    """The k screened cases most similar to QUERY (cosine similarity of embeddings)."""
+    from engine.similar import similar as find_similar
+
+    with fatal_errors():
+        result = find_similar(out, query, k=k, models_dir=models)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return
+    table = Table(title=f"most similar to {query}", title_justify="left")
+    for col in ("rank", "similarity", "prob", "decision", "key", "source", "member"):
+        table.add_column(col)
+    for n in result.neighbours:
+        table.add_row(
+            str(n.rank),
+            f"{n.similarity:.4f}",
+            "" if n.prob is None else f"{n.prob:.3f}",
+            "" if n.decision is None else ("positive" if n.decision else "negative"),
+            str(n.key),
+            n.source,
+            n.member or "",
+        )
+    out_console.print(table)
+
+
+@models_app.command("init")
+def models_init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the models into.")],
+    tiny: Annotated[
+        bool, typer.Option(help="Tiny architectures (for tests and quick demos).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Export the segmenter (U-Net) and classifier (ResNet50) UNTRAINED, with manifests."""
+    from engine.models import init_models
+
+    with fatal_errors():
+        ms = init_models(out, size="tiny" if tiny else "full", seed=seed)
+    for m in (ms.segmenter, ms.classifier):
+        out_console.print(f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}")
+    out_console.print(
+        "[bold yellow]These models are UNTRAINED (random weights): use them to test the "
+        "pipeline, not to screen.[/]"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

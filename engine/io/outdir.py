@@ -1,0 +1,71 @@
+"""The output directory: an exclusive lock for writers, and run.json."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from engine.errors import EngineError, OutputLocked
+
+LOCK = ".lock"
+RUN_JSON = "run.json"
+
+
+class OutputLock:
+    """flock on DIR/.lock: released by the kernel if the holder dies, even by SIGKILL."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EngineError(f"{self.out}: cannot create the output directory ({exc})") from None
+        path = self.out / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLocked(
+                f"{self.out} is being written by another cxr screen (pid {holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def read_run_json(out: Path) -> dict[str, Any] | None:
+    path = Path(out) / RUN_JSON
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{path}: cannot read ({exc}); it is rewritten by the next run") from None
+
+
+def write_run_json(out: Path, data: dict[str, Any]) -> None:
+    path = Path(out) / RUN_JSON
+    tmp = path.with_name(f".{RUN_JSON}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""Prediction rows -> ``predictions/part-NNNNN.parquet``, each part written atomically.
+
+A part is the commit point of a shard: it is written to a temporary name, fsynced and renamed,
+so a reader (or a resumed run) sees a whole part or none of it. The set of keys already in the
+parts is what a rerun skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+PREDICTIONS = "predictions"
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.UInt64(),
+    "source": pl.String(),
+    "member": pl.String(),
+    "sha256": pl.String(),
+    "format": pl.String(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "bit_depth": pl.Int16(),
+    "patient_id": pl.String(),
+    "study_uid": pl.String(),
+    "sop_uid": pl.String(),
+    "view_position": pl.String(),
+    "modality": pl.String(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "prob": pl.Float32(),
+    "decision": pl.Boolean(),
+    "threshold": pl.Float32(),
+    "lung_bbox": pl.Array(pl.Int32(), 4),
+    "lung_fraction": pl.Float32(),
+    "model_id": pl.String(),
+    "backend": pl.String(),
+    "run_id": pl.String(),
+    "screened_at": pl.Datetime("us", "UTC"),
+}
+
+
+def parts_dir(out: Path) -> Path:
+    return Path(out) / PREDICTIONS
+
+
+def part_path(out: Path, number: int) -> Path:
+    return parts_dir(out) / f"part-{number:05d}.parquet"
+
+
+def list_parts(out: Path) -> list[tuple[int, Path]]:
+    """Committed parts, by number. Temporary files of an interrupted write are not parts."""
+    d = parts_dir(out)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = PART_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def next_part_number(out: Path) -> int:
+    parts = list_parts(out)
+    return parts[-1][0] + 1 if parts else 0
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete leftovers of writes a crash interrupted (call only while holding the lock)."""
+    d = parts_dir(out)
+    removed = 0
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def existing_keys(out: Path) -> set[int]:
+    parts = list_parts(out)
+    if not parts:
+        return set()
+    keys = pl.scan_parquet([p for _, p in parts]).select("key").collect()["key"]
+    return set(keys.to_list())
+
+
+def rows_frame(rows: Iterable[dict[str, Any]], embeddings: np.ndarray | None = None) -> pl.DataFrame:
+    """Rows (dicts with SCHEMA's keys; missing ones are null) -> a frame with SCHEMA's types."""
+    rows = list(rows)
+    columns = {name: [r.get(name) for r in rows] for name in SCHEMA}
+    df = pl.DataFrame(columns, schema=SCHEMA)
+    if embeddings is not None:
+        dim = embeddings.shape[1]
+        df = df.with_columns(
+            pl.Series("embedding", embeddings.astype(np.float32), dtype=pl.Array(pl.Float32, dim))
+        )
+    return df
+
+
+def write_part(out: Path, number: int, df: pl.DataFrame) -> Path:
+    """Write df as part `number`: temp file, fsync, rename, fsync the directory."""
+    d = parts_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    final = part_path(out, number)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; parts are never overwritten")
+    tmp = d / f".{final.name}.tmp-{os.getpid()}"
+    df.write_parquet(tmp, compression="zstd", statistics=True)
+    _fsync_path(tmp)
+    os.replace(tmp, final)
+    _fsync_path(d)
+    return final
+
+
+def read_predictions(out: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    parts = list_parts(out)
+    if not parts:
+        return pl.DataFrame(schema=SCHEMA)
+    lf = pl.scan_parquet([p for _, p in parts], missing_columns="insert")
+    return (lf.select(columns) if columns else lf).collect()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,527 @@
+"""Orchestration of `cxr screen`: read -> preprocess -> segment -> crop -> classify -> write.
+
+Three stages overlap through bounded queues, so memory does not grow with the archive:
+
+    reader thread      archive walk, file bytes, sha256, header probe, DICOM decode
+    pipeline thread    DALI decode + resize + normalise (batch n+1 ...)
+    main thread        segmenter, lung crop, classifier, Parquet/embedding shards (... batch n)
+
+Every image ends as exactly one row. Rows collect into shards; a shard's embeddings sidecar is
+written first and its Parquet part last (the commit point), so a run killed at any moment and
+rerun ends with every image once in Parquet and once in the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import __version__
+from engine.config import ScreenConfig
+from engine.errors import ConfigError, EngineError, ImageError
+from engine.io import parquet, vectors
+from engine.io.archive import ArchiveStats, Item, iter_items
+from engine.io.dicom import decode_dicom, read_dicom_meta
+from engine.io.outdir import OutputLock, read_run_json, write_run_json
+from engine.io.probe import check_limits, probe
+from engine.models import ModelSet, load_models
+from engine.pipeline import Preprocessed, Preprocessor, Sample
+from engine.runtime import get_backend, resolve_backend
+from engine.stages.classify import classify
+from engine.stages.crop import lung_crops
+from engine.stages.segment import segment
+from kernels.reference import box_to_pixels
+
+QUEUE_DEPTH = 2  # batches in flight between two stages
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One input after the reader: its row so far, and a Sample unless it already failed."""
+
+    row: dict[str, Any]
+    sample: Sample | None
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[Prepared]
+    pre: Preprocessed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Predictions:
+    prob: np.ndarray  # (n,)
+    boxes: np.ndarray  # (n, 4) normalised
+    fraction: np.ndarray  # (n,)
+    embedding: np.ndarray  # (n, D)
+
+
+class StageClock:
+    """Busy seconds per stage (stages overlap, so these add up to more than the wall time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class Screener:
+    """The models, the pipeline and the backends: turns samples into predictions.
+
+    Shared by `cxr screen` and `cxr similar`, so a query image goes through exactly the
+    same code as the archive did.
+    """
+
+    def __init__(
+        self, models: ModelSet, *, backend: str, batch_size: int, threads: int, device: str = "cpu"
+    ) -> None:
+        self.models = models
+        self.backend_name = resolve_backend(backend)
+        cls = get_backend(self.backend_name)
+        self._seg = cls(models.segmenter, threads=threads)
+        self._clf = cls(models.classifier, threads=threads)
+        self._seg.load()
+        self._clf.load()
+        self.pipeline = Preprocessor(models, device=device, batch_size=batch_size, threads=threads)
+        self.clock = StageClock()
+
+    def preprocess(self, samples: list[Sample]) -> Preprocessed:
+        t = time.perf_counter()
+        pre = self.pipeline.run(samples)
+        self.clock.add("decode+preprocess", time.perf_counter() - t)
+        return pre
+
+    def infer(self, pre: Preprocessed) -> Predictions:
+        m = self.models
+        t0 = time.perf_counter()
+        masks = segment(self._seg, m.segmenter, pre.seg_input)
+        t1 = time.perf_counter()
+        crops = lung_crops(pre.work, masks, m.segmenter, m.classifier)
+        t2 = time.perf_counter()
+        prob, emb = classify(self._clf, m.classifier, crops.classifier_input)
+        t3 = time.perf_counter()
+        self.clock.add("segment", t1 - t0)
+        self.clock.add("crop", t2 - t1)
+        self.clock.add("classify", t3 - t2)
+        return Predictions(prob=prob, boxes=crops.boxes, fraction=crops.fraction, embedding=emb)
+
+    def close(self) -> None:
+        self._seg.close()
+        self._clf.close()
+
+
+def location(source: str, member: str | None) -> str:
+    return f"{source}:{member}" if member else source
+
+
+def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
+    """Reader-side work for one item: hash, probe the header, refuse bombs, decode DICOM."""
+    ref = item.ref
+    row: dict[str, Any] = {"key": ref.key, "source": ref.source, "member": ref.member}
+    where = location(ref.source, ref.member)
+    if item.error is not None or item.data is None:
+        return Prepared(_failed(row, where, item.error or "no data"), None)
+    data = item.data
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        info = probe(data)
+        row.update(format=info.format, width=info.width, height=info.height, bit_depth=info.bit_depth)
+        if info.format == "dicom":
+            row.update(read_dicom_meta(data))
+        check_limits(info, max_pixels=max_pixels, min_side=min_side)
+        if info.format == "dicom":
+            sample = Sample(pixels=decode_dicom(data).pixels)
+        else:
+            sample = Sample(encoded=np.frombuffer(data, np.uint8))
+    except ImageError as exc:
+        return Prepared(_failed(row, where, str(exc)), None)
+    return Prepared(row, sample)
+
+
+def _failed(row: dict[str, Any], where: str, message: str) -> dict[str, Any]:
+    row.update(status="error", error=f"{where}: {message}")
+    return row
+
+
+class ShardWriter:
+    """Collects finished rows; every `shard_size` rows commits a sidecar and a Parquet part."""
+
+    def __init__(self, out: Path, *, shard_size: int, common: dict[str, Any], with_embeddings: bool):
+        self.out = out
+        self.shard_size = shard_size
+        self.common = common
+        self.with_embeddings = with_embeddings
+        self.number = parquet.next_part_number(out)
+        self._rows: list[dict[str, Any]] = []
+        self._vectors: list[np.ndarray | None] = []
+        self.parts_written = 0
+
+    def add(self, row: dict[str, Any], vector: np.ndarray | None) -> None:
+        self._rows.append(row)
+        self._vectors.append(vector)
+        if len(self._rows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        rows = [{**self.common, **r} for r in self._rows]
+        ok = [i for i, v in enumerate(self._vectors) if v is not None]
+        keys = np.array([rows[i]["key"] for i in ok], np.uint64)
+        mat = np.stack([self._vectors[i] for i in ok]) if ok else None
+        if mat is not None:
+            vectors.write_sidecar(self.out, self.number, keys, _unit(mat))
+        emb = None
+        if self.with_embeddings and mat is not None:
+            dim = mat.shape[1]
+            emb = np.full((len(rows), dim), np.nan, np.float32)
+            emb[ok] = mat
+        parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
+        self.number += 1
+        self.parts_written += 1
+        self._rows, self._vectors = [], []
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (cosine-invariant; keeps f16 storage in range)."""
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.maximum(norm, 1e-12)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    out: Path
+    backend: str
+    model_id: str
+    trained: bool
+    processed: int = 0
+    ok: int = 0
+    errors: int = 0
+    positives: int = 0
+    skipped_existing: int = 0
+    ignored_files: int = 0
+    total_rows: int = 0
+    total_errors: int = 0
+    index_size: int = 0
+    wall_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)
+    batch_latency_ms: dict[str, float] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+
+ProgressFn = Callable[[int], None]
+
+
+def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> RunSummary:
+    """Screen config.inputs into config.out; resumable, exactly once per image."""
+    models = load_models(config.models).with_threshold(config.threshold)
+    out = Path(config.out)
+    with OutputLock(out):
+        previous = read_run_json(out)
+        _check_same_models(out, previous, models)
+        parquet.remove_temporaries(out)
+        dim = int(models.classifier.output("embedding").shape[-1])
+        vectors.sync_index(out, dim)  # finish what a killed run committed
+        done = parquet.existing_keys(out)
+        screener = Screener(
+            models, backend=config.backend, batch_size=config.batch_size, threads=config.threads
+        )
+        summary = RunSummary(
+            run_id=uuid.uuid4().hex[:12],
+            out=out,
+            backend=screener.backend_name,
+            model_id=models.model_id,
+            trained=models.trained,
+        )
+        started = datetime.now(UTC)
+        write_run_json(out, _run_record(config, models, summary, previous, started, "running"))
+        t0 = time.perf_counter()
+        try:
+            _run_stages(config, screener, summary, done, on_progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            screener.close()
+            summary.wall_s = time.perf_counter() - t0
+            summary.stage_s = dict(screener.clock.seconds)
+        summary.index_size = vectors.sync_index(out, dim).size
+        totals = parquet.read_predictions(out, ["status"])["status"].value_counts()
+        counts = dict(zip(totals["status"].to_list(), totals["count"].to_list(), strict=True))
+        summary.total_rows = sum(counts.values())
+        summary.total_errors = counts.get("error", 0)
+        status = "interrupted" if summary.interrupted else "complete"
+        write_run_json(out, _run_record(config, models, summary, previous, started, status))
+    return summary
+
+
+def _check_same_models(out: Path, previous: dict[str, Any] | None, models: ModelSet) -> None:
+    if not previous or not parquet.list_parts(out):
+        return
+    before = previous.get("models", {}).get("model_id")
+    if before and before != models.model_id:
+        raise ConfigError(
+            f"{out} holds results of models {before}; this run uses {models.model_id}. "
+            "Mixing models in one output would make its rows incomparable: use a new --out, "
+            "or the same --models (and --threshold does not matter here)"
+        )
+
+
+def _reader(config: ScreenConfig, done: set[int], stats: ArchiveStats) -> Iterator[Batch]:
+    items: list[Prepared] = []
+    n_samples = 0
+    for item in iter_items(config.inputs, skip=done.__contains__, stats=stats):
+        p = prepare(item, max_pixels=config.max_pixels, min_side=config.min_side)
+        items.append(p)
+        n_samples += p.sample is not None
+        if n_samples >= config.batch_size or len(items) >= 4 * config.batch_size:
+            yield Batch(items)
+            items, n_samples = [], 0
+    if items:
+        yield Batch(items)
+
+
+def _run_stages(
+    config: ScreenConfig,
+    screener: Screener,
+    summary: RunSummary,
+    done: set[int],
+    on_progress: ProgressFn | None,
+) -> None:
+    stats = ArchiveStats()
+    stop = threading.Event()
+    clock = screener.clock
+
+    def read() -> Iterator[Batch]:
+        it = _reader(config, done, stats)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            clock.add("read", time.perf_counter() - t)
+            if batch is None:
+                return
+            yield batch
+
+    def preprocess(batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            samples = [p.sample for p in batch.items if p.sample is not None]
+            if samples:
+                batch.pre = screener.preprocess(samples)
+            yield batch
+
+    common = {
+        "model_id": screener.models.model_id,
+        "backend": screener.backend_name,
+        "run_id": summary.run_id,
+        "threshold": screener.models.classifier.threshold,
+    }
+    writer = ShardWriter(
+        Path(config.out),
+        shard_size=config.shard_size,
+        common=common,
+        with_embeddings=config.embeddings_in_parquet,
+    )
+    latencies: list[float] = []
+    batches = _threaded(preprocess(_threaded(read(), stop)), stop)
+    try:
+        for batch in batches:
+            t = time.perf_counter()
+            rows, vecs = _finish_batch(batch, screener)
+            latencies.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for row, vec in zip(rows, vecs, strict=True):
+                _count(summary, row)
+                writer.add(row, vec)
+            clock.add("write", time.perf_counter() - t)
+            if on_progress:
+                on_progress(len(rows))
+    finally:
+        stop.set()
+        t = time.perf_counter()
+        writer.flush()  # also on Ctrl-C: keep every finished row
+        clock.add("write", time.perf_counter() - t)
+        summary.ignored_files = stats.ignored
+        summary.skipped_existing = stats.skipped
+        if latencies:
+            ms = np.array(latencies) * 1000
+            summary.batch_latency_ms = {
+                "p50": float(np.percentile(ms, 50)),
+                "p99": float(np.percentile(ms, 99)),
+            }
+
+
+def _finish_batch(batch: Batch, screener: Screener) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Rows (in input order) and unit embeddings (None for failed images) of one batch."""
+    pre = batch.pre
+    preds = screener.infer(pre) if pre is not None and pre.ok else None
+    threshold = screener.models.classifier.threshold
+    rows: list[dict[str, Any]] = []
+    vecs: list[np.ndarray | None] = []
+    sample_i = 0
+    for p in batch.items:
+        row, vec = p.row, None
+        if p.sample is not None:
+            assert pre is not None  # a batch with samples was preprocessed
+            where = location(row["source"], row["member"])
+            if sample_i in pre.errors:
+                _failed(row, where, pre.errors[sample_i])
+            else:
+                j = pre.ok.index(sample_i)
+                assert preds is not None
+                prob = float(preds.prob[j])
+                box = box_to_pixels(
+                    preds.boxes[j : j + 1], np.array([row["width"]]), np.array([row["height"]])
+                )[0]
+                row.update(
+                    status="ok",
+                    prob=prob,
+                    decision=prob >= threshold,
+                    lung_bbox=box.tolist(),
+                    lung_fraction=float(preds.fraction[j]),
+                )
+                vec = preds.embedding[j]
+            sample_i += 1
+        row["screened_at"] = datetime.now(UTC)
+        rows.append(row)
+        vecs.append(vec)
+    return rows, vecs
+
+
+def _count(summary: RunSummary, row: dict[str, Any]) -> None:
+    summary.processed += 1
+    if row["status"] == "ok":
+        summary.ok += 1
+        summary.positives += bool(row["decision"])
+    else:
+        summary.errors += 1
+        if len(summary.error_samples) < 20:
+            summary.error_samples.append(row["error"])
+
+
+_DONE = object()
+
+
+def _threaded(source: Iterator[Any], stop: threading.Event) -> Iterator[Any]:
+    """Run an iterator in a daemon thread behind a bounded queue; re-raise its errors here."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in source:
+                if not put(x):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+            put(_Failure(exc))
+
+    threading.Thread(target=work, daemon=True, name="cxr-stage").start()
+    while True:
+        x = q.get()
+        if x is _DONE:
+            return
+        if isinstance(x, _Failure):
+            raise x.exc
+        yield x
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    exc: BaseException
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "cxr-engine": __version__}
+    for dist in ("numpy", "polars", "usearch", "onnxruntime", "onnx", "pydicom", "nvidia-dali-cuda130"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _run_record(
+    config: ScreenConfig,
+    models: ModelSet,
+    s: RunSummary,
+    previous: dict[str, Any] | None,
+    started: datetime,
+    status: str,
+) -> dict[str, Any]:
+    history = list((previous or {}).get("history", []))
+    if previous and previous.get("run_id") != s.run_id:
+        history.append({k: previous.get(k) for k in ("run_id", "status", "started_at", "counts")})
+
+    def model_info(m: Any) -> dict[str, Any]:
+        return {
+            "architecture": m.architecture,
+            "onnx": str(m.onnx_path.resolve()),
+            "sha256": m.sha256,
+            "trained": m.trained,
+        }
+
+    return {
+        "run_id": s.run_id,
+        "status": status,
+        "started_at": started.isoformat(),
+        "updated_at": datetime.now(UTC).isoformat(),
+        "engine_version": __version__,
+        "host": platform.node(),
+        "config": config.to_json(),
+        "backend": s.backend,
+        "models": {
+            "model_id": models.model_id,
+            "directory": str(models.classifier.directory.resolve()),
+            "threshold": models.classifier.threshold,
+            "segmenter": model_info(models.segmenter),
+            "classifier": model_info(models.classifier),
+        },
+        "libraries": library_versions(),
+        "counts": {
+            "processed": s.processed,
+            "ok": s.ok,
+            "error": s.errors,
+            "positive": s.positives,
+            "skipped_existing": s.skipped_existing,
+            "ignored_files": s.ignored_files,
+            "total_rows": s.total_rows,
+            "total_errors": s.total_errors,
+            "index_size": s.index_size,
+        },
+        "timings": {
+            "wall_s": s.wall_s,
+            "images_per_s": s.images_per_s,
+            "stage_busy_s": s.stage_s,
+            "batch_latency_ms": s.batch_latency_ms,
+        },
+        "history": history,
+    }

@@ -1,0 +1,142 @@
+"""`cxr similar`: the screened cases whose embeddings are nearest to a query.
+
+The query is an image file, run through the same Screener as the archive was (same models,
+same pipeline), or the `key` of an image already screened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from engine.errors import ConfigError, EngineError
+from engine.io import parquet, vectors
+from engine.io.archive import ImageRef, Item, image_key
+from engine.io.outdir import read_run_json
+from engine.models import load_models
+
+EXACT_SEARCH_UP_TO = 100_000  # below this an exact scan is fast and removes any HNSW miss
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    rank: int
+    key: int
+    similarity: float
+    source: str
+    member: str | None
+    prob: float | None
+    decision: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class SimilarResult:
+    query: str
+    query_key: int | None  # the key if the query was one, or the image's own key if screened
+    neighbours: list[Neighbour]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "query_key": self.query_key,
+            "neighbours": [n.__dict__ if hasattr(n, "__dict__") else _asdict(n) for n in self.neighbours],
+        }
+
+
+def _asdict(n: Neighbour) -> dict[str, Any]:
+    return {f: getattr(n, f) for f in n.__slots__}
+
+
+def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = None) -> SimilarResult:
+    if k < 1:
+        raise ConfigError(f"-k must be at least 1, not {k}")
+    out = Path(out)
+    index = vectors.load_index(out, view=True)
+    if index is None or len(index) == 0:
+        raise EngineError(f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first")
+    if os.path.exists(query):
+        vector = _embed_file(out, Path(query), models_dir)
+        query_key: int | None = image_key(os.path.abspath(query), None)
+        exclude = None
+    elif query.isdigit():
+        query_key = int(query)
+        got = index.get(np.uint64(query_key))
+        if got is None:
+            raise EngineError(f"key {query_key} is not in {vectors.index_path(out)}")
+        vector = np.asarray(got, np.float32).reshape(-1)
+        exclude = query_key  # a key asks for *other* cases
+    else:
+        raise ConfigError(f"QUERY {query!r} is neither an existing image file nor a key (an integer)")
+    count = min(len(index), k + (exclude is not None))
+    matches = index.search(vector, count, exact=len(index) <= EXACT_SEARCH_UP_TO)
+    pairs = [
+        (int(key), 1.0 - float(dist))
+        for key, dist in zip(matches.keys, matches.distances, strict=True)
+        if int(key) != exclude
+    ][:k]
+    return SimilarResult(query=query, query_key=query_key, neighbours=_join_rows(out, pairs))
+
+
+def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
+    keys = [key for key, _ in pairs]
+    cols = ["key", "source", "member", "prob", "decision"]
+    rows = parquet.read_predictions(out, cols).filter(pl.col("key").is_in(keys))
+    by_key = {r["key"]: r for r in rows.iter_rows(named=True)}
+    result = []
+    for rank, (key, sim) in enumerate(pairs, start=1):
+        r = by_key.get(key, {})
+        result.append(
+            Neighbour(
+                rank=rank,
+                key=key,
+                similarity=sim,
+                source=r.get("source", "?"),
+                member=r.get("member"),
+                prob=r.get("prob"),
+                decision=r.get("decision"),
+            )
+        )
+    return result
+
+
+def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
+    from engine.runner import Screener, location, prepare
+
+    run = read_run_json(out) or {}
+    recorded = run.get("models", {})
+    directory = models_dir or (Path(recorded["directory"]) if recorded.get("directory") else None)
+    models = load_models(directory)
+    if recorded.get("model_id") and recorded["model_id"] != models.model_id:
+        raise ConfigError(
+            f"{out} was screened with models {recorded['model_id']}, but {models.classifier.directory} "
+            f"holds {models.model_id}: embeddings of different models are not comparable; "
+            "pass --models with the run's models"
+        )
+    config = run.get("config", {})
+    source = os.path.abspath(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
+    item = Item(ref=ImageRef(key=image_key(source, None), source=source, member=None), data=data, error=None)
+    prepared = prepare(
+        item,
+        max_pixels=int(config.get("max_pixels", 100_000_000)),
+        min_side=int(config.get("min_side", 32)),
+    )
+    if prepared.sample is None:
+        raise EngineError(f"cannot screen the query: {prepared.row['error']}")
+    screener = Screener(models, backend="onnxruntime", batch_size=1, threads=int(config.get("threads", 1)))
+    try:
+        pre = screener.preprocess([prepared.sample])
+        if pre.errors:
+            raise EngineError(f"cannot screen the query {location(source, None)}: {pre.errors[0]}")
+        emb = screener.infer(pre).embedding[0]
+    finally:
+        screener.close()
+    return emb / max(float(np.linalg.norm(emb)), 1e-12)
