@@ -53,7 +53,8 @@ def fatal_errors() -> Iterator[None]:
 @app.command()
 def screen(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Image files, directories, .tar/.tar.gz/.tgz/.zip archives.")
+        list[Path],
+        typer.Argument(help="Image files, directories, .tar/.tar.gz/.tgz/.zip archives."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
     models: Annotated[
@@ -107,19 +108,11 @@ def _progress(enabled: bool):
     if not enabled:
         yield None
         return
-    from rich.progress import (
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (
         SpinnerColumn(),
-        TextColumn("screening"),
-        MofNCompleteColumn(),
-        TextColumn("images"),
+        TextColumn("screening {task.completed:>7.0f} images"),
         TextColumn("[cyan]{task.fields[rate]}"),
         TimeElapsedColumn(),
     )
@@ -153,14 +146,18 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     for message in s.error_samples[:10]:
         out_console.print(f"  [red]error[/] {message}", highlight=False, soft_wrap=True)
     if s.errors > 10:
-        out_console.print(f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions")
+        out_console.print(
+            f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions"
+        )
     if not s.trained:
         out_console.print(
             "[bold red]WARNING: the models are UNTRAINED (random weights from `cxr models init`). "
             "Probabilities and decisions are meaningless; do not use them for screening.[/]"
         )
     if s.interrupted:
-        out_console.print("[yellow]interrupted: rerun the same command to finish (nothing is lost).[/]")
+        out_console.print(
+            "[yellow]interrupted: rerun the same command to finish (nothing is lost).[/]"
+        )
 
 
 @app.command()
@@ -211,7 +208,9 @@ def models_init(
     with fatal_errors():
         ms = init_models(out, size="tiny" if tiny else "full", seed=seed)
     for m in (ms.segmenter, ms.classifier):
-        out_console.print(f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}")
+        out_console.print(
+            f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}"
+        )
     out_console.print(
         "[bold yellow]These models are UNTRAINED (random weights): use them to test the "
         "pipeline, not to screen.[/]"

@@ -15,8 +15,10 @@ Device = Literal["cpu", "gpu"]
 
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "null")
 
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ScreenConfig:
@@ -37,7 +39,9 @@ class ScreenConfig:
         if not self.inputs:
             raise ConfigError("no INPUT given: name image files, directories or archives to screen")
         if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+            raise ConfigError(
+                f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
+            )
         if not 1 <= self.batch_size <= 4096:
             raise ConfigError(f"--batch-size must be between 1 and 4096, not {self.batch_size}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

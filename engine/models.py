@@ -175,7 +175,9 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
     except FileNotFoundError:
         raise ModelError(f"{path}: model manifest not found") from None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ModelError(f"{path}: cannot read model manifest ({type(exc).__name__}: {exc})") from None
+        raise ModelError(
+            f"{path}: cannot read model manifest ({type(exc).__name__}: {exc})"
+        ) from None
     _validate(m, path)
     if verify:
         if not m.onnx_path.is_file():
@@ -237,24 +239,36 @@ def load_models(models_dir: Path | None) -> ModelSet:
         raise ModelError(f"{directory}: models directory not found")
     seg = load_manifest(manifest_path(directory, "segmenter"))
     clf = load_manifest(manifest_path(directory, "classifier"))
-    for m, role in ((seg, "segmenter"), (clf, "classifier")):
-        if m.role != role:
+    roles: tuple[tuple[Manifest, Role], ...] = ((seg, "segmenter"), (clf, "classifier"))
+    for m, role in roles:
+        if m.role != role:  # a manifest copied under the other role's name
             raise ModelError(f"{manifest_path(directory, role)}: role is {m.role!r}, not {role!r}")
     return ModelSet(segmenter=seg, classifier=clf)
 
 
 # Preprocessing of the architectures `cxr models init` exports. Trained models record their own.
-_GRAY = {"channels": 1, "mean": (0.5,), "std": (0.25,), "intensity": "minmax"}
+def _gray(n: int) -> Preprocess:
+    return Preprocess(size=(n, n), channels=1, mean=(0.5,), std=(0.25,), intensity="minmax")
+
+
 INIT_SPECS: dict[str, dict[str, Any]] = {
     "full": {
         "segmenter": {"architecture": "unet", "size": 256},
-        "classifier": {"architecture": "resnet50", "size": 224, "source_size": 512,
-                       "embedding_dim": 2048},
+        "classifier": {
+            "architecture": "resnet50",
+            "size": 224,
+            "source_size": 512,
+            "embedding_dim": 2048,
+        },
     },
     "tiny": {
         "segmenter": {"architecture": "tiny-unet", "size": 64},
-        "classifier": {"architecture": "tiny-classifier", "size": 64, "source_size": 128,
-                       "embedding_dim": 64},
+        "classifier": {
+            "architecture": "tiny-classifier",
+            "size": 64,
+            "source_size": 128,
+            "embedding_dim": 64,
+        },
     },
 }
 
@@ -272,7 +286,9 @@ def export_model(model: Any, directory: Path, manifest: Manifest) -> Manifest:
     return final
 
 
-def init_models(out_dir: Path, *, size: Literal["full", "tiny"] = "full", seed: int = 0) -> ModelSet:
+def init_models(
+    out_dir: Path, *, size: Literal["full", "tiny"] = "full", seed: int = 0
+) -> ModelSet:
     """Export the two architectures UNTRAINED (random weights, fixed seed) with manifests."""
     from engine import arch  # onnx graph builders; only needed here
 
@@ -291,7 +307,7 @@ def init_models(out_dir: Path, *, size: Literal["full", "tiny"] = "full", seed: 
         sha256="",
         inputs=(TensorSpec(name="image", shape=("N", 1, n, n)),),
         outputs=(TensorSpec(name="mask_logit", shape=("N", 1, n, n)),),
-        preprocess=Preprocess(size=(n, n), **_GRAY),
+        preprocess=_gray(n),
         threshold=0.5,
         trained=False,
         card=untrained_card,
@@ -310,7 +326,7 @@ def init_models(out_dir: Path, *, size: Literal["full", "tiny"] = "full", seed: 
             TensorSpec(name="logit", shape=("N", 1)),
             TensorSpec(name="embedding", shape=("N", dim)),
         ),
-        preprocess=Preprocess(size=(n, n), **_GRAY),
+        preprocess=_gray(n),
         threshold=0.5,
         trained=False,
         crop=CropSpec(source_size=clf_s["source_size"], margin=0.05),

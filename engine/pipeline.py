@@ -58,7 +58,7 @@ def _define(models: ModelSet, *, device: str, batch_size: int, threads: int):
     intensity = clf.preprocess.intensity
     decode_device = "mixed" if device == "gpu" else "cpu"
 
-    @pipeline_def(
+    @pipeline_def(  # type: ignore[call-overload]  # DALI's stubs lack exec_dynamic
         batch_size=batch_size,
         num_threads=threads,
         device_id=0 if device == "gpu" else None,
@@ -84,7 +84,9 @@ def _define(models: ModelSet, *, device: str, batch_size: int, threads: int):
             work = (work - lo) / dmath.max(hi - lo, 1e-6)
         else:
             work = work * (1.0 / UINT16_MAX)
-        seg = fn.resize(work, size=list(seg_pre.size), interp_type=types.INTERP_LINEAR, antialias=True)
+        seg = fn.resize(
+            work, size=list(seg_pre.size), interp_type=types.INTERP_LINEAR, antialias=True
+        )
         seg = fn.crop_mirror_normalize(
             seg, mean=list(seg_pre.mean), std=list(seg_pre.std), output_layout="CHW"
         )
@@ -117,8 +119,7 @@ class Preprocessor:
             work, seg = self._run(samples)
             return Preprocessed(ok=list(range(len(samples))), work=work, seg_input=seg, errors={})
         except RuntimeError:
-            if len(samples) == 1:
-                raise
+            pass  # also for a batch of one: a bad image becomes an error entry, never a crash
         return self._run_one_by_one(samples)
 
     def run_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from engine import __version__
 from engine.config import ScreenConfig
-from engine.errors import ConfigError, EngineError, ImageError
+from engine.errors import ConfigError, ImageError
 from engine.io import parquet, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
 from engine.io.dicom import decode_dicom, read_dicom_meta
@@ -141,7 +141,9 @@ def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
     row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         info = probe(data)
-        row.update(format=info.format, width=info.width, height=info.height, bit_depth=info.bit_depth)
+        row.update(
+            format=info.format, width=info.width, height=info.height, bit_depth=info.bit_depth
+        )
         if info.format == "dicom":
             row.update(read_dicom_meta(data))
         check_limits(info, max_pixels=max_pixels, min_side=min_side)
@@ -162,7 +164,9 @@ def _failed(row: dict[str, Any], where: str, message: str) -> dict[str, Any]:
 class ShardWriter:
     """Collects finished rows; every `shard_size` rows commits a sidecar and a Parquet part."""
 
-    def __init__(self, out: Path, *, shard_size: int, common: dict[str, Any], with_embeddings: bool):
+    def __init__(
+        self, out: Path, *, shard_size: int, common: dict[str, Any], with_embeddings: bool
+    ):
         self.out = out
         self.shard_size = shard_size
         self.common = common
@@ -184,7 +188,7 @@ class ShardWriter:
         rows = [{**self.common, **r} for r in self._rows]
         ok = [i for i, v in enumerate(self._vectors) if v is not None]
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
-        mat = np.stack([self._vectors[i] for i in ok]) if ok else None
+        mat = np.stack([v for v in self._vectors if v is not None]) if ok else None
         if mat is not None:
             vectors.write_sidecar(self.out, self.number, keys, _unit(mat))
         emb = None
@@ -461,7 +465,15 @@ class _Failure:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "cxr-engine": __version__}
-    for dist in ("numpy", "polars", "usearch", "onnxruntime", "onnx", "pydicom", "nvidia-dali-cuda130"):
+    for dist in (
+        "numpy",
+        "polars",
+        "usearch",
+        "onnxruntime",
+        "onnx",
+        "pydicom",
+        "nvidia-dali-cuda130",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -44,7 +44,9 @@ class SimilarResult:
         return {
             "query": self.query,
             "query_key": self.query_key,
-            "neighbours": [n.__dict__ if hasattr(n, "__dict__") else _asdict(n) for n in self.neighbours],
+            "neighbours": [
+                n.__dict__ if hasattr(n, "__dict__") else _asdict(n) for n in self.neighbours
+            ],
         }
 
 
@@ -58,7 +60,9 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
     out = Path(out)
     index = vectors.load_index(out, view=True)
     if index is None or len(index) == 0:
-        raise EngineError(f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first")
+        raise EngineError(
+            f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first"
+        )
     if os.path.exists(query):
         vector = _embed_file(out, Path(query), models_dir)
         query_key: int | None = image_key(os.path.abspath(query), None)
@@ -71,7 +75,9 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         vector = np.asarray(got, np.float32).reshape(-1)
         exclude = query_key  # a key asks for *other* cases
     else:
-        raise ConfigError(f"QUERY {query!r} is neither an existing image file nor a key (an integer)")
+        raise ConfigError(
+            f"QUERY {query!r} is neither an existing image file nor a key (an integer)"
+        )
     count = min(len(index), k + (exclude is not None))
     matches = index.search(vector, count, exact=len(index) <= EXACT_SEARCH_UP_TO)
     pairs = [
@@ -123,7 +129,9 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
-    item = Item(ref=ImageRef(key=image_key(source, None), source=source, member=None), data=data, error=None)
+    item = Item(
+        ref=ImageRef(key=image_key(source, None), source=source, member=None), data=data, error=None
+    )
     prepared = prepare(
         item,
         max_pixels=int(config.get("max_pixels", 100_000_000)),
@@ -131,7 +139,9 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     )
     if prepared.sample is None:
         raise EngineError(f"cannot screen the query: {prepared.row['error']}")
-    screener = Screener(models, backend="onnxruntime", batch_size=1, threads=int(config.get("threads", 1)))
+    screener = Screener(
+        models, backend="onnxruntime", batch_size=1, threads=int(config.get("threads", 1))
+    )
     try:
         pre = screener.preprocess([prepared.sample])
         if pre.errors:

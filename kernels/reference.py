@@ -14,9 +14,7 @@ import numpy as np
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
-def lung_bbox(
-    masks: np.ndarray, threshold: float, margin: float
-) -> tuple[np.ndarray, np.ndarray]:
+def lung_bbox(masks: np.ndarray, threshold: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box of the pixels at or above threshold, grown by a margin.
 
     masks: (N, h, w) scores (probabilities or logits; threshold is in the same units).
@@ -28,12 +26,12 @@ def lung_bbox(
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, h, w), got shape {masks.shape}")
     n, h, w = masks.shape
-    fg = masks >= threshold
-    rows = fg.any(axis=2)  # (N, h)
-    cols = fg.any(axis=1)  # (N, w)
+    fg = np.asarray(masks >= threshold)
+    rows = np.any(fg, axis=2)  # (N, h)
+    cols = np.any(fg, axis=1)  # (N, w)
     fraction = fg.reshape(n, -1).mean(axis=1, dtype=np.float64).astype(np.float32)
     boxes = np.tile(np.asarray(FULL_BOX, np.float32), (n, 1))
-    has = rows.any(axis=1)
+    has = np.any(rows, axis=1)
     if has.any():
         r, c = rows[has], cols[has]
         y0 = r.argmax(axis=1)
@@ -61,7 +59,9 @@ def crop_resize_normalize(
     image. Returns (N, C, oh, ow) float32 with C = len(mean), value (v - mean[c]) / std[c].
     """
     if images.ndim != 3 or boxes.shape != (images.shape[0], 4):
-        raise ValueError(f"need images (N, H, W) and boxes (N, 4), got {images.shape}, {boxes.shape}")
+        raise ValueError(
+            f"need images (N, H, W) and boxes (N, 4), got {images.shape}, {boxes.shape}"
+        )
     n, h, w = images.shape
     oh, ow = out_hw
     mean_a = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)

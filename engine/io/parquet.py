@@ -93,7 +93,9 @@ def existing_keys(out: Path) -> set[int]:
     return set(keys.to_list())
 
 
-def rows_frame(rows: Iterable[dict[str, Any]], embeddings: np.ndarray | None = None) -> pl.DataFrame:
+def rows_frame(
+    rows: Iterable[dict[str, Any]], embeddings: np.ndarray | None = None
+) -> pl.DataFrame:
     """Rows (dicts with SCHEMA's keys; missing ones are null) -> a frame with SCHEMA's types."""
     rows = list(rows)
     columns = {name: [r.get(name) for r in rows] for name in SCHEMA}

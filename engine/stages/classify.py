@@ -8,9 +8,7 @@ from engine.models import Manifest
 from engine.runtime.base import Backend
 
 
-def classify(
-    backend: Backend, manifest: Manifest, x: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def classify(backend: Backend, manifest: Manifest, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns prob (N,) float32 and embedding (N, D) float32."""
     out = backend.infer({manifest.input.name: x})
     logit = out["logit"].reshape(-1).astype(np.float64)
