@@ -61,6 +61,9 @@ def screen(
         Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
     ] = None,
     backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | null")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto | fp32 | int8 (auto: INT8 where its parity is recorded good).")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold on prob (default: the model's).")
@@ -86,6 +89,7 @@ def screen(
             out=out,
             models=models,
             backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
+            precision=precision,
             batch_size=batch_size,
             threshold=threshold,
             embeddings_in_parquet=embeddings_in_parquet,

@@ -26,6 +26,7 @@ class ScreenConfig:
     out: Path
     models: Path | None = None
     backend: Backend = "auto"
+    precision: str = "auto"  # auto | fp32 | int8: which export of each model (see models.py)
     batch_size: int = 16
     threshold: float | None = None  # None: the classifier manifest's threshold
     embeddings_in_parquet: bool = False
@@ -42,6 +43,8 @@ class ScreenConfig:
             raise ConfigError(
                 f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
             )
+        if self.precision not in ("auto", "fp32", "int8"):
+            raise ConfigError(f"--precision must be auto, fp32 or int8, not {self.precision!r}")
         if not 1 <= self.batch_size <= 4096:
             raise ConfigError(f"--batch-size must be between 1 and 4096, not {self.batch_size}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -56,6 +56,22 @@ class CropSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Variant:
+    """Another export of the same model (e.g. INT8 QDQ) and its measured parity with `onnx`."""
+
+    onnx: str
+    sha256: str
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+# A variant is used by precision "auto" only if it agrees with the reference this well
+# (ARCHITECTURE.md habit 2; the same bar as the throughput issue's parity rule).
+AUTO_MIN_SAME_DECISION = 0.99
+AUTO_MAX_AUC_DIFF = 0.01
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     role: Role
     architecture: str
@@ -68,6 +84,8 @@ class Manifest:
     trained: bool
     crop: CropSpec | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # of `onnx`
+    variants: dict[str, Variant] = field(default_factory=dict)  # precision -> other export
     format: str = MANIFEST_FORMAT
     directory: Path = Path(".")
 
@@ -135,6 +153,11 @@ def parse_manifest(raw: dict[str, Any], directory: Path) -> Manifest:
         if crop
         else None,
         card=dict(raw.get("card") or {}),
+        precision=raw.get("precision", "fp32"),
+        variants={
+            name: Variant(onnx=v["onnx"], sha256=v["sha256"], parity=dict(v.get("parity") or {}))
+            for name, v in (raw.get("variants") or {}).items()
+        },
         directory=directory,
     )
 
@@ -179,16 +202,25 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
             f"{path}: cannot read model manifest ({type(exc).__name__}: {exc})"
         ) from None
     _validate(m, path)
-    if verify:
-        if not m.onnx_path.is_file():
-            raise ModelError(f"{m.onnx_path}: ONNX file named by {path.name} is missing")
-        actual = sha256_file(m.onnx_path)
-        if actual != m.sha256:
-            raise ModelError(
-                f"{m.onnx_path}: sha256 {actual[:16]}... does not match {path.name} "
-                f"({m.sha256[:16]}...); the file is corrupt or was replaced: restore it or "
-                "re-export the model"
-            )
+    return _verify_onnx(m, path) if verify else m
+
+
+def _load_at(path: Path, precision: str) -> Manifest:
+    m = choose_precision(load_manifest(path, verify=False), precision)
+    return _verify_onnx(m, path)
+
+
+def _verify_onnx(m: Manifest, path: Path) -> Manifest:
+    """Check that the ONNX file the manifest points at exists and has its sha256."""
+    if not m.onnx_path.is_file():
+        raise ModelError(f"{m.onnx_path}: ONNX file named by {path.name} is missing")
+    actual = sha256_file(m.onnx_path)
+    if actual != m.sha256:
+        raise ModelError(
+            f"{m.onnx_path}: sha256 {actual[:16]}... does not match {path.name} "
+            f"({m.sha256[:16]}...); the file is corrupt or was replaced: restore it or "
+            "re-export the model"
+        )
     return m
 
 
@@ -213,7 +245,10 @@ class ModelSet:
     @property
     def model_id(self) -> str:
         s, c = self.segmenter, self.classifier
-        return f"{c.architecture}@{c.sha256[:8]}+{s.architecture}@{s.sha256[:8]}"
+        return (
+            f"{c.architecture}-{c.precision}@{c.sha256[:8]}"
+            f"+{s.architecture}-{s.precision}@{s.sha256[:8]}"
+        )
 
     @property
     def trained(self) -> bool:
@@ -225,7 +260,41 @@ class ModelSet:
         return replace(self, classifier=replace(self.classifier, threshold=threshold))
 
 
-def load_models(models_dir: Path | None) -> ModelSet:
+def choose_precision(m: Manifest, precision: str) -> Manifest:
+    """The manifest re-pointed at the export of the wanted precision.
+
+    "auto" takes a variant only where its recorded parity meets the bar above (the INT8
+    classifier on the CPU, typically), else the reference export.
+    """
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        good = [n for n, v in m.variants.items() if _parity_ok(v.parity)]
+        if not good or m.precision in good:
+            return m
+        precision = "int8" if "int8" in good else good[0]
+    if precision == m.precision:
+        return m
+    v = m.variants.get(precision)
+    if v is None:
+        have = sorted({m.precision, *m.variants})
+        raise ModelError(
+            f"{m.directory / (m.role + '.json')}: no {precision} export of the {m.role} "
+            f"(available: {', '.join(have)})"
+        )
+    return replace(m, onnx=v.onnx, sha256=v.sha256, precision=precision, variants={})
+
+
+def _parity_ok(parity: dict[str, Any]) -> bool:
+    try:
+        same = float(parity["same_decision"])
+        auc_diff = abs(float(parity["roc_auc_diff"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return same >= AUTO_MIN_SAME_DECISION and auc_diff <= AUTO_MAX_AUC_DIFF
+
+
+def load_models(models_dir: Path | None, *, precision: str = "auto") -> ModelSet:
     """Load the segmenter and classifier manifests of a models directory (default: packaged)."""
     directory = Path(models_dir) if models_dir is not None else PACKAGED_MODELS
     if models_dir is None and not manifest_path(directory, "classifier").is_file():
@@ -237,8 +306,8 @@ def load_models(models_dir: Path | None) -> ModelSet:
         )
     if not directory.is_dir():
         raise ModelError(f"{directory}: models directory not found")
-    seg = load_manifest(manifest_path(directory, "segmenter"))
-    clf = load_manifest(manifest_path(directory, "classifier"))
+    seg = _load_at(manifest_path(directory, "segmenter"), precision)
+    clf = _load_at(manifest_path(directory, "classifier"), precision)
     roles: tuple[tuple[Manifest, Role], ...] = ((seg, "segmenter"), (clf, "classifier"))
     for m, role in roles:
         if m.role != role:  # a manifest copied under the other role's name

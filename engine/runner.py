@@ -240,7 +240,9 @@ ProgressFn = Callable[[int], None]
 
 def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> RunSummary:
     """Screen config.inputs into config.out; resumable, exactly once per image."""
-    models = load_models(config.models).with_threshold(config.threshold)
+    models = load_models(config.models, precision=config.precision).with_threshold(
+        config.threshold
+    )
     out = Path(config.out)
     with OutputLock(out):
         previous = read_run_json(out)
@@ -496,6 +498,7 @@ def _run_record(
     def model_info(m: Any) -> dict[str, Any]:
         return {
             "architecture": m.architecture,
+            "precision": m.precision,
             "onnx": str(m.onnx_path.resolve()),
             "sha256": m.sha256,
             "trained": m.trained,

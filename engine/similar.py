@@ -116,14 +116,14 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     run = read_run_json(out) or {}
     recorded = run.get("models", {})
     directory = models_dir or (Path(recorded["directory"]) if recorded.get("directory") else None)
-    models = load_models(directory)
+    config = run.get("config", {})
+    models = load_models(directory, precision=config.get("precision", "auto"))
     if recorded.get("model_id") and recorded["model_id"] != models.model_id:
         raise ConfigError(
             f"{out} was screened with models {recorded['model_id']}, but {models.classifier.directory} "
             f"holds {models.model_id}: embeddings of different models are not comparable; "
             "pass --models with the run's models"
         )
-    config = run.get("config", {})
     source = os.path.abspath(path)
     try:
         data = path.read_bytes()

@@ -74,14 +74,18 @@ def next_part_number(out: Path) -> int:
 
 
 def remove_temporaries(out: Path) -> int:
-    """Delete leftovers of writes a crash interrupted (call only while holding the lock)."""
-    d = parts_dir(out)
+    """Delete leftovers of writes a crash interrupted (call only while holding the lock).
+
+    Parts in predictions/, and ``.index.usearch.tmp-PID`` / ``.run.json.tmp-PID`` in `out`
+    itself: the pid in their names differs on the next run, so nothing else ever replaces them.
+    """
     removed = 0
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.name.startswith(".") and ".tmp" in p.name:
-                p.unlink(missing_ok=True)
-                removed += 1
+    for d in (parts_dir(out), Path(out)):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed += 1
     return removed
 
 

@@ -77,7 +77,10 @@ def load_index(out: Path, *, view: bool = False):
     path = index_path(out)
     if not path.exists():
         return None
-    index = _usearch_index_class().restore(str(path), view=view)
+    try:
+        index = _usearch_index_class().restore(str(path), view=view)
+    except (ValueError, RuntimeError):  # usearch: "Not a dense USearch index!", truncated...
+        index = None
     if index is None:
         raise EngineError(f"{path}: not a usearch index (corrupt?); delete it and rerun cxr screen")
     return index
