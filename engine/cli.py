@@ -3,7 +3,8 @@
 Exit codes (also in the README):
   0  every image in the output directory was screened (status "ok")
   1  fatal error: nothing or only part was done (bad models, output directory in use, ...)
-  2  bad command line (unknown option, missing argument)
+  2  the command line cannot be parsed (unknown option, missing argument, wrong type);
+     an option value that parses but is invalid (--batch-size 0) is a fatal error: 1
   3  the run finished, but some images could not be screened (they are rows with status "error")
   130 interrupted (Ctrl-C); what was finished is kept, rerun the same command to resume
 """
@@ -96,7 +97,7 @@ def screen(
             shard_size=shard_size,
             max_pixels=max_pixels,
             min_side=min_side,
-            threads=threads or default_threads(),
+            threads=default_threads() if threads is None else threads,
             progress=progress,
         )
         with _progress(config.progress and err_console.is_terminal) as advance:

@@ -17,6 +17,7 @@ DALI's operators are imported lazily so that ``import engine`` stays cheap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -182,4 +183,9 @@ def decoder_message(exc: BaseException) -> str:
     _, found, tail = text.partition("encountered:")
     lines = [ln.strip() for ln in (tail if found else text).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Current pipeline", "Critical error"))]
-    return (useful[0] if useful else type(exc).__name__)[:300]
+    text = useful[0] if useful else ""
+    # "Failed to decode sample #0 :" names DALI's batch slot, which means nothing to a user;
+    # the decoder's own reason goes to stderr only.
+    if not text or re.fullmatch(r"Failed to decode sample #\d+\s*:?", text):
+        return "the decoder rejected the data"
+    return text[:300]

@@ -67,9 +67,10 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         vector = _embed_file(out, Path(query), models_dir)
         query_key: int | None = image_key(os.path.abspath(query), None)
         exclude = None
-    elif query.isdigit():
+    elif query.isascii() and query.isdigit():
         query_key = int(query)
-        got = index.get(np.uint64(query_key))
+        # keys are uint64: a larger number is no key (np.uint64 would raise OverflowError)
+        got = index.get(np.uint64(query_key)) if query_key < 2**64 else None
         if got is None:
             raise EngineError(f"key {query_key} is not in {vectors.index_path(out)}")
         vector = np.asarray(got, np.float32).reshape(-1)

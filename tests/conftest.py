@@ -1,0 +1,161 @@
+"""Shared fixtures: the real data set, exported models, and ways to run the `cxr` command.
+
+The real CXRs live in ``shared/data`` beside the repository checkout (``<repo>/../shared/data``);
+set ``CXR_DATA`` to point elsewhere. Tests that need the data skip with the reason when it is
+missing. Everything a test writes goes under pytest's tmp directories.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The real-data folder: $CXR_DATA, else ../shared/data next to the repository root."""
+    env = os.environ.get("CXR_DATA")
+    return Path(env).expanduser().resolve() if env else REPO.parent / "shared" / "data"
+
+
+DATA = data_dir()
+DEV_IMAGES = DATA / "cxr-dev" / "images"
+_NO_DATA = (
+    f"real CXR data not found at {DEV_IMAGES}: check out shared/ beside the repository "
+    "or set CXR_DATA to the folder holding cxr-dev/"
+)
+
+
+def require_data() -> Path:
+    """DEV_IMAGES, or skip the calling test with the reason."""
+    if not DEV_IMAGES.is_dir() or not any(DEV_IMAGES.iterdir()):
+        pytest.skip(_NO_DATA)
+    return DEV_IMAGES
+
+
+def dev_images(n: int) -> list[Path]:
+    """The first n real CXRs (sorted by name), PNG and JPEG interleaved so both formats come.
+
+    Skips the calling test when the data is missing or holds fewer than n images.
+    """
+    images = require_data()
+    pngs = sorted(images.glob("*.png"))
+    jpgs = sorted(images.glob("*.jpg"))
+    mixed: list[Path] = []
+    for i in range(max(len(pngs), len(jpgs))):
+        mixed.extend(p[i] for p in (pngs, jpgs) if i < len(p))
+    if len(mixed) < n:
+        pytest.skip(f"need {n} real CXRs in {images}, found {len(mixed)}")
+    return mixed[:n]
+
+
+@pytest.fixture(scope="session")
+def data_images() -> Callable[[int], list[Path]]:
+    """Fixture form of `dev_images`."""
+    return dev_images
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny untrained segmenter + classifier (seed 0), exported once per session."""
+    from engine.models import init_models
+
+    return init_models(tmp_path_factory.mktemp("models-tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tiny_models) -> Path:
+    return tiny_models.classifier.directory
+
+
+@pytest.fixture(scope="session")
+def full_models(tmp_path_factory):
+    """The real architectures (U-Net + ResNet50, ~100 MB), untrained, seed 0. For `slow` tests."""
+    from engine.models import init_models
+
+    return init_models(tmp_path_factory.mktemp("models-full"), size="full", seed=0)
+
+
+@pytest.fixture(scope="session")
+def full_models_dir(full_models) -> Path:
+    return full_models.classifier.directory
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """Terminal output as one line: ANSI codes dropped, runs of whitespace (rich's table and
+    line wrapping) collapsed to one space, box-drawing characters removed."""
+    text = _ANSI.sub("", text)
+    text = re.sub(r"[\u2500-\u257f]", " ", text)
+    return " ".join(text.split())
+
+
+CliResult = tuple[int, str, str]
+
+
+def run_cli(args: Sequence[str | os.PathLike[str]]) -> CliResult:
+    """Run `cxr ARGS` in this process (typer's CliRunner): (exit code, stdout, stderr).
+
+    Exceptions that escape the app fail the test with their traceback: the CLI must turn every
+    error into a message and an exit code.
+    """
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, [os.fspath(a) for a in args], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(result.exception))
+        pytest.fail(f"cxr {' '.join(map(str, args))} raised instead of exiting:\n{tb}")
+    return result.exit_code, result.stdout, result.stderr
+
+
+def cxr_command() -> list[str]:
+    """The installed `cxr` entry point, or the same `main` through this interpreter."""
+    script = Path(sys.executable).with_name("cxr")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("cxr")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from engine.cli import main; main()"]
+
+
+def run_cli_subprocess(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    prefix: Sequence[str] = (),
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> CliResult:
+    """Run the real `cxr` entry point in a child process: (exit code, stdout, stderr).
+
+    `prefix` goes before the command (e.g. a `setpriv ...` wrapper)."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    proc = subprocess.run(
+        [*prefix, *cxr_command(), *(os.fspath(a) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[[Sequence[str | os.PathLike[str]]], CliResult]:
+    """Fixture form of `run_cli`."""
+    return run_cli
