@@ -240,9 +240,7 @@ ProgressFn = Callable[[int], None]
 
 def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> RunSummary:
     """Screen config.inputs into config.out; resumable, exactly once per image."""
-    models = load_models(config.models, precision=config.precision).with_threshold(
-        config.threshold
-    )
+    models = load_models(config.models, precision=config.precision).with_threshold(config.threshold)
     out = Path(config.out)
     with OutputLock(out):
         previous = read_run_json(out)
