@@ -185,6 +185,11 @@ class ShardWriter:
     def flush(self) -> None:
         if not self._rows:
             return
+        if parquet.part_path(self.out, self.number).exists():
+            # An interrupt landed after this shard's part was renamed into place but before
+            # the bookkeeping below: the part holds exactly these rows, so it is committed.
+            self._advance()
+            return
         rows = [{**self.common, **r} for r in self._rows]
         ok = [i for i, v in enumerate(self._vectors) if v is not None]
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
@@ -197,6 +202,9 @@ class ShardWriter:
             emb = np.full((len(rows), dim), np.nan, np.float32)
             emb[ok] = mat
         parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
+        self._advance()
+
+    def _advance(self) -> None:
         self.number += 1
         self.parts_written += 1
         self._rows, self._vectors = [], []
