@@ -22,9 +22,13 @@ INSTALL_HINT = (
 def missing_requirements() -> list[str]:
     """What this machine lacks for the TensorRT backend (empty when it has everything)."""
     missing = []
-    for module, label in (("tensorrt", "tensorrt"), ("cuda", "cuda-python")):
-        if importlib.util.find_spec(module) is None:
-            missing.append(f"the Python package {label}")
+    # tensorrt-stubs (type hints only) leaves a bare namespace package named tensorrt: a spec
+    # without an origin is not TensorRT. cuda-python itself is a namespace (cuda.bindings).
+    spec = importlib.util.find_spec("tensorrt")
+    if spec is None or spec.origin is None:
+        missing.append("the Python package tensorrt")
+    if importlib.util.find_spec("cuda") is None:
+        missing.append("the Python package cuda-python")
     if not _gpu_present():
         missing.append("an NVIDIA GPU (no /dev/nvidia0 and no driver library)")
     return missing
