@@ -222,6 +222,18 @@ def models_init(
     )
 
 
+def _register_subcommands() -> None:
+    # Each command's module is imported only when its command runs (lazy imports inside).
+    from engine.eval.cli import evaluate
+
+    app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
+        evaluate
+    )
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 
