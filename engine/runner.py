@@ -31,7 +31,7 @@ import numpy as np
 from engine import __version__
 from engine.config import ScreenConfig
 from engine.errors import ConfigError, ImageError
-from engine.io import parquet, vectors
+from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
 from engine.io.dicom import decode_dicom, read_dicom_meta
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
@@ -41,7 +41,7 @@ from engine.pipeline import Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
 from engine.stages.classify import classify
 from engine.stages.crop import lung_crops
-from engine.stages.segment import segment
+from engine.stages.segment import logit_threshold, segment
 from kernels.reference import box_to_pixels
 
 QUEUE_DEPTH = 2  # batches in flight between two stages
@@ -67,6 +67,7 @@ class Predictions:
     boxes: np.ndarray  # (n, 4) normalised
     fraction: np.ndarray  # (n,)
     embedding: np.ndarray  # (n, D)
+    lung_mask: np.ndarray  # (n, h, w) bool, at the segmenter's resolution
 
 
 class StageClock:
@@ -119,7 +120,13 @@ class Screener:
         self.clock.add("segment", t1 - t0)
         self.clock.add("crop", t2 - t1)
         self.clock.add("classify", t3 - t2)
-        return Predictions(prob=prob, boxes=crops.boxes, fraction=crops.fraction, embedding=emb)
+        return Predictions(
+            prob=prob,
+            boxes=crops.boxes,
+            fraction=crops.fraction,
+            embedding=emb,
+            lung_mask=masks >= logit_threshold(m.segmenter.threshold),
+        )
 
     def close(self) -> None:
         self._seg.close()
@@ -174,11 +181,15 @@ class ShardWriter:
         self.number = parquet.next_part_number(out)
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
+        self._previews: list[tuple[bytes, bytes] | None] = []
         self.parts_written = 0
 
-    def add(self, row: dict[str, Any], vector: np.ndarray | None) -> None:
+    def add(
+        self, row: dict[str, Any], vector: np.ndarray | None, preview: tuple[bytes, bytes] | None
+    ) -> None:
         self._rows.append(row)
         self._vectors.append(vector)
+        self._previews.append(preview)
         if len(self._rows) >= self.shard_size:
             self.flush()
 
@@ -196,6 +207,15 @@ class ShardWriter:
         mat = np.stack([v for v in self._vectors if v is not None]) if ok else None
         if mat is not None:
             vectors.write_sidecar(self.out, self.number, keys, _unit(mat))
+        shown = [(r["key"], p) for r, p in zip(rows, self._previews, strict=True) if p is not None]
+        if shown:
+            thumbs.write_thumbs(
+                self.out,
+                self.number,
+                [k for k, _ in shown],
+                [p[0] for _, p in shown],
+                [p[1] for _, p in shown],
+            )
         emb = None
         if self.with_embeddings and mat is not None:
             dim = mat.shape[1]
@@ -207,7 +227,7 @@ class ShardWriter:
     def _advance(self) -> None:
         self.number += 1
         self.parts_written += 1
-        self._rows, self._vectors = [], []
+        self._rows, self._vectors, self._previews = [], [], []
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -254,6 +274,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         previous = read_run_json(out)
         _check_same_models(out, previous, models)
         parquet.remove_temporaries(out)
+        thumbs.remove_orphans(out)
         dim = int(models.classifier.output("embedding").shape[-1])
         vectors.sync_index(out, dim)  # finish what a killed run committed
         done = parquet.existing_keys(out)
@@ -359,12 +380,12 @@ def _run_stages(
     try:
         for batch in batches:
             t = time.perf_counter()
-            rows, vecs = _finish_batch(batch, screener)
+            rows, vecs, previews = _finish_batch(batch, screener)
             latencies.append(time.perf_counter() - t)
             t = time.perf_counter()
-            for row, vec in zip(rows, vecs, strict=True):
+            for row, vec, preview in zip(rows, vecs, previews, strict=True):
                 _count(summary, row)
-                writer.add(row, vec)
+                writer.add(row, vec, preview)
             clock.add("write", time.perf_counter() - t)
             if on_progress:
                 on_progress(len(rows))
@@ -383,16 +404,19 @@ def _run_stages(
             }
 
 
-def _finish_batch(batch: Batch, screener: Screener) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Rows (in input order) and unit embeddings (None for failed images) of one batch."""
+def _finish_batch(
+    batch: Batch, screener: Screener
+) -> tuple[list[dict[str, Any]], list[Any], list[tuple[bytes, bytes] | None]]:
+    """Rows (in input order), embeddings and previews (None for failed images) of one batch."""
     pre = batch.pre
     preds = screener.infer(pre) if pre is not None and pre.ok else None
     threshold = screener.models.classifier.threshold
     rows: list[dict[str, Any]] = []
     vecs: list[np.ndarray | None] = []
+    previews: list[tuple[bytes, bytes] | None] = []
     sample_i = 0
     for p in batch.items:
-        row, vec = p.row, None
+        row, vec, preview = p.row, None, None
         if p.sample is not None:
             assert pre is not None  # a batch with samples was preprocessed
             where = location(row["source"], row["member"])
@@ -413,11 +437,16 @@ def _finish_batch(batch: Batch, screener: Screener) -> tuple[list[dict[str, Any]
                     lung_fraction=float(preds.fraction[j]),
                 )
                 vec = preds.embedding[j]
+                preview = (
+                    thumbs.encode_thumb(pre.work[j], row["width"], row["height"]),
+                    thumbs.encode_mask(preds.lung_mask[j]),
+                )
             sample_i += 1
         row["screened_at"] = datetime.now(UTC)
         rows.append(row)
         vecs.append(vec)
-    return rows, vecs
+        previews.append(preview)
+    return rows, vecs, previews
 
 
 def _count(summary: RunSummary, row: dict[str, Any]) -> None:

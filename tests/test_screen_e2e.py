@@ -523,7 +523,7 @@ def test_nothing_is_written_outside_the_output_directory(screened):
     for path, existed in screened.outside_before.items():
         assert path.exists() == existed, path
     assert {p.name for p in screened.out.iterdir()} <= {
-        ".lock", "run.json", "predictions", "embeddings", "index.usearch",
+        ".lock", "run.json", "predictions", "embeddings", "index.usearch", "thumbs",
     }  # fmt: skip
     assert not list(screened.out.rglob("*.tmp*"))
 
