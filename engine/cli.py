@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.errors import EngineError
@@ -44,7 +45,9 @@ def fatal_errors() -> Iterator[None]:
     try:
         yield
     except EngineError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(EXIT_FATAL) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -133,7 +136,9 @@ def _progress(enabled: bool):
 
 
 def _print_summary(s) -> None:  # s: engine.runner.RunSummary
-    table = Table(title=f"cxr screen -> {s.out}", show_header=False, title_justify="left")
+    table = Table(
+        title=f"cxr screen -> {escape(str(s.out))}", show_header=False, title_justify="left"
+    )
     table.add_column(style="bold")
     table.add_column()
     table.add_row("backend", s.backend)
@@ -149,7 +154,7 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     table.add_row("index size", str(s.index_size))
     out_console.print(table)
     for message in s.error_samples[:10]:
-        out_console.print(f"  [red]error[/] {message}", highlight=False, soft_wrap=True)
+        out_console.print(f"  [red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
     if s.errors > 10:
         out_console.print(
             f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions"
@@ -193,8 +198,8 @@ def similar(
             "" if n.prob is None else f"{n.prob:.3f}",
             "" if n.decision is None else ("positive" if n.decision else "negative"),
             str(n.key),
-            n.source,
-            n.member or "",
+            escape(n.source),
+            escape(n.member or ""),
         )
     out_console.print(table)
 
@@ -224,11 +229,15 @@ def models_init(
 
 def _register_subcommands() -> None:
     # Each command's module is imported only when its command runs (lazy imports inside).
+    from engine.build import build
     from engine.eval.cli import evaluate
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
     )
+    app.command(
+        "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."
+    )(build)
 
 
 _register_subcommands()

@@ -93,12 +93,21 @@ class Screener:
         self, models: ModelSet, *, backend: str, batch_size: int, threads: int, device: str = "cpu"
     ) -> None:
         self.models = models
-        self.backend_name = resolve_backend(backend)
+        self.backend_name = resolve_backend(backend, models=models)
         cls = get_backend(self.backend_name)
         self._seg = cls(models.segmenter, threads=threads)
         self._clf = cls(models.classifier, threads=threads)
         self._seg.load()
         self._clf.load()
+        self._gpu: Any = None
+        if self.backend_name == "tensorrt":
+            # Masks, boxes and the classifier input stay on the device between the two plans
+            # (kernels/*.cu); DALI decodes on the GPU too. Not yet run on a GPU: see README.
+            from engine.stages.gpu import GpuStages
+
+            self._gpu = GpuStages(models, self._seg, self._clf)  # type: ignore[arg-type]
+            device = "gpu"
+        self.device = device
         self.pipeline = Preprocessor(models, device=device, batch_size=batch_size, threads=threads)
         self.clock = StageClock()
 
@@ -109,6 +118,17 @@ class Screener:
         return pre
 
     def infer(self, pre: Preprocessed) -> Predictions:
+        if self._gpu is not None:
+            t = time.perf_counter()
+            g = self._gpu.infer(pre.work, pre.seg_input)
+            self.clock.add("segment+crop+classify (gpu)", time.perf_counter() - t)
+            return Predictions(
+                prob=g.prob,
+                boxes=g.boxes,
+                fraction=g.fraction,
+                embedding=g.embedding,
+                lung_mask=g.lung_mask,
+            )
         m = self.models
         t0 = time.perf_counter()
         masks = segment(self._seg, m.segmenter, pre.seg_input)
@@ -129,6 +149,8 @@ class Screener:
         )
 
     def close(self) -> None:
+        if self._gpu is not None and hasattr(self._gpu, "close"):
+            self._gpu.close()
         self._seg.close()
         self._clf.close()
 

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from engine.errors import ConfigError
 from engine.runtime.base import Backend
+
+if TYPE_CHECKING:
+    from engine.models import ModelSet
 
 __all__ = ["Backend", "get_backend", "resolve_backend"]
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(
+    name: str, *, models: ModelSet | None = None, plans_dir: Path | None = None
+) -> str:
     """Map "auto" to a concrete backend.
 
-    ONNX Runtime for now; TensorRT joins "auto" when a GPU, TensorRT and matching plans exist
-    (the GPU path), so "auto" never picks a backend that would then refuse to load.
+    TensorRT when ``models`` are given and a GPU, TensorRT, cuda-python and plans built from
+    these very models for this GPU and TensorRT version exist (in ``plans_dir``, default
+    ``<models dir>/plans``); else ONNX Runtime. So "auto" never picks a backend that would then
+    refuse to load. Without ``models`` (or without plans) nothing GPU-related is imported.
     """
-    return "onnxruntime" if name == "auto" else name
+    if name != "auto":
+        return name
+    if models is not None:
+        from engine.runtime.tensorrt import plans_usable
+
+        if plans_usable(models, plans_dir):
+            return "tensorrt"
+    return "onnxruntime"
 
 
 def get_backend(name: str) -> type[Backend]:
