@@ -231,10 +231,12 @@ def _register_subcommands() -> None:
     # Each command's module is imported only when its command runs (lazy imports inside).
     from engine.build import build
     from engine.eval.cli import evaluate
+    from engine.serve.cli import serve
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
     )
+    app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command(
         "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."
     )(build)

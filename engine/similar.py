@@ -63,18 +63,17 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         raise EngineError(
             f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first"
         )
-    if os.path.exists(query):
+    stored = _stored_vector(index, query)
+    if stored is not None:  # a key of the run wins over a file that happens to share its name
+        query_key: int | None = int(query)
+        vector = stored
+        exclude = query_key  # a key asks for *other* cases
+    elif os.path.exists(query):
         vector = _embed_file(out, Path(query), models_dir)
-        query_key: int | None = image_key(os.path.abspath(query), None)
+        query_key = image_key(os.path.abspath(query), None)
         exclude = None
     elif query.isascii() and query.isdigit():
-        query_key = int(query)
-        # keys are uint64: a larger number is no key (np.uint64 would raise OverflowError)
-        got = index.get(np.uint64(query_key)) if query_key < 2**64 else None
-        if got is None:
-            raise EngineError(f"key {query_key} is not in {vectors.index_path(out)}")
-        vector = np.asarray(got, np.float32).reshape(-1)
-        exclude = query_key  # a key asks for *other* cases
+        raise EngineError(f"key {query} is not in {vectors.index_path(out)}")
     else:
         raise ConfigError(
             f"QUERY {query!r} is neither an existing image file nor a key (an integer)"
@@ -89,10 +88,20 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
     return SimilarResult(query=query, query_key=query_key, neighbours=_join_rows(out, pairs))
 
 
+def _stored_vector(index, query: str) -> np.ndarray | None:
+    """The indexed vector of `query` read as a key, or None if it is not a key of the index."""
+    if not (query.isascii() and query.isdigit()) or int(query) >= 2**64:
+        return None  # keys are uint64 (np.uint64 would raise OverflowError)
+    got = index.get(np.uint64(int(query)))
+    return None if got is None else np.asarray(got, np.float32).reshape(-1)
+
+
 def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
     keys = [key for key, _ in pairs]
     cols = ["key", "source", "member", "prob", "decision"]
-    rows = parquet.read_predictions(out, cols).filter(pl.col("key").is_in(keys))
+    parts = [p for _, p in parquet.list_parts(out)]
+    # Filter inside the scan: a 10^6-row run reads only the k rows' columns it needs.
+    rows = pl.scan_parquet(parts).filter(pl.col("key").is_in(keys)).select(cols).collect()
     by_key = {r["key"]: r for r in rows.iter_rows(named=True)}
     result = []
     for rank, (key, sim) in enumerate(pairs, start=1):
