@@ -68,6 +68,9 @@ def screen(
     precision: Annotated[
         str, typer.Option(help="auto | fp32 | int8 (auto: INT8 where its parity is recorded good).")
     ] = "auto",
+    decoder: Annotated[
+        str, typer.Option(help="CPU preprocessing: dali | pillow | pillow-draft (see README).")
+    ] = "dali",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold on prob (default: the model's).")
@@ -94,6 +97,7 @@ def screen(
             models=models,
             backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
             precision=precision,
+            decoder=decoder,
             batch_size=batch_size,
             threshold=threshold,
             embeddings_in_parquet=embeddings_in_parquet,
@@ -229,6 +233,7 @@ def models_init(
 
 def _register_subcommands() -> None:
     # Each command's module is imported only when its command runs (lazy imports inside).
+    from engine.bench import bench
     from engine.build import build
     from engine.eval.cli import evaluate
     from engine.serve.cli import serve
@@ -236,6 +241,7 @@ def _register_subcommands() -> None:
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
     )
+    app.command("bench", help="Measure throughput against a naive baseline (benchmarks/).")(bench)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command(
         "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."

@@ -14,6 +14,7 @@ Backend = Literal["auto", "onnxruntime", "tensorrt", "null"]
 Device = Literal["cpu", "gpu"]
 
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "null")
+DECODERS: tuple[str, ...] = ("dali", "pillow", "pillow-draft")
 
 
 def default_threads() -> int:
@@ -27,6 +28,9 @@ class ScreenConfig:
     models: Path | None = None
     backend: Backend = "auto"
     precision: str = "auto"  # auto | fp32 | int8: which export of each model (see models.py)
+    # Preprocessing on the CPU: the DALI pipeline, or the Pillow/NumPy one with the same
+    # numbers (engine/pipeline_pil.py); "pillow-draft" lets libjpeg downscale huge JPEGs.
+    decoder: str = "dali"
     batch_size: int = 16
     threshold: float | None = None  # None: the classifier manifest's threshold
     embeddings_in_parquet: bool = False
@@ -45,6 +49,10 @@ class ScreenConfig:
             )
         if self.precision not in ("auto", "fp32", "int8"):
             raise ConfigError(f"--precision must be auto, fp32 or int8, not {self.precision!r}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(
+                f"--decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}"
+            )
         if not 1 <= self.batch_size <= 4096:
             raise ConfigError(f"--batch-size must be between 1 and 4096, not {self.batch_size}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

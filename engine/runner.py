@@ -90,7 +90,14 @@ class Screener:
     """
 
     def __init__(
-        self, models: ModelSet, *, backend: str, batch_size: int, threads: int, device: str = "cpu"
+        self,
+        models: ModelSet,
+        *,
+        backend: str,
+        batch_size: int,
+        threads: int,
+        device: str = "cpu",
+        decoder: str = "dali",
     ) -> None:
         self.models = models
         self.backend_name = resolve_backend(backend, models=models)
@@ -108,7 +115,21 @@ class Screener:
             self._gpu = GpuStages(models, self._seg, self._clf)  # type: ignore[arg-type]
             device = "gpu"
         self.device = device
-        self.pipeline = Preprocessor(models, device=device, batch_size=batch_size, threads=threads)
+        self.pipeline: Any
+        if decoder == "dali" or device == "gpu":
+            self.pipeline = Preprocessor(
+                models, device=device, batch_size=batch_size, threads=threads
+            )
+        else:
+            from engine.pipeline_pil import PilPreprocessor
+
+            self.pipeline = PilPreprocessor(
+                models,
+                batch_size=batch_size,
+                threads=threads,
+                draft=2 if decoder == "pillow-draft" else 0,
+            )
+        self.decoder = "dali" if device == "gpu" else decoder
         self.clock = StageClock()
 
     def preprocess(self, samples: list[Sample]) -> Preprocessed:
@@ -151,6 +172,8 @@ class Screener:
     def close(self) -> None:
         if self._gpu is not None and hasattr(self._gpu, "close"):
             self._gpu.close()
+        if hasattr(self.pipeline, "close"):
+            self.pipeline.close()
         self._seg.close()
         self._clf.close()
 
@@ -301,7 +324,11 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         vectors.sync_index(out, dim)  # finish what a killed run committed
         done = parquet.existing_keys(out)
         screener = Screener(
-            models, backend=config.backend, batch_size=config.batch_size, threads=config.threads
+            models,
+            backend=config.backend,
+            batch_size=config.batch_size,
+            threads=config.threads,
+            decoder=config.decoder,
         )
         summary = RunSummary(
             run_id=uuid.uuid4().hex[:12],

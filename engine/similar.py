@@ -150,7 +150,11 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     if prepared.sample is None:
         raise EngineError(f"cannot screen the query: {prepared.row['error']}")
     screener = Screener(
-        models, backend="onnxruntime", batch_size=1, threads=int(config.get("threads", 1))
+        models,
+        backend="onnxruntime",
+        batch_size=1,
+        threads=int(config.get("threads", 1)),
+        decoder=config.get("decoder", "dali"),
     )
     try:
         pre = screener.preprocess([prepared.sample])

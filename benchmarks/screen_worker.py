@@ -1,0 +1,176 @@
+"""The child side of bench_screen.py: one configuration, measured in a process of its own.
+
+`python -m benchmarks.bench_screen --worker SPEC.json` runs `worker`, which reads the spec the
+parent wrote and writes SPEC.result.json beside it. A process per configuration keeps peak RSS,
+warm caches and patched modules from leaking from one configuration into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_screen import Config, decoder_draft
+from benchmarks.common import Meter, cores, peak_rss_mib, percentiles_ms
+
+
+def worker(spec_path: Path) -> None:
+    """Run one configuration (in its own process) and write its result next to the spec."""
+    spec = json.loads(spec_path.read_text())
+    cfg = Config(**spec["config"])
+    fn = {
+        "model-only": _child_model_only,
+        "naive": _child_naive,
+        "null": _child_screen,
+        "engine": _child_screen,
+    }[cfg.kind]
+    result = fn(cfg, spec)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["cores"] = cores()
+    spec_path.with_suffix(".result.json").write_text(json.dumps(result))
+
+
+def _patch_runner(cfg: Config) -> None:
+    """Make engine.runner build the wanted preprocessor with the wanted thread count."""
+    import engine.runner as runner
+    from engine.pipeline import Preprocessor
+
+    draft = decoder_draft(cfg.decoder)
+    decode_threads = cfg.decode_threads
+
+    def make(models, *, device="cpu", batch_size, threads):  # noqa: ANN001 - Preprocessor's
+        if draft is None:
+            return Preprocessor(
+                models, device=device, batch_size=batch_size, threads=decode_threads
+            )
+        from engine.pipeline_pil import PilPreprocessor
+
+        return PilPreprocessor(
+            models, device=device, batch_size=batch_size, threads=decode_threads, draft=draft
+        )
+
+    runner.Preprocessor = make  # type: ignore[assignment,misc]
+
+
+def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
+    from engine.config import ScreenConfig
+
+    return ScreenConfig(
+        inputs=tuple(Path(p) for p in inputs),
+        out=out,
+        models=Path(models),
+        backend="null" if cfg.kind == "null" else "onnxruntime",
+        precision=cfg.precision,
+        batch_size=cfg.batch_size,
+        threads=cfg.ort_threads,
+        progress=False,
+    )
+
+
+def _child_screen(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    from engine.runner import screen
+
+    _patch_runner(cfg)
+    out = Path(spec["out"])
+    inputs = spec["inputs"]
+    warm = spec["warmup_inputs"]
+    screen(_screen_config(cfg, spec["models"], warm, out / "warmup"))
+    with Meter() as meter:
+        summary = screen(_screen_config(cfg, spec["models"], inputs, out / "run"))
+    n = summary.processed
+    stage_s = {k: round(v, 4) for k, v in summary.stage_s.items()}
+    result = {
+        "images": n,
+        "ok": summary.ok,
+        "errors": summary.errors,
+        "error_samples": summary.error_samples[:3],
+        "wall_s": round(meter.wall_s, 3),
+        "images_per_s": n / meter.wall_s if meter.wall_s > 0 else 0.0,
+        "pipeline_wall_s": round(summary.wall_s, 3),
+        "pipeline_images_per_s": summary.images_per_s,
+        "stage_busy_s": stage_s,
+        "stage_images_per_s": {k: (n / v if v > 0 else None) for k, v in stage_s.items()},
+        "batch_latency_ms": summary.batch_latency_ms,
+        "cpu_s": round(meter.cpu_s, 3),
+        "cpu_utilisation": round(meter.utilisation(), 4),
+        "warmup_images": len(warm),
+    }
+    if spec.get("dev") and cfg.kind == "engine":
+        dev = screen(_screen_config(cfg, spec["models"], spec["dev"], out / "dev"))
+        result["dev_images"] = dev.processed
+    return result
+
+
+def _child_naive(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.naive import run_naive
+    from engine.models import load_models
+
+    models = load_models(Path(spec["models"]), precision="fp32")
+    inputs = [Path(p) for p in spec["inputs"]]
+    source = inputs[0] if len(inputs) == 1 else inputs
+    r = run_naive(models, source, limit=spec["naive_limit"], threads=cfg.ort_threads)
+    lat = percentiles_ms(r.seconds)
+    return {
+        "images": len(r.names),
+        "ok": len(r.names),
+        "errors": len(r.errors),
+        "error_samples": list(r.errors.values())[:3],
+        "wall_s": round(r.wall_s, 3),
+        "images_per_s": r.images_per_s,
+        "image_latency_ms": lat,
+        "batch_latency_ms": {k: lat[k] for k in ("p50", "p99")} if lat else {},
+        "cpu_s": round(r.cpu_s, 3),
+        "cpu_utilisation": round(r.cpu_s / r.wall_s / cores(), 4) if r.wall_s else 0.0,
+        "note": "batch latency = per-image latency (batch 1); rate over the timed loop",
+    }
+
+
+def _child_model_only(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from engine.models import load_models
+    from engine.runtime.onnxrt import OnnxRuntimeBackend
+
+    models = load_models(Path(spec["models"]), precision=cfg.precision)
+    seg = OnnxRuntimeBackend(models.segmenter, threads=cfg.ort_threads)
+    clf = OnnxRuntimeBackend(models.classifier, threads=cfg.ort_threads)
+    seg.load()
+    clf.load()
+    rng = np.random.default_rng(0)
+    b = cfg.batch_size
+    x_seg = rng.standard_normal((b, *_dims(models.segmenter))).astype(np.float32)
+    x_clf = rng.standard_normal((b, *_dims(models.classifier))).astype(np.float32)
+    feeds_seg = {models.segmenter.input.name: x_seg}
+    feeds_clf = {models.classifier.input.name: x_clf}
+    seg.infer(feeds_seg)  # warm-up
+    clf.infer(feeds_clf)
+    seg_s, clf_s = [], []
+    want = max(3, -(-int(spec["model_only_images"]) // b))
+    with Meter() as meter:
+        for _ in range(want):
+            t0 = time.perf_counter()
+            seg.infer(feeds_seg)
+            t1 = time.perf_counter()
+            clf.infer(feeds_clf)
+            t2 = time.perf_counter()
+            seg_s.append(t1 - t0)
+            clf_s.append(t2 - t1)
+    n = want * b
+    total = [a + c for a, c in zip(seg_s, clf_s, strict=True)]
+    lat = percentiles_ms(total)
+    return {
+        "images": n,
+        "wall_s": round(meter.wall_s, 3),
+        "images_per_s": n / meter.wall_s,
+        "stage_images_per_s": {"segment": n / sum(seg_s), "classify": n / sum(clf_s)},
+        "batch_latency_ms": {"p50": lat["p50"], "p99": lat["p99"]},
+        "cpu_s": round(meter.cpu_s, 3),
+        "cpu_utilisation": round(meter.utilisation(), 4),
+    }
+
+
+def _dims(manifest) -> tuple[int, ...]:
+    """The network input's shape without the batch dimension (fixed in our manifests)."""
+    return tuple(int(d) for d in manifest.input.shape[1:])

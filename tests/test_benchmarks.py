@@ -1,0 +1,356 @@
+"""Smoke tests of benchmarks/ (tiny models, a few small images) and of engine/pipeline_pil.py.
+
+What they pin down: make_archive writes distinct files of the requested formats and sizes;
+bench_screen writes one JSON line per configuration with the agreed keys and sane ratios; the
+naive baseline computes the engine's numbers (so the speed ratio compares equal work); the Pillow
+preprocessor computes DALI's numbers; bench_usearch measures recall against an exact scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, dev_images
+from PIL import Image
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_screen, bench_usearch, quality  # noqa: E402
+from benchmarks.make_archive import ArchiveSpec, make_archive  # noqa: E402
+from benchmarks.naive import run_naive  # noqa: E402
+
+FORMATS = ("jpeg", "png16", "dicom")
+
+# The naive loop and the engine run the same ONNX files on inputs that agree to float32
+# rounding (the engine's DALI resize vs Pillow's, see test_pipeline.py). Measured: 9 real dev
+# images + 24 archive images of 2048-3000 px (JPEG, 16-bit PNG, DICOM MONOCHROME1/2), tiny and
+# full models: |prob difference| <= 9.7e-7, embedding cosine >= 0.9999998, same decisions.
+NAIVE_PROB_TOL = 1e-5
+NAIVE_COSINE_MIN = 0.9999
+
+# Pillow preprocessor vs DALI, work image on [0, 1] (measured, Pillow 13 / DALI 2.4, x86, full
+# sizes: work 512, segmenter 256):
+#   full decode, all 288 dev images (8-bit PNG, JPEG) and 2048-3000 px 16-bit PNG, DICOM
+#   pixels and JPEG: mean |err| <= 1.8e-7, p99 <= 4.2e-7, max <= 7.2e-7 (float32 rounding; the
+#   same libjpeg-turbo IDCT) -> the lossless tolerances of test_pipeline.py;
+#   draft=2 on 68 JPEGs of 2048-3000 px: mean <= 1.24e-3, p99 <= 2.7e-3, max 2.5e-2 (mostly a
+#   different min/max stretch: an affine fit leaves 5e-4) -> bounds with ~4x headroom.
+PIL_MEAN_TOL, PIL_P99_TOL = 1e-5, 1e-4
+DRAFT_MEAN_TOL, DRAFT_P99_TOL = 5e-3, 1e-2
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """9 small images, 3 per format (DICOM: MONOCHROME2, 1, 2), and a tar of them."""
+    out = tmp_path_factory.mktemp("archive")
+    spec = ArchiveSpec(
+        out=str(out / "tree"),
+        count=9,
+        formats=FORMATS,
+        long_side=(96, 160),
+        seed=3,
+        source=str(dev_images(1)[0].parent),
+    )
+    make_archive(spec, workers=1, tar=out / "tree.tar")
+    return out
+
+
+def test_make_archive_formats_sizes_and_distinct_files(archive):
+    files = sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
+    assert len(files) == 9
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert len(digests) == 9, "two archive files are byte-identical"
+    photometric = []
+    for p in files:
+        if p.suffix == ".dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(p)
+            assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+            assert "WindowCenter" in ds and "RescaleSlope" in ds
+            assert int(ds.pixel_array.max()) <= 4095
+            photometric.append(ds.PhotometricInterpretation)
+            side = max(ds.Rows, ds.Columns)
+        else:
+            with Image.open(p) as im:
+                assert im.format == ("JPEG" if p.suffix == ".jpg" else "PNG")
+                assert im.mode == ("L" if p.suffix == ".jpg" else "I;16")
+                if im.mode == "I;16":
+                    assert 0 < np.asarray(im).max() <= 4095  # 12-bit data in 16 bits
+                side = max(im.size)
+        assert 96 <= side <= 160
+    assert sorted(set(photometric)) == ["MONOCHROME1", "MONOCHROME2"]
+    with tarfile.open(archive / "tree.tar") as tf:
+        assert len([m for m in tf.getmembers() if m.isfile()]) == 9
+    summary = json.loads((archive / "tree" / "archive.json").read_text())
+    assert summary["counts"] == {"jpeg": 3, "png16": 3, "dicom": 3}
+
+
+def test_make_archive_is_deterministic(archive, tmp_path):
+    spec = ArchiveSpec(
+        out=str(tmp_path / "again"),
+        count=2,
+        formats=FORMATS,
+        long_side=(96, 160),
+        seed=3,
+        source=str(dev_images(1)[0].parent),
+    )
+    make_archive(spec, workers=1)
+    made = [p for p in (tmp_path / "again").rglob("*") if p.suffix in (".jpg", ".png")]
+    assert len(made) == 2
+    for p in made:
+        twin = archive / "tree" / p.relative_to(tmp_path / "again")
+        assert p.read_bytes() == twin.read_bytes()
+
+
+def _archive_files(archive: Path) -> list[Path]:
+    return sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
+
+
+def test_naive_baseline_matches_engine(archive, tiny_models_dir, tmp_path):
+    from engine.config import ScreenConfig
+    from engine.models import load_models
+    from engine.runner import screen
+
+    files = [p.resolve() for p in dev_images(9)] + _archive_files(archive)
+    summary = screen(
+        ScreenConfig(
+            inputs=tuple(files), out=tmp_path / "out", models=tiny_models_dir, progress=False
+        )
+    )
+    assert summary.ok == len(files)
+    engine_out = quality.read_run(tmp_path / "out")
+    naive = run_naive(load_models(tiny_models_dir, precision="fp32"), files, limit=None, threads=2)
+    assert not naive.errors and len(naive.names) == len(files)
+    got = quality.from_arrays(naive.names, naive.prob, naive.embedding, engine_out.threshold)
+    agree = quality.agreement(engine_out, got)
+    assert agree["images"] == len(files)
+    assert agree["prob_max_abs_diff"] <= NAIVE_PROB_TOL, agree
+    assert agree["embedding_cosine_min"] >= NAIVE_COSINE_MIN, agree
+    assert agree["same_decision"] == 1.0
+
+
+def test_bench_screen_writes_one_line_per_configuration(archive, tiny_models_dir, tmp_path):
+    results = tmp_path / "screen.jsonl"
+    opts = bench_screen.BenchOptions(
+        archive=archive / "tree",
+        models=tiny_models_dir,
+        precisions=("fp32", "int8"),  # the tiny models have no INT8 export: reported skipped
+        batch_sizes=(4,),
+        threads=2,
+        decoders=("dali", "pillow-draft"),
+        naive_limit=4,
+        warmup=4,
+        model_only_images=8,
+        quality_limit=6,
+        results=results,
+        quiet=True,
+    )
+    records = bench_screen.run_bench(opts)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records))
+    by_name = {r["config"]["name"]: r for r in lines}
+    ok = [r for r in lines if r["status"] == "ok"]
+    assert {r["config"]["kind"] for r in ok} == {"model-only", "naive", "null", "engine"}
+    assert len(ok) == 5  # model-only, naive, null, engine dali (reference), engine pillow-draft
+    skipped = [r for r in lines if r["status"] == "skipped"]
+    assert skipped and all(r["config"]["precision"] == "int8" and r["reason"] for r in skipped)
+    for r in lines:
+        assert r["schema"] == "cxr-bench/1" and r["bench"] == "screen"
+        assert r["machine"]["cores"] >= 1 and r["machine"]["cpu_model"]
+        assert r["libraries"]["onnxruntime"] and r["git_commit"]
+        assert len({r["run_id"] for r in lines}) == 1
+    for r in ok:
+        res = r["result"]
+        assert res["images_per_s"] > 0 and res["peak_rss_mib"] > 0
+        assert 0 <= res["cpu_utilisation"] <= 1.5
+        assert set(res["batch_latency_ms"]) >= {"p50", "p99"}
+    ref = by_name["engine fp32 b4 dali t2:2"]
+    assert ref["config"]["reference"] and ref["result"]["images"] == 9
+    assert set(ref["result"]["stage_images_per_s"]) == set(bench_screen.STAGES)
+    for r in (ref, by_name["engine fp32 b4 pillow-draft t2:2"], by_name["null fp32 b4 dali t2:2"]):
+        ratios = r["ratios"]
+        assert {"vs_naive", "vs_model_only", "vs_null"} <= set(ratios) or r["config"][
+            "kind"
+        ] == "null"
+        for key in ("vs_naive", "vs_model_only"):
+            assert math.isfinite(ratios[key]) and ratios[key] > 0
+            other = by_name[ratios[key.replace("vs_", "") + "_config"]]
+            assert ratios[key] == pytest.approx(
+                r["result"]["images_per_s"] / other["result"]["images_per_s"], rel=1e-3
+            )
+    q = by_name["engine fp32 b4 pillow-draft t2:2"]["quality"]
+    assert q["reference"] == ref["config"]["name"]
+    assert q["archive"]["images"] == 9 and q["dev"]["images"] == 6
+    assert q["dev"]["same_decision"] == 1.0 and q["dev"]["labelled"] == 6
+    # both classes among the 6 spread dev images; with untrained models the AUC itself (and so
+    # its difference) is noise around 0.5, so only its presence is checked
+    assert q["dev"]["roc_auc_ref"] is not None and q["dev"]["roc_auc_diff"] is not None
+
+
+def test_cxr_bench_command_rejects_bad_options():
+    import typer
+    from typer.testing import CliRunner
+
+    from engine.bench import bench
+
+    app = typer.Typer()
+    app.command()(bench)
+    result = CliRunner().invoke(app, ["--batch-size", "0", "--configs", "naive"])
+    assert result.exit_code == 1
+    assert "--batch-size" in result.stderr
+    result = CliRunner().invoke(app, ["--decoder", "magic"])
+    assert result.exit_code == 1 and "--decoder" in result.stderr
+
+
+# --------------------------------------------------------------------------- Pillow preprocessor
+
+
+def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(d.mean()), float(np.percentile(d, 99))
+
+
+def _full_size(models):
+    """Tiny manifests with the full architectures' preprocessing (work 512, segmenter 256)."""
+    c, s = models.classifier, models.segmenter
+    return replace(
+        models,
+        classifier=replace(c, crop=replace(c.crop, source_size=512)),
+        segmenter=replace(s, preprocess=replace(s.preprocess, size=(256, 256))),
+    )
+
+
+def _samples(paths):
+    from engine.io.dicom import decode_dicom
+    from engine.pipeline import Sample
+
+    out = []
+    for p in paths:
+        data = Path(p).read_bytes()
+        if data[128:132] == b"DICM":
+            out.append(Sample(pixels=decode_dicom(data).pixels))
+        else:
+            out.append(Sample(encoded=np.frombuffer(data, np.uint8)))
+    return out
+
+
+def test_pillow_preprocessor_matches_dali(archive, tiny_models):
+    from engine.pipeline import Preprocessor
+    from engine.pipeline_pil import PilPreprocessor
+
+    models = _full_size(tiny_models)
+    paths = dev_images(12) + _archive_files(archive)  # 8-bit PNG/JPEG, 16-bit PNG, DICOM
+    samples = _samples(paths)
+    dali = Preprocessor(models, batch_size=len(samples), threads=2).run(samples)
+    pil = PilPreprocessor(models, batch_size=len(samples), threads=2).run(samples)
+    assert pil.ok == dali.ok == list(range(len(samples)))
+    std = models.segmenter.preprocess.std[0]
+    for i, path in enumerate(paths):
+        mean, p99 = _errors(pil.work[i], dali.work[i])
+        assert mean <= PIL_MEAN_TOL and p99 <= PIL_P99_TOL, (path.name, mean, p99)
+        mean, p99 = _errors(pil.seg_input[i], dali.seg_input[i])
+        assert mean <= PIL_MEAN_TOL / std and p99 <= PIL_P99_TOL / std, (path.name, mean, p99)
+
+
+def test_pillow_draft_decode_is_close_to_dali_on_large_jpegs(tiny_models, tmp_path):
+    from engine.pipeline import Preprocessor
+    from engine.pipeline_pil import PilPreprocessor
+
+    spec = ArchiveSpec(
+        out=str(tmp_path / "big"),
+        count=2,
+        formats=("jpeg",),
+        long_side=(2048, 2200),
+        seed=5,
+        source=str(dev_images(1)[0].parent),
+    )
+    make_archive(spec, workers=1)
+    samples = _samples(sorted((tmp_path / "big").rglob("*.jpg")))
+    models = _full_size(tiny_models)
+    dali = Preprocessor(models, batch_size=2, threads=2).run(samples)
+    draft = PilPreprocessor(models, batch_size=2, threads=2, draft=2).run(samples)
+    for i in range(2):
+        mean, p99 = _errors(draft.work[i], dali.work[i])
+        assert mean <= DRAFT_MEAN_TOL and p99 <= DRAFT_P99_TOL, (mean, p99)
+
+
+def test_pillow_preprocessor_reports_bad_images_and_keeps_the_rest(tiny_models):
+    from engine.errors import ImageError
+    from engine.pipeline import Sample
+    from engine.pipeline_pil import PilPreprocessor
+
+    good = _samples(dev_images(2))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buf, "PNG")
+    truncated = Sample(encoded=np.frombuffer(buf.getvalue()[:40], np.uint8))
+    garbage = Sample(encoded=np.frombuffer(b"not an image at all", np.uint8))
+    pre = PilPreprocessor(tiny_models, batch_size=4, threads=2)
+    out = pre.run([good[0], truncated, garbage, good[1]])
+    assert out.ok == [0, 3] and set(out.errors) == {1, 2}
+    assert all("cannot decode" in m for m in out.errors.values())
+    assert out.work.shape == (2, 128, 128) and out.seg_input.shape == (2, 1, 64, 64)
+    with pytest.raises(ImageError):
+        pre.run_one(garbage)
+
+
+# --------------------------------------------------------------------------- usearch
+
+
+def test_bench_usearch_measures_recall_against_exact_search(tmp_path, tiny_models_dir):
+    results = tmp_path / "usearch.jsonl"
+    opts = bench_usearch.UsearchOptions(
+        sizes=(3000,),
+        dim=64,
+        queries=50,
+        single_queries=20,
+        connectivity=(8, 16),
+        expansion_search=(8, 64),
+        clusters=20,
+        intrinsic_dim=16,
+        similar_images=4,
+        similar_reps=1,
+        cli_reps=0,
+        models=tiny_models_dir,
+        results=results,
+        quiet=True,
+    )
+    records = bench_usearch.run(opts)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(lines) == len(records) == 3  # two builds, one `cxr similar`
+    for r in lines[:2]:
+        res = r["result"]
+        assert res["size"] == 3000 and res["build_s"] > 0 and res["bytes_on_disk"] > 3000 * 64 * 2
+        recalls = [s["recall_at_k"] for s in res["searches"]]
+        assert all(0 <= x <= 1 for x in recalls) and recalls[-1] >= 0.9
+        assert recalls[-1] >= recalls[0]  # a wider search finds at least as much
+        assert res["searches"][0]["single_query_ms"]["p50"] > 0
+        assert r["data"]["cosine_1st_neighbour_mean"] > r["data"]["cosine_random_pair_mean"]
+    sim = lines[2]["result"]
+    assert sim["images_in_index"] == 4
+    assert sim["in_process_by_key_ms"]["p50"] > 0 and sim["in_process_by_file_ms"]["p50"] > 0
+
+
+def test_exact_top_k_is_exact():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((500, 16)).astype(np.float16)
+    base /= np.linalg.norm(base.astype(np.float32), axis=1, keepdims=True).astype(np.float16)
+    q = rng.standard_normal((7, 16)).astype(np.float16)
+    keys, _ = bench_usearch.exact_top_k(base, q, 5)
+    b = base.astype(np.float32)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    qq = q.astype(np.float32)
+    qq /= np.linalg.norm(qq, axis=1, keepdims=True)
+    want = np.argsort(-(qq @ b.T), axis=1)[:, :5]
+    assert np.array_equal(keys, want)
