@@ -34,6 +34,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="Export and inspect models.")
 app.add_typer(models_app, name="models")
+train_app = typer.Typer(
+    no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
+)
+app.add_typer(train_app, name="train")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -237,11 +241,16 @@ def _register_subcommands() -> None:
     from engine.build import build
     from engine.eval.cli import evaluate
     from engine.serve.cli import serve
+    from engine.train.cli import train_classifier, train_segmenter
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
     )
     app.command("bench", help="Measure throughput against a naive baseline (benchmarks/).")(bench)
+    train_app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")(
+        train_segmenter
+    )
+    train_app.command("classifier", help="Train the ResNet50 on lung crops.")(train_classifier)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command(
         "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."

@@ -205,9 +205,10 @@ def load_manifest(path: Path, *, verify: bool = True) -> Manifest:
     return _verify_onnx(m, path) if verify else m
 
 
-def _load_at(path: Path, precision: str) -> Manifest:
-    m = choose_precision(load_manifest(path, verify=False), precision)
-    return _verify_onnx(m, path)
+def _at(m: Manifest, precision: str) -> Manifest:
+    if precision not in ("auto", "fp32") and precision not in (m.precision, *m.variants):
+        return m
+    return choose_precision(m, precision)
 
 
 def _verify_onnx(m: Manifest, path: Path) -> Manifest:
@@ -306,8 +307,14 @@ def load_models(models_dir: Path | None, *, precision: str = "auto") -> ModelSet
         )
     if not directory.is_dir():
         raise ModelError(f"{directory}: models directory not found")
-    seg = _load_at(manifest_path(directory, "segmenter"), precision)
-    clf = _load_at(manifest_path(directory, "classifier"), precision)
+    raw = {role: load_manifest(manifest_path(directory, role), verify=False) for role in ROLES}
+    # An explicit precision applies to every model exported at it; the others keep their
+    # reference export (today only the classifier has an INT8 variant).
+    explicit = precision not in ("auto", "fp32")
+    if explicit and not any(precision in (m.precision, *m.variants) for m in raw.values()):
+        choose_precision(raw["classifier"], precision)  # raises, listing what exists
+    seg = _verify_onnx(_at(raw["segmenter"], precision), manifest_path(directory, "segmenter"))
+    clf = _verify_onnx(_at(raw["classifier"], precision), manifest_path(directory, "classifier"))
     roles: tuple[tuple[Manifest, Role], ...] = ((seg, "segmenter"), (clf, "classifier"))
     for m, role in roles:
         if m.role != role:  # a manifest copied under the other role's name

@@ -1,0 +1,140 @@
+"""Typer commands `cxr train segmenter` and `cxr train classifier`.
+
+engine/cli.py registers these functions; they only map options onto a config and call the
+trainer inside engine.cli.fatal_errors, so EngineError becomes a message and exit code 1.
+torch is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engine.errors import ConfigError
+
+Threads = Annotated[
+    int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores).")
+]
+Precision = Annotated[
+    str, typer.Option(help="auto (bf16 where the CPU has AVX512-BF16/AMX) | bf16 | fp32.")
+]
+Seed = Annotated[int, typer.Option(help="Seed for the patient split, weights and augmentation.")]
+MaxSteps = Annotated[
+    int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
+]
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"training needs PyTorch ({exc}); install the train extra: pip install -e '.[train]'"
+        ) from None
+
+
+def _threads(threads: int | None) -> int:
+    from engine.config import default_threads
+
+    return threads or default_threads()
+
+
+def train_segmenter(
+    masks: Annotated[
+        Path,
+        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="The classifier's labels CSV: share its patient split (recommended)."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+    seed: Seed = 0,
+    arch: Annotated[str, typer.Option(help="unet | tiny-unet")] = "unet",
+    max_steps: MaxSteps = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    patience: Annotated[int, typer.Option(help="Epochs without a better val Dice.")] = 12,
+    threads: Threads = None,
+    precision: Precision = "auto",
+) -> None:
+    """Train the lung U-Net on image/mask pairs; write segmenter.onnx + segmenter.json."""
+    from engine.cli import fatal_errors
+
+    with fatal_errors():
+        _require_torch()
+        from engine.train.segmenter import SegmenterTrainConfig
+        from engine.train.segmenter import train_segmenter as run
+
+        run(
+            SegmenterTrainConfig(
+                masks=masks,
+                out=out,
+                labels=labels,
+                epochs=epochs,
+                seed=seed,
+                arch=arch,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                lr=lr,
+                patience=patience,
+                threads=_threads(threads),
+                precision=precision,
+            )
+        )
+
+
+def train_classifier(
+    labels: Annotated[Path, typer.Option(help="Labels CSV (path, label, patient_id[, source]).")],
+    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    segmenter: Annotated[
+        Path, typer.Option(help="Models directory holding the trained segmenter.json.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    seed: Seed = 0,
+    arch: Annotated[str, typer.Option(help="resnet50 | tiny-classifier")] = "resnet50",
+    max_steps: MaxSteps = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    patience: Annotated[int, typer.Option(help="Epochs without a better val ROC AUC.")] = 10,
+    hflip: Annotated[
+        bool, typer.Option(help="Random horizontal flips (off: anatomy is not symmetric).")
+    ] = False,
+    calibration_images: Annotated[
+        int, typer.Option(help="Training crops to calibrate the INT8 model on.")
+    ] = 256,
+    threads: Threads = None,
+    precision: Precision = "auto",
+) -> None:
+    """Train the classifier on lung crops; write classifier.onnx (+ INT8) + classifier.json."""
+    from engine.cli import fatal_errors
+
+    with fatal_errors():
+        _require_torch()
+        from engine.train.classifier import ClassifierTrainConfig
+        from engine.train.classifier import train_classifier as run
+
+        run(
+            ClassifierTrainConfig(
+                labels=labels,
+                images=images,
+                segmenter=segmenter,
+                out=out,
+                epochs=epochs,
+                seed=seed,
+                arch=arch,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                lr=lr,
+                patience=patience,
+                hflip=hflip,
+                calibration_images=calibration_images,
+                threads=_threads(threads),
+                precision=precision,
+            )
+        )

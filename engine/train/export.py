@@ -1,0 +1,200 @@
+"""Torch -> ONNX export with a parity check, and the INT8 (QDQ) variant with its parity report.
+
+ONNX Runtime FP32 is the oracle: an export only counts if ORT reproduces torch's outputs (to
+1e-4 relative to the output's scale), and the INT8 model is judged against the FP32 ONNX.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from engine import __version__
+from engine.errors import ModelError
+from engine.train.metrics import roc_auc
+
+OPSET = 17
+PARITY_TOL = 1e-4
+
+
+def to_onnx(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    *,
+    output_names: Sequence[str],
+    architecture: str,
+    doc: str,
+) -> onnx.ModelProto:
+    """Eval-mode export (BN folded), input "image" with a dynamic batch dimension "N"."""
+    model = model.to(memory_format=torch.contiguous_format).float().eval()
+    axes = {name: {0: "N"} for name in ("image", *output_names)}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # dynamo=False: the torch.export-based exporter needs onnxscript, not a dependency here.
+        torch.onnx.export(
+            model,
+            (example.float().contiguous(),),
+            buf,  # type: ignore[arg-type]  # a file object works; the stub says path
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["image"],
+            output_names=list(output_names),
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    _inline_shared_initializers(proto)
+    proto.producer_name, proto.producer_version = "cxr-engine", __version__
+    proto.doc_string = f"cxr-engine: {doc}"
+    onnx.helper.set_model_props(proto, {"cxr.architecture": architecture, "cxr.trained": "true"})
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _inline_shared_initializers(proto: onnx.ModelProto) -> None:
+    """Replace Identity(initializer) nodes by a copy of the initializer.
+
+    The exporter deduplicates byte-identical folded weights (e.g. zero-initialised residual BNs)
+    into Identity nodes; copying them back keeps the graph node-for-node the topology of
+    engine.arch, which TensorRT and the topology test expect.
+    """
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    if len(keep) == len(graph.node):
+        return
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {name for node in keep for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def ort_session(model: Path | bytes, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session: Any, x: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, len(x), batch):
+        outs = session.run(names, {"image": np.ascontiguousarray(x[start : start + batch])})
+        for n, o in zip(names, outs, strict=True):
+            parts[n].append(o)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def torch_outputs(model: torch.nn.Module, x: np.ndarray, names: Sequence[str]) -> dict:
+    model = model.float().eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(x)))
+    out = out if isinstance(out, tuple) else (out,)
+    return {n: o.float().numpy() for n, o in zip(names, out, strict=True)}
+
+
+def check_parity(
+    model: torch.nn.Module, proto: onnx.ModelProto, x: np.ndarray, threads: int, where: Path
+) -> dict[str, float]:
+    """Max |torch - ORT| per output, relative to max(1, max |torch|); ModelError above 1e-4."""
+    names = [o.name for o in proto.graph.output]
+    ref = torch_outputs(model, x, names)
+    got = ort_run(ort_session(proto.SerializeToString(), threads), x)
+    report = {}
+    for n in names:
+        scale = max(1.0, float(np.abs(ref[n]).max()))
+        report[n] = float(np.abs(ref[n] - got[n]).max()) / scale
+    bad = {n: d for n, d in report.items() if d > PARITY_TOL}
+    if bad:
+        raise ModelError(
+            f"{where}: ONNX Runtime disagrees with torch beyond {PARITY_TOL} (relative max "
+            f"difference {bad}); the export is not faithful, report this with the torch version"
+        )
+    return report
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over an array of inputs, in batches."""
+
+    def __init__(self, x: np.ndarray, batch: int = 16) -> None:
+        self._batches = iter(
+            [{"image": np.ascontiguousarray(x[i : i + batch])} for i in range(0, len(x), batch)]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """Static INT8, QDQ, per-channel weights, MinMax calibration on the given inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Calibration, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        tmp_out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(prepared),
+            str(tmp_out),
+            Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+        )
+        int8_path.write_bytes(tmp_out.read_bytes())
+
+
+def int8_parity(
+    ref: dict[str, np.ndarray],
+    int8_path: Path,
+    x: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    threads: int,
+) -> dict[str, Any]:
+    """INT8 vs FP32 ONNX on the same inputs x (ref: the FP32 ONNX outputs for x): decisions,
+    ROC AUC, probabilities, embeddings."""
+    got = ort_run(ort_session(int8_path, threads), x)
+    p_ref = 1 / (1 + np.exp(-ref["logit"].reshape(-1).astype(np.float64)))
+    p_got = 1 / (1 + np.exp(-got["logit"].reshape(-1).astype(np.float64)))
+    a, b = ref["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    auc_ref, auc_got = roc_auc(p_ref, labels), roc_auc(p_got, labels)
+    return {
+        "images": len(x),
+        "threshold": threshold,
+        "same_decision": float(((p_ref >= threshold) == (p_got >= threshold)).mean()),
+        "roc_auc_fp32": auc_ref,
+        "roc_auc_int8": auc_got,
+        "roc_auc_diff": None if auc_ref is None or auc_got is None else auc_got - auc_ref,
+        "prob_max_abs_diff": float(np.abs(p_ref - p_got).max()),
+        "embedding_cosine_mean": float(cos.mean()),
+        "embedding_cosine_min": float(cos.min()),
+    }

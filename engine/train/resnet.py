@@ -1,0 +1,63 @@
+"""The classifiers in torch, topology-identical to engine.arch's once exported (BN folded).
+
+forward(image) -> (logit [N, 1], embedding [N, D]); the embedding is what `cxr similar` searches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TINY_WIDTHS = (8, 16, 32, 32)  # engine.arch.TINY_CLASSIFIER_WIDTHS
+
+
+class ResNet50Classifier(nn.Module):
+    """torchvision resnet50(weights=None), 1-channel conv1, fc -> 1 logit; embedding = pooled."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        # zero_init_residual: each block starts as identity, which helps training from scratch.
+        net = resnet50(weights=None, zero_init_residual=True)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.fc = nn.Linear(net.fc.in_features, 1)
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(image))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        embedding = torch.flatten(n.avgpool(x), 1)
+        return n.fc(embedding), embedding
+
+
+class TinyClassifier(nn.Module):
+    """Four stride-2 conv (+BN) + relu, pool, linear projection to the embedding, fc."""
+
+    def __init__(self, in_channels: int = 1, embedding_dim: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in TINY_WIDTHS:
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(channels, embedding_dim)
+        self.fc = nn.Linear(embedding_dim, 1)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(image), 1), 1)
+        embedding = self.proj(pooled)
+        return self.fc(embedding), embedding
+
+
+def build_classifier(architecture: str, embedding_dim: int) -> nn.Module:
+    if architecture == "resnet50":
+        return ResNet50Classifier()
+    return TinyClassifier(embedding_dim=embedding_dim)

@@ -1,0 +1,312 @@
+"""`cxr train segmenter`: the lung U-Net on image/mask pairs, exported as ONNX + manifest.
+
+Inputs are made by the engine's own Preprocessor (DALI CPU: decode -> square work image ->
+segmenter size -> (x - mean) / std), so training sees exactly what `cxr screen` feeds the
+segmenter. Masks are resized to the segmenter size (bilinear, then >= 0.5). Loss: BCE + soft
+Dice. Patients are split with the classifier's split function (pass the classifier's labels CSV
+as ``labels`` so no classifier test patient is in segmenter training); early stopping on
+validation Dice; Dice on the held-out test patients goes into the model card.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import ConfigError
+from engine.models import Manifest, ModelSet, export_model
+from engine.train import loop
+from engine.train.augment import Geometry, Photometry, augment_pair
+from engine.train.data import (
+    MaskPair,
+    decode_all,
+    find_mask_pairs,
+    labels_split,
+    load_mask,
+    log,
+)
+from engine.train.export import check_parity, ort_run, ort_session, to_onnx
+from engine.train.metrics import dice_per_image
+from engine.train.specs import (
+    SEGMENTER_ARCHS,
+    classifier_for_segmenter,
+    classifier_manifest,
+    segmenter_manifest,
+    work_size,
+)
+from engine.train.splits import SPLITS, fallback_split, patient_strata, split_patients
+from engine.train.unet import build_unet
+
+SPLITS_FILE = "segmenter_splits.csv"
+LOG_FILE = "segmenter_train_log.json"
+DICE_DEFINITION = (
+    "hard Dice per image at the segmenter's input size (mask resized bilinear, >= 0.5), "
+    "exported model under ONNX Runtime FP32"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmenterTrainConfig:
+    masks: Path
+    out: Path
+    labels: Path | None = None  # the classifier's labels CSV: share its patient split
+    epochs: int = 60
+    seed: int = 0
+    arch: str = "unet"
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 12
+    threads: int = 2
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.arch not in SEGMENTER_ARCHS:
+            raise ConfigError(
+                f"--arch must be one of {', '.join(SEGMENTER_ARCHS)}, not {self.arch!r}"
+            )
+        loop.check_common(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            patience=self.patience,
+            max_steps=self.max_steps,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SegData:
+    pairs: list[MaskPair]
+    split: np.ndarray  # (n,) "train" | "val" | "test"
+    x: np.ndarray  # (n, 1, h, w) segmenter input, normalised as served
+    masks: np.ndarray  # (n, 1, h, w) {0, 1}
+
+
+def assign_splits(pairs: list[MaskPair], labels: Path | None, seed: int) -> tuple[list[str], str]:
+    """Split per pair, and how it was made (for the card)."""
+    if labels is not None:
+        shared = labels_split(labels, seed)
+        outside = sorted({p.patient_id for p in pairs if p.patient_id not in shared})
+        if outside:
+            log(
+                f"warning: {len(outside)} mask patient(s) are not in {labels} (e.g. {outside[0]}):"
+                " their split comes from their patient id hash alone"
+            )
+        rule = f"split_patients over the patients of {labels} (seed {seed}); others by hash"
+        return [shared.get(p.patient_id) or fallback_split(p.patient_id, seed) for p in pairs], rule
+    rows = [{"patient_id": p.patient_id, "label": p.label or 0, "source": p.source} for p in pairs]
+    split = split_patients(patient_strata(rows), seed)
+    log(
+        "warning: no --labels given: the split covers the mask patients only; pass the "
+        "classifier's labels CSV so its test patients stay out of segmenter training"
+    )
+    return [
+        split[p.patient_id] for p in pairs
+    ], f"split_patients over the mask patients (seed {seed})"
+
+
+def load_data(cfg: SegmenterTrainConfig) -> tuple[SegData, str, dict[str, Any]]:
+    pairs = find_mask_pairs(cfg.masks)
+    split, rule = assign_splits(pairs, cfg.labels, cfg.seed)
+    seg = segmenter_manifest(cfg.arch, trained=False)
+    clf = classifier_manifest(classifier_for_segmenter(cfg.arch), trained=False)
+    log(f"decoding {len(pairs)} images through the engine pipeline (work {work_size(cfg.arch)} px)")
+    decoded = decode_all(
+        [p.image for p in pairs], ModelSet(segmenter=seg, classifier=clf), threads=cfg.threads
+    )
+    kept = [pairs[i] for i in decoded.ok]
+    masks = np.stack([load_mask(p.mask, seg.preprocess.size) for p in kept])[:, None]
+    data = SegData(kept, np.array([split[i] for i in decoded.ok]), decoded.seg_input, masks)
+    skipped = {str(pairs[i].image): msg for i, msg in decoded.errors.items()}
+    for name in SPLITS:
+        if not (data.split == name).any():
+            raise ConfigError(
+                f"{cfg.masks}: no {name} images after the patient split ({rule}); "
+                "more mask pairs (patients) are needed"
+            )
+    return data, rule, skipped
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
+def predict_masks(model: torch.nn.Module, x: np.ndarray, precision: str) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad(), loop.autocast(precision):
+        for start in range(0, len(x), 16):
+            xb = torch.from_numpy(x[start : start + 16]).contiguous(
+                memory_format=torch.channels_last
+            )
+            out.append((model(xb).float() >= 0).numpy())
+    return np.concatenate(out)
+
+
+def fit(
+    cfg: SegmenterTrainConfig, data: SegData, precision: str
+) -> tuple[torch.nn.Module, loop.EarlyStopping, list[dict[str, Any]]]:
+    rng, gen = loop.seed_everything(cfg.seed, cfg.threads)
+    model = build_unet(cfg.arch).to(memory_format=torch.channels_last)
+    train_idx, val_idx = np.flatnonzero(data.split == "train"), np.flatnonzero(data.split == "val")
+    total = min(cfg.max_steps or 10**9, max(1, len(train_idx) // cfg.batch_size) * cfg.epochs)
+    opt, sched = loop.optimiser(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total)
+    pre = segmenter_manifest(cfg.arch).preprocess
+    mean, std = pre.mean[0], pre.std[0]
+    x01 = torch.from_numpy(data.x) * std + mean  # back to [0, 1] for photometric augmentation
+    masks = torch.from_numpy(data.masks)
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        image, mask = augment_pair(x01[idx], masks[idx], gen)
+        xb = ((image - mean) / std).contiguous(memory_format=torch.channels_last)
+        with loop.autocast(precision):
+            logits = model(xb).float()
+        return F.binary_cross_entropy_with_logits(logits, mask) + soft_dice_loss(logits, mask)
+
+    stopper, history, step = loop.EarlyStopping(cfg.patience), [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        batches = loop.batches(train_idx, cfg.batch_size, rng)
+        stats = loop.train_epoch(model, opt, sched, batches, batch_loss, total - step)
+        step += stats.steps
+        pred = predict_masks(model, data.x[val_idx], precision)
+        val_dice = float(dice_per_image(pred, data.masks[val_idx]).mean())
+        stopper.update(epoch, val_dice, stats.loss, model)
+        history.append({"epoch": epoch, **stats.as_dict(), "val_dice": val_dice, "steps": step})
+        log(
+            f"segmenter epoch {epoch}/{cfg.epochs}  loss {stats.loss:.4f}  "
+            f"val Dice {val_dice:.4f}  {stats.img_per_s:.1f} img/s"
+        )
+        if stopper.should_stop or step >= total:
+            break
+    stopper.restore(model)
+    return model, stopper, history
+
+
+def train_segmenter(cfg: SegmenterTrainConfig) -> Manifest:
+    """Train, export segmenter.onnx + segmenter.json into cfg.out, return the manifest."""
+    precision = loop.resolve_precision(cfg.precision)
+    data, rule, skipped = load_data(cfg)
+    started = time.perf_counter()
+    model, stopper, history = fit(cfg, data, precision)
+    training = _training_card(cfg, stopper, history, time.perf_counter() - started, precision)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = f"trained U-Net segmenter ({cfg.arch})"
+    proto = to_onnx(
+        model,
+        torch.from_numpy(data.x[:2]),
+        output_names=["mask_logit"],
+        architecture=cfg.arch,
+        doc=doc,
+    )
+    val_x = data.x[data.split == "val"][:8]
+    parity = check_parity(model, proto, val_x, cfg.threads, out / "segmenter.onnx")
+    dice = served_dice(proto.SerializeToString(), data, cfg.threads)
+    card = _card(cfg, data, rule, skipped, training, dice, parity)
+    manifest = export_model(proto, out, segmenter_manifest(cfg.arch, card=card))
+    _write_splits(out / SPLITS_FILE, data)
+    log_json: dict[str, Any] = {"config": asdict(cfg), "precision": precision, "history": history}
+    log_json |= {"best_epoch": stopper.best_epoch, "dice": dice, "export_parity": parity}
+    loop.write_json(out / LOG_FILE, log_json)
+    if (out / "classifier.json").is_file():
+        log(
+            f"warning: {out / 'classifier.json'} was trained on crops of the previous segmenter;"
+            " retrain it with `cxr train classifier` before screening"
+        )
+    log(
+        f"segmenter: best epoch {stopper.best_epoch}, val Dice {dice['val']['mean']:.4f}, "
+        f"test Dice {dice['test']['mean']:.4f} -> {manifest.onnx_path}"
+    )
+    return manifest
+
+
+def served_dice(onnx_bytes: bytes, data: SegData, threads: int) -> dict[str, dict[str, float]]:
+    """Dice of the exported model under ONNX Runtime (what is served), per split."""
+    session = ort_session(onnx_bytes, threads)
+    out = {}
+    for name in SPLITS:
+        sel = data.split == name
+        pred = ort_run(session, data.x[sel], batch=16)["mask_logit"] >= 0
+        d = dice_per_image(pred, data.masks[sel])
+        out[name] = {
+            "images": int(sel.sum()),
+            "mean": float(d.mean()),
+            "min": float(d.min()),
+            "median": float(np.median(d)),
+        }
+    return out
+
+
+def _counts(data: SegData) -> dict[str, dict[str, int]]:
+    return {
+        name: {
+            "images": int((data.split == name).sum()),
+            "patients": len(
+                {p.patient_id for p, s in zip(data.pairs, data.split, strict=True) if s == name}
+            ),
+        }
+        for name in SPLITS
+    }
+
+
+def _training_card(
+    cfg: SegmenterTrainConfig,
+    stopper: loop.EarlyStopping,
+    history: list[dict[str, Any]],
+    seconds: float,
+    precision: str,
+) -> dict[str, Any]:
+    return {
+        "epochs_max": cfg.epochs,
+        "epochs_run": len(history),
+        "best_epoch": stopper.best_epoch,
+        "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
+        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+        "loss": "BCE + soft Dice",
+        "early_stopping": f"validation Dice, patience {cfg.patience}",
+        "augmentation": {
+            "geometry (image + mask)": asdict(Geometry()),
+            "photometry (image)": asdict(Photometry()),
+        },
+        "precision": precision,
+        "seconds": round(seconds, 1),
+        "initialisation": "from scratch (no pretrained weights)",
+    }
+
+
+def _card(
+    cfg: SegmenterTrainConfig,
+    data: SegData,
+    rule: str,
+    skipped: dict[str, str],
+    training: dict[str, Any],
+    dice: dict[str, dict[str, float]],
+    parity: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "status": "trained with `cxr train segmenter`",
+        "task": "lung segmentation (mask_logit >= 0 <=> lung probability >= 0.5)",
+        "data": {"masks": str(cfg.masks), "pairs": len(data.pairs), "skipped": skipped},
+        "splits": {"rule": rule, "seed": cfg.seed, "counts": _counts(data), "file": SPLITS_FILE},
+        "training": training,
+        "metrics": {"dice": dice, "definition": DICE_DEFINITION},
+        "export_parity_max_rel_diff": parity,
+    }
+
+
+def _write_splits(path: Path, data: SegData) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "mask_path", "patient_id", "split"])
+        for p, s in zip(data.pairs, data.split, strict=True):
+            w.writerow([p.image, p.mask, p.patient_id, s])

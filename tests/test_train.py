@@ -1,0 +1,422 @@
+"""engine.train: patient split, short real training runs, export parity, INT8, train/serve skew.
+
+The trainings run the tiny architectures for 3 steps on 8 real mask pairs and 16 real CXRs of
+../shared/data, through the same typer functions `cxr train ...` calls; everything is written
+under tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="training needs the train extra (torch): pip install -e '.[train]'"
+)
+pytest.importorskip("torchvision", reason="training needs the train extra (torchvision)")
+
+import typer  # noqa: E402
+from conftest import DATA, plain  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from engine.train.splits import SPLITS, split_patients  # noqa: E402
+
+MASKS = DATA / "lung-masks"
+DEV = DATA / "cxr-dev"
+
+
+def _require_train_data() -> None:
+    for path in (MASKS / "index.csv", DEV / "labels.csv"):
+        if not path.is_file():
+            pytest.skip(f"real data not found at {path}: check out shared/ beside the repository")
+
+
+def _train_app() -> typer.Typer:
+    """The commands as the lead registers them: `cxr train segmenter|classifier`."""
+    from engine.train.cli import train_classifier, train_segmenter
+
+    app = typer.Typer()
+    app.command("segmenter")(train_segmenter)
+    app.command("classifier")(train_classifier)
+    return app
+
+
+def run_train(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(_train_app(), [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, plain(result.output)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> dict[str, Path]:
+    """8 mask pairs of 8 different patients, and 16 labelled CXRs: those 8 positives plus
+    4 ieee8023 and 4 NIH negatives (distinct patients), as CSVs under tmp."""
+    _require_train_data()
+    out = tmp_path_factory.mktemp("train-data")
+    masks = _read_csv(MASKS / "index.csv")
+    pairs: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for row in masks:
+        if row["patient_id"] not in seen and len(pairs) < 8:
+            seen.add(row["patient_id"])
+            pairs.append(
+                {
+                    **row,
+                    "image_path": str(MASKS / row["image_path"]),
+                    "mask_path": str(MASKS / row["mask_path"]),
+                }
+            )
+    labels = _read_csv(DEV / "labels.csv")
+    wanted = {p["dev_path"].removeprefix("cxr-dev/") for p in pairs}
+    rows = [r for r in labels if r["path"] in wanted]
+    for source in ("ieee8023", "nih-chestxray14"):
+        negatives = [r for r in labels if r["label"] == "0" and r["source"] == source]
+        for r in negatives:
+            if (
+                r["patient_id"] not in seen
+                and sum(x["source"] == source and x["label"] == "0" for x in rows) < 4
+            ):
+                seen.add(r["patient_id"])
+                rows.append(r)
+    _write_csv(out / "index.csv", pairs)
+    _write_csv(out / "labels.csv", rows)
+    return {"masks": out / "index.csv", "labels": out / "labels.csv", "images": DEV}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def trained(subset, tmp_path_factory) -> dict[str, Path]:
+    """Tiny segmenter and classifier, 3 steps each, through the CLI functions."""
+    seg_dir = tmp_path_factory.mktemp("seg")
+    clf_dir = tmp_path_factory.mktemp("clf")
+    code, out = run_train(
+        "segmenter",
+        "--masks",
+        subset["masks"],
+        "--labels",
+        subset["labels"],
+        "--out",
+        seg_dir,
+        "--arch",
+        "tiny-unet",
+        "--max-steps",
+        3,
+        "--batch-size",
+        4,
+        "--threads",
+        2,
+    )
+    assert code == 0, out
+    code, out = run_train(
+        "classifier",
+        "--labels",
+        subset["labels"],
+        "--images",
+        subset["images"],
+        "--segmenter",
+        seg_dir,
+        "--out",
+        clf_dir,
+        "--arch",
+        "tiny-classifier",
+        "--max-steps",
+        3,
+        "--batch-size",
+        4,
+        "--calibration-images",
+        24,
+        "--threads",
+        2,
+    )
+    assert code == 0, out
+    return {"segmenter": seg_dir, "classifier": clf_dir, **subset}
+
+
+# --- split -----------------------------------------------------------------------------------
+
+
+def _synthetic_strata() -> dict[str, str]:
+    strata = {f"ieee:{i}": "label=1|source=ieee" for i in range(80)}
+    strata |= {f"ieee:{i}": "label=0|source=ieee" for i in range(80, 120)}
+    strata |= {f"nih:{i}": "label=0|source=nih" for i in range(70)}
+    return strata
+
+
+def test_split_is_deterministic_and_seed_dependent():
+    strata = _synthetic_strata()
+    a, b = split_patients(strata, seed=0), split_patients(strata, seed=0)
+    assert a == b
+    assert set(a) == set(strata) and set(a.values()) == set(SPLITS)
+    assert split_patients(strata, seed=1) != a
+    # A patient's part does not depend on the order the table lists patients in.
+    assert split_patients(dict(reversed(list(strata.items()))), seed=0) == a
+
+
+def test_split_is_stratified_70_15_15():
+    strata = _synthetic_strata()
+    split = split_patients(strata, seed=3)
+    per = defaultdict(Counter)
+    for pid, part in split.items():
+        per[strata[pid]][part] += 1
+    for stratum, counts in per.items():
+        n = sum(counts.values())
+        for part, share in zip(SPLITS, (0.70, 0.15, 0.15), strict=True):
+            assert abs(counts[part] - share * n) <= 1, (stratum, dict(counts))
+
+
+def test_real_labels_keep_each_patient_in_one_part():
+    _require_train_data()
+    from engine.train.data import labels_split
+
+    split = labels_split(DEV / "labels.csv", seed=0)
+    rows = _read_csv(DEV / "labels.csv")
+    assert {r["patient_id"] for r in rows} == set(split)
+    parts = Counter(split.values())
+    assert parts["train"] > parts["val"] > 0 and parts["test"] > 0
+
+
+# --- training runs -------------------------------------------------------------------------------
+
+
+def test_trained_models_load_and_screen(trained, tmp_path):
+    from engine.config import ScreenConfig
+    from engine.io import parquet
+    from engine.models import load_models
+    from engine.runner import screen
+
+    models = load_models(trained["classifier"])
+    assert models.trained
+    assert models.classifier.architecture == "tiny-classifier"
+    assert models.segmenter.architecture == "tiny-unet"
+    assert 0.0 <= models.classifier.threshold <= 1.0
+    card = models.classifier.card
+    assert card["threshold"] == models.classifier.threshold and card["threshold_rule"]
+    assert set(card["splits"]["counts"]) == set(SPLITS)
+    assert models.segmenter.card["metrics"]["dice"]["test"]["images"] >= 1
+
+    images = sorted((DEV / "images").glob("*"))[:4]
+    config = ScreenConfig(
+        inputs=tuple(images),
+        out=tmp_path / "out",
+        models=trained["classifier"],
+        batch_size=4,
+        threads=2,
+        progress=False,
+    )
+    summary = screen(config)
+    assert summary.ok == 4 and summary.errors == 0
+    status = parquet.read_predictions(tmp_path / "out", ["status"])["status"].to_list()
+    assert status == ["ok"] * 4
+
+
+def test_splits_files_share_patients(trained):
+    """No classifier val/test patient is a segmenter training patient."""
+    with open(trained["classifier"] / "splits.csv", newline="") as f:
+        clf = list(csv.DictReader(f))
+    with open(trained["segmenter"] / "segmenter_splits.csv", newline="") as f:
+        seg_train = {r["patient_id"] for r in csv.DictReader(f) if r["split"] == "train"}
+    by_patient = defaultdict(set)
+    for r in clf:
+        by_patient[r["patient_id"]].add(r["split"])
+    assert all(len(parts) == 1 for parts in by_patient.values())
+    assert not {p for p, parts in by_patient.items() if parts & {"val", "test"}} & seg_train
+    assert (trained["classifier"] / "classifier_train_log.json").is_file()
+    log = json.loads((trained["segmenter"] / "segmenter_train_log.json").read_text())
+    assert log["history"] and log["history"][-1]["steps"] == 3
+
+
+def test_int8_variant_recorded(trained):
+    from engine.models import choose_precision, load_models, sha256_file
+    from engine.runtime.onnxrt import OnnxRuntimeBackend
+
+    clf = load_models(trained["classifier"], precision="fp32").classifier
+    int8 = clf.card["int8"]
+    path = clf.directory / int8["onnx"]
+    assert path.is_file() and sha256_file(path) == int8["sha256"]
+    parity = int8["parity"]
+    assert parity["images"] == 16
+    assert 0.0 <= parity["same_decision"] <= 1.0
+    assert -1.0 <= parity["embedding_cosine_min"] <= parity["embedding_cosine_mean"] <= 1.0
+    assert parity["embedding_cosine_mean"] > 0.9  # INT8 of the same weights, not another model
+    # The engine's variant entry points at the same file, and the engine can run it.
+    assert clf.variants["int8"].sha256 == int8["sha256"]
+    q = choose_precision(clf, "int8")
+    assert q.onnx == int8["onnx"] and q.precision == "int8"
+    with OnnxRuntimeBackend(q, threads=1) as backend:
+        out = backend.infer({"image": np.zeros((2, 1, 64, 64), np.float32)})
+    assert out["logit"].shape == (2, 1) and out["embedding"].shape == (2, 64)
+
+
+def test_training_crop_equals_served_crop(trained):
+    """No train/serve skew: with augmentation off, a training batch is exactly the classifier
+    input `cxr screen` builds for the same image (decode, segmenter, box, crop, normalise)."""
+    from engine.models import load_models
+    from engine.pipeline import Preprocessor
+    from engine.runtime.onnxrt import OnnxRuntimeBackend
+    from engine.stages.crop import lung_crops
+    from engine.stages.segment import segment
+    from engine.train.augment import CropAugment
+    from engine.train.classifier import ClassifierTrainConfig, load_data, train_batch
+    from engine.train.data import read_sample
+
+    models = load_models(trained["classifier"])
+    cfg = ClassifierTrainConfig(
+        labels=trained["labels"],
+        images=trained["images"],
+        segmenter=trained["classifier"],
+        out=trained["classifier"],
+        arch="tiny-classifier",
+        threads=2,
+    )
+    data, _ = load_data(cfg, models.segmenter)
+    idx = np.arange(5)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    train_x = train_batch(data, idx, models.classifier, CropAugment.off(), rng, gen).numpy()
+
+    pre = Preprocessor(models, batch_size=5, threads=2).run(
+        [read_sample(data.images[i].path) for i in idx]
+    )
+    with OnnxRuntimeBackend(models.segmenter, threads=2) as seg:
+        logits = segment(seg, models.segmenter, pre.seg_input)
+    served = lung_crops(pre.work, logits, models.segmenter, models.classifier).classifier_input
+    assert train_x.shape == served.shape == (5, 1, 64, 64)
+    np.testing.assert_allclose(train_x, served, atol=1e-6, rtol=0)
+    # ... and the augmentation really changes the crop when it is on.
+    on = train_batch(data, idx, models.classifier, CropAugment(), rng, gen).numpy()
+    assert np.abs(on - served).max() > 1e-2
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _warm_bn(model: Any, shape: tuple[int, ...]) -> Any:
+    """A few train-mode passes so BN running stats are not the identity the folding hides."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(*shape) * 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "outputs", "shape"),
+    [
+        ("tiny-unet", ["mask_logit"], (3, 1, 64, 64)),
+        ("tiny-classifier", ["logit", "embedding"], (3, 1, 64, 64)),
+    ],
+)
+def test_export_matches_torch_and_arch_topology(arch, outputs, shape):
+    from engine import arch as onnx_arch
+    from engine.train.export import check_parity, to_onnx
+    from engine.train.resnet import build_classifier
+    from engine.train.unet import build_unet
+
+    model = build_unet(arch) if arch.endswith("unet") else build_classifier(arch, 64)
+    model = _warm_bn(model, shape)
+    proto = to_onnx(
+        model, torch.zeros(2, *shape[1:]), output_names=outputs, architecture=arch, doc="test"
+    )
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    parity = check_parity(model, proto, x, threads=1, where=Path("test.onnx"))
+    assert max(parity.values()) <= 1e-4
+    reference = onnx_arch.ARCHITECTURES[arch](seed=0, size=shape[-1])
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
+    assert [o.name for o in proto.graph.output] == [o.name for o in reference.graph.output]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+@pytest.mark.slow
+def test_resnet50_export_matches_torch_and_arch_topology():
+    from engine import arch as onnx_arch
+    from engine.train.export import check_parity, to_onnx
+    from engine.train.resnet import build_classifier
+
+    model = _warm_bn(build_classifier("resnet50", 2048), (2, 1, 224, 224))
+    proto = to_onnx(
+        model,
+        torch.zeros(2, 1, 224, 224),
+        output_names=["logit", "embedding"],
+        architecture="resnet50",
+        doc="test",
+    )
+    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
+    assert max(check_parity(model, proto, x, threads=2, where=Path("t.onnx")).values()) <= 1e-4
+    reference = onnx_arch.resnet50_classifier(seed=0)
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
+
+
+# --- metrics and errors --------------------------------------------------------------------------
+
+
+def test_auc_and_youden_threshold():
+    from engine.train.metrics import roc_auc, youden_threshold
+
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), y) == pytest.approx(0.75)
+    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), y) == pytest.approx(0.5)
+    assert roc_auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+    # Perfect separation anywhere in (0.4, 0.6): the midpoint of the gap is taken.
+    assert youden_threshold(np.array([0.1, 0.4, 0.6, 0.9]), y) == pytest.approx(0.5)
+    # Two thresholds with the same J: the lower one wins.
+    t = youden_threshold(np.array([0.1, 0.3, 0.2, 0.9]), y)
+    assert t == pytest.approx(0.15)
+
+
+def test_segmenter_dir_without_manifest_is_a_clear_error(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,patient_id\na.png,1,p1\n")
+    code, out = run_train(
+        "classifier",
+        "--labels",
+        labels,
+        "--images",
+        tmp_path,
+        "--segmenter",
+        tmp_path,
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 1 and "no segmenter.json" in out and "cxr train segmenter" in out
+
+
+def test_missing_columns_are_a_clear_error(trained, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,1\n")
+    code, out = run_train(
+        "classifier",
+        "--labels",
+        bad,
+        "--images",
+        tmp_path,
+        "--segmenter",
+        trained["segmenter"],
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 1 and "bad.csv" in out and "path" in out and "patient_id" in out
+    code, out = run_train("segmenter", "--masks", bad, "--out", tmp_path / "o")
+    assert code == 1 and "bad.csv" in out and "image_path" in out and "mask_path" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_mask_folder_without_pairs_is_a_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    code, out = run_train("segmenter", "--masks", tmp_path, "--out", tmp_path / "o")
+    assert code == 1 and "no image/mask pairs found" in out
