@@ -19,7 +19,7 @@ from typing import Any, Literal
 from engine.errors import ModelError
 
 MANIFEST_FORMAT = "cxr-engine-model/1"
-ROLES = ("segmenter", "classifier")
+ROLES: tuple[Literal["segmenter", "classifier"], ...] = ("segmenter", "classifier")
 Role = Literal["segmenter", "classifier"]
 INTENSITY_MODES = ("minmax", "fullrange")
 
@@ -362,6 +362,62 @@ def export_model(model: Any, directory: Path, manifest: Manifest) -> Manifest:
     return final
 
 
+def architecture_spec(role: str, architecture: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(this role's spec, the classifier spec of the same size family)."""
+    for family in INIT_SPECS.values():
+        if family[role]["architecture"] == architecture:
+            return family[role], family["classifier"]
+    choices = sorted(f[role]["architecture"] for f in INIT_SPECS.values())
+    raise ModelError(f"unknown {role} architecture {architecture!r}: choose one of {choices}")
+
+
+def segmenter_manifest(
+    architecture: str, *, card: dict[str, Any] | None = None, trained: bool = True
+) -> Manifest:
+    """The manifest of a segmenter architecture (sha256 filled in by export_model)."""
+    n = int(architecture_spec("segmenter", architecture)[0]["size"])
+    return Manifest(
+        role="segmenter",
+        architecture=architecture,
+        onnx="segmenter.onnx",
+        sha256="",
+        inputs=(TensorSpec(name="image", shape=("N", 1, n, n)),),
+        outputs=(TensorSpec(name="mask_logit", shape=("N", 1, n, n)),),
+        preprocess=_gray(n),
+        threshold=0.5,
+        trained=trained,
+        card=card or {},
+    )
+
+
+def classifier_manifest(
+    architecture: str,
+    *,
+    threshold: float = 0.5,
+    card: dict[str, Any] | None = None,
+    trained: bool = True,
+) -> Manifest:
+    """The manifest of a classifier architecture (sha256 filled in by export_model)."""
+    spec = architecture_spec("classifier", architecture)[0]
+    n, dim = int(spec["size"]), int(spec["embedding_dim"])
+    return Manifest(
+        role="classifier",
+        architecture=architecture,
+        onnx="classifier.onnx",
+        sha256="",
+        inputs=(TensorSpec(name="image", shape=("N", 1, n, n)),),
+        outputs=(
+            TensorSpec(name="logit", shape=("N", 1)),
+            TensorSpec(name="embedding", shape=("N", dim)),
+        ),
+        preprocess=_gray(n),
+        threshold=threshold,
+        trained=trained,
+        crop=CropSpec(source_size=int(spec["source_size"]), margin=0.05),
+        card=card or {},
+    )
+
+
 def init_models(
     out_dir: Path, *, size: Literal["full", "tiny"] = "full", seed: int = 0
 ) -> ModelSet:
@@ -375,39 +431,11 @@ def init_models(
         "seed": seed,
     }
     seg_model = arch.ARCHITECTURES[seg_s["architecture"]](seed=seed, size=seg_s["size"])
-    n = seg_s["size"]
-    seg = Manifest(
-        role="segmenter",
-        architecture=seg_s["architecture"],
-        onnx="segmenter.onnx",
-        sha256="",
-        inputs=(TensorSpec(name="image", shape=("N", 1, n, n)),),
-        outputs=(TensorSpec(name="mask_logit", shape=("N", 1, n, n)),),
-        preprocess=_gray(n),
-        threshold=0.5,
-        trained=False,
-        card=untrained_card,
-    )
-    n, dim = clf_s["size"], clf_s["embedding_dim"]
+    seg = segmenter_manifest(seg_s["architecture"], card=untrained_card, trained=False)
     clf_model = arch.ARCHITECTURES[clf_s["architecture"]](
-        seed=seed, in_channels=1, size=n, embedding_dim=dim
+        seed=seed, in_channels=1, size=clf_s["size"], embedding_dim=clf_s["embedding_dim"]
     )
-    clf = Manifest(
-        role="classifier",
-        architecture=clf_s["architecture"],
-        onnx="classifier.onnx",
-        sha256="",
-        inputs=(TensorSpec(name="image", shape=("N", 1, n, n)),),
-        outputs=(
-            TensorSpec(name="logit", shape=("N", 1)),
-            TensorSpec(name="embedding", shape=("N", dim)),
-        ),
-        preprocess=_gray(n),
-        threshold=0.5,
-        trained=False,
-        crop=CropSpec(source_size=clf_s["source_size"], margin=0.05),
-        card=untrained_card,
-    )
+    clf = classifier_manifest(clf_s["architecture"], card=untrained_card, trained=False)
     return ModelSet(
         segmenter=export_model(seg_model, out_dir, seg),
         classifier=export_model(clf_model, out_dir, clf),
