@@ -366,7 +366,7 @@ def _check_same_models(out: Path, previous: dict[str, Any] | None, models: Model
         raise ConfigError(
             f"{out} holds results of models {before}; this run uses {models.model_id}. "
             "Mixing models in one output would make its rows incomparable: use a new --out, "
-            "or the same --models (and --threshold does not matter here)"
+            "or the run's --models and --precision"
         )
 
 
