@@ -235,6 +235,24 @@ def models_init(
     )
 
 
+@models_app.command("pack")
+def models_pack(
+    models: Annotated[Path, typer.Option("--models", help="Trained models directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the lean copy.")],
+    classifier: Annotated[
+        str, typer.Option(help="int8 (QDQ export) | fp16 (float16-stored weights).")
+    ] = "int8",
+) -> None:
+    """A lean copy of a models directory for shipping (one classifier export)."""
+    from engine.models import pack_models
+
+    with fatal_errors():
+        ms = pack_models(models, out, classifier_precision=classifier)
+    for m in (ms.segmenter, ms.classifier):
+        size = m.onnx_path.stat().st_size / 1e6
+        out_console.print(f"{m.role:10s} {m.precision:5s} {m.onnx_path}  {size:.1f} MB")
+
+
 def _register_subcommands() -> None:
     # Each command's module is imported only when its command runs (lazy imports inside).
     from engine.bench import bench

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from engine.errors import ConfigError
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from engine.models import PRECISIONS
 
 Backend = Literal["auto", "onnxruntime", "tensorrt", "null"]
 Device = Literal["cpu", "gpu"]
@@ -47,8 +48,10 @@ class ScreenConfig:
             raise ConfigError(
                 f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
             )
-        if self.precision not in ("auto", "fp32", "int8"):
-            raise ConfigError(f"--precision must be auto, fp32 or int8, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
         if self.decoder not in DECODERS:
             raise ConfigError(
                 f"--decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}"

@@ -68,7 +68,7 @@ class Variant:
 # (ARCHITECTURE.md habit 2; the same bar as the throughput issue's parity rule).
 AUTO_MIN_SAME_DECISION = 0.99
 AUTO_MAX_AUC_DIFF = 0.01
-PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -440,3 +440,77 @@ def init_models(
         segmenter=export_model(seg_model, out_dir, seg),
         classifier=export_model(clf_model, out_dir, clf),
     )
+
+
+def fp16_weights(model: Any, *, min_elements: int = 1024) -> Any:
+    """The same graph with large float32 weights stored as float16 + a Cast back to float32.
+
+    Halves the file; compute stays float32 (ONNX Runtime folds the Casts into float32 weights
+    when it loads the model), so outputs differ from the original only by the weights' rounding.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    kept, casts = [], []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16"
+        )
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
+def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
+    """A lean copy of a models directory for shipping: the chosen classifier export only
+    (``int8``: its QDQ variant; ``fp16``: float16-stored weights), the segmenter as is.
+
+    The manifests keep the training card, including the INT8 parity measured against FP32.
+    """
+    import shutil
+
+    import onnx
+
+    models = load_models(src, precision="fp32")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg = models.segmenter
+    shutil.copy2(seg.onnx_path, out / seg.onnx)
+    save_manifest(replace(seg, directory=out), out)
+    clf = models.classifier
+    card = dict(clf.card) | {"packed_from": str(Path(src).resolve()), "reference": "fp32"}
+    if classifier_precision == "int8":
+        variant = clf.variants.get("int8")
+        if variant is None:
+            raise ModelError(f"{src}: the classifier has no int8 export to pack")
+        shutil.copy2(clf.directory / variant.onnx, out / variant.onnx)
+        packed = replace(
+            clf,
+            onnx=variant.onnx,
+            sha256=variant.sha256,
+            precision="int8",
+            variants={},
+            card=card,
+            directory=out,
+        )
+        save_manifest(packed, out)
+    elif classifier_precision == "fp16":
+        proto = fp16_weights(onnx.load(str(clf.onnx_path)))
+        half = replace(clf, onnx="classifier.fp16.onnx", precision="fp16", variants={}, card=card)
+        export_model(proto, out, half)
+    else:
+        raise ModelError(
+            f"pack: classifier precision must be int8 or fp16, not {classifier_precision!r}"
+        )
+    return load_models(out, precision="auto")
