@@ -127,6 +127,15 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
             "",
             *metrics_table(ev_int8),
         ]
+    if "fp16" in card:
+        par = card["fp16"]["parity"]
+        out += [
+            "",
+            "The shipped classifier stores its weights as float16 and computes in float32. "
+            f"Against the FP32 export on the 288 dev images: same decision {par['same_decision']:.3f}, "
+            f"max |prob diff| {par['prob_max_abs_diff']:.1e}, ROC AUC diff {par['roc_auc_diff']:.1e}, "
+            f"embedding cosine min {par['embedding_cosine_min']:.6f}.",
+        ]
     if "int8" in card:
         out += [
             "",
