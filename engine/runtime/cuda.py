@@ -186,8 +186,11 @@ class Stream:
             self._stream = None
 
 
-class DeviceBuffer:
-    """cudaMalloc'd bytes, grown on demand (never shrunk)."""
+class _Buffer:
+    """Bytes from a CUDA allocator, grown on demand (never shrunk)."""
+
+    _alloc = "cudaMalloc"
+    _free = "cudaFree"
 
     def __init__(self, nbytes: int = 0) -> None:
         self.ptr = 0
@@ -198,31 +201,25 @@ class DeviceBuffer:
         if nbytes <= self.nbytes:
             return
         self.free()
-        self.ptr = int(check(bindings().runtime.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        alloc = getattr(bindings().runtime, self._alloc)
+        self.ptr = int(check(alloc(nbytes), f"{self._alloc}({nbytes})"))
         self.nbytes = nbytes
 
     def free(self) -> None:
         if self.ptr:
-            check(bindings().runtime.cudaFree(self.ptr), "cudaFree")
+            check(getattr(bindings().runtime, self._free)(self.ptr), self._free)
         self.ptr, self.nbytes = 0, 0
 
 
-class HostBuffer:
+class DeviceBuffer(_Buffer):
+    """cudaMalloc'd device bytes."""
+
+
+class HostBuffer(_Buffer):
     """Page-locked (pinned) host bytes from cudaMallocHost, so copies can be asynchronous."""
 
-    def __init__(self, nbytes: int = 0) -> None:
-        self.ptr = 0
-        self.nbytes = 0
-        self.reserve(nbytes)
-
-    def reserve(self, nbytes: int) -> None:
-        if nbytes <= self.nbytes:
-            return
-        self.free()
-        self.ptr = int(
-            check(bindings().runtime.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})")
-        )
-        self.nbytes = nbytes
+    _alloc = "cudaMallocHost"
+    _free = "cudaFreeHost"
 
     def view(self, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> np.ndarray:
         """A NumPy array over the first bytes of the buffer (no copy)."""
@@ -232,11 +229,6 @@ class HostBuffer:
             raise ValueError(f"view of {nbytes} bytes exceeds the pinned buffer ({self.nbytes})")
         raw = (ctypes.c_byte * max(nbytes, 1)).from_address(self.ptr)
         return np.frombuffer(memoryview(raw), dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr:
-            check(bindings().runtime.cudaFreeHost(self.ptr), "cudaFreeHost")
-        self.ptr, self.nbytes = 0, 0
 
 
 def copy_to_device(dst: int, src: int, nbytes: int, stream: int) -> None:
