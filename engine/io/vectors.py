@@ -101,9 +101,10 @@ def sync_index(out: Path, ndim: int) -> SyncResult:
             pending.append(path)
         else:
             path.unlink()  # written before a crash that came before its part was committed
+    if not pending:  # nothing to add: a memory-mapped view tells the size without loading it
+        view = load_index(out, view=True)
+        return SyncResult(added=0, size=len(view) if view is not None else 0)
     index = load_index(out)
-    if not pending:
-        return SyncResult(added=0, size=len(index) if index is not None else 0)
     if index is None:
         index = new_index(ndim)
     elif index.ndim != ndim:
