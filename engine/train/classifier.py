@@ -99,11 +99,9 @@ class ClassifierTrainConfig:
         return CropAugment(hflip=self.hflip)
 
     def __post_init__(self) -> None:
-        if self.arch not in CLASSIFIER_ARCHS:
-            raise ConfigError(
-                f"--arch must be one of {', '.join(CLASSIFIER_ARCHS)}, not {self.arch!r}"
-            )
         loop.check_common(
+            arch=self.arch,
+            archs=CLASSIFIER_ARCHS,
             epochs=self.epochs,
             batch_size=self.batch_size,
             patience=self.patience,

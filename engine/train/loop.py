@@ -111,7 +111,18 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_common(*, epochs: int, batch_size: int, patience: int, max_steps: int | None) -> None:
+def check_common(
+    *,
+    arch: str,
+    archs: tuple[str, ...],
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    max_steps: int | None,
+) -> None:
+    """The option checks both trainers share; ConfigError names the option."""
+    if arch not in archs:
+        raise ConfigError(f"--arch must be one of {', '.join(archs)}, not {arch!r}")
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, not {epochs}")
     if batch_size < 2:

@@ -69,11 +69,9 @@ class SegmenterTrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.arch not in SEGMENTER_ARCHS:
-            raise ConfigError(
-                f"--arch must be one of {', '.join(SEGMENTER_ARCHS)}, not {self.arch!r}"
-            )
         loop.check_common(
+            arch=self.arch,
+            archs=SEGMENTER_ARCHS,
             epochs=self.epochs,
             batch_size=self.batch_size,
             patience=self.patience,
