@@ -241,6 +241,24 @@ def test_splits_files_share_patients(trained):
     assert log["history"] and log["history"][-1]["steps"] == 3
 
 
+def test_segmenter_dice_has_patient_intervals_that_the_entry_point_recomputes(trained):
+    """The card's per-split Dice carries a patient-bootstrap interval, and
+    engine.eval.segmentation reproduces every stored number from segmenter_splits.csv."""
+    from engine.eval.segmentation import recompute
+    from engine.models import load_manifest
+
+    metrics = load_manifest(trained["segmenter"] / "segmenter.json").card["metrics"]
+    assert "resampling its patients" in metrics["definition"]
+    for d in metrics["dice"].values():
+        assert d["patients"] == d["images"]  # the subset's 8 pairs are 8 patients
+        assert d["ci95"]["low"] <= d["mean"] <= d["ci95"]["high"]
+        assert d["ci95"]["valid_resamples"] == d["ci95"]["resamples"] == 2000
+    result = recompute(trained["segmenter"], trained["masks"], threads=2)
+    assert result.differences() == []
+    assert result.dice == metrics["dice"]
+    assert result.definition == metrics["definition"]
+
+
 def test_int8_variant_recorded(trained):
     from engine.models import choose_precision, load_models, sha256_file
     from engine.runtime.onnxrt import OnnxRuntimeBackend

@@ -2,8 +2,11 @@
 
     python -m engine.eval.card --models DIR --eval EVAL.json [--eval-int8 EVAL.json]
         [--shortcut SHORTCUT.json] --out MODEL_CARD.md
+    python -m engine.eval.card --models DIR --segmenter-only --out MODEL_CARD.md
 
-Every number comes from those files; nothing is typed in by hand.
+Every number comes from those files; nothing is typed in by hand. --segmenter-only re-renders
+just the "## Segmenter" section of an existing card of the same models (after
+`python -m engine.eval.segmentation --write`), leaving the rest as it is.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.errors import ConfigError
 from engine.models import load_models
 
 PAPER = {"accuracy": 0.897, "sensitivity": 0.871, "roc_auc": 0.95, "pr_auc": 0.94}
@@ -67,20 +71,62 @@ def shortcut_lines(sc: dict[str, Any]) -> list[str]:
 def _dice_lines(card: dict[str, Any]) -> list[str]:
     dice = card.get("metrics", {}).get("dice", {})
     counts = card.get("splits", {}).get("counts", {})
-    lines = ["| split | images (patients) | Dice mean | median | min |", "|---|---|---|---|---|"]
+    lines = [
+        "| split | images (patients) | Dice mean [95% CI] | median | min |",
+        "|---|---|---|---|---|",
+    ]
+    resamples = set()
     for split in ("train", "val", "test"):
         d, c = dice.get(split), counts.get(split, {})
         if d:
+            ci = d.get("ci95")
+            if ci and ci.get("low") is not None:
+                resamples.add(ci["resamples"])
+            patients = d.get("patients", c.get("patients", "?"))
             lines.append(
-                f"| {split} | {d['images']} ({c.get('patients', '?')}) | {d['mean']:.3f} | "
-                f"{d['median']:.3f} | {d['min']:.3f} |"
+                f"| {split} | {d['images']} ({patients}) | {_fmt({'value': d['mean'], 'ci95': ci})}"
+                f" | {d['median']:.3f} | {d['min']:.3f} |"
             )
+    if resamples:
+        n = "/".join(str(r) for r in sorted(resamples))
+        interval = (
+            f"95% intervals of the mean Dice: bootstrap resampling patients ({n} resamples), as "
+            "for the classifier."
+        )
+    else:
+        interval = "No interval."
     lines += [
         "",
         "Masks: V7 Labs polygons, which include the lung behind the heart. Test = held-out "
-        "patients (the same patient split as the classifier). No interval: 12 test patients.",
+        f"patients (the same patient split as the classifier). {interval}",
     ]
     return lines
+
+
+def segmenter_section(models_dir: Path) -> list[str]:
+    seg = load_models(models_dir, precision="auto").segmenter
+    return ["## Segmenter", "", *_dice_lines(seg.card)]
+
+
+def replace_segmenter_section(text: str, models_dir: Path) -> str:
+    """The card text with its "## Segmenter" section re-rendered; the rest unchanged. The card
+    must be of the same models (its model id line), or ConfigError."""
+    model_id = load_models(models_dir, precision="auto").model_id
+    if f"Model id `{model_id}`" not in text:
+        raise ConfigError(
+            f"the card is not of the models in {models_dir} (model id {model_id}): render it "
+            "whole with --eval"
+        )
+    lines = text.split("\n")
+    try:
+        start = lines.index("## Segmenter")
+    except ValueError:
+        raise ConfigError("the card has no '## Segmenter' section to replace") from None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = lines[end:]
+    return "\n".join(
+        [*lines[:start], *segmenter_section(models_dir), *([""] if tail else []), *tail]
+    )
 
 
 def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) -> str:
@@ -109,9 +155,7 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
         json.dumps(card.get("data", {}) | {"splits": card.get("splits")}, indent=1)[:3000],
         "```",
         "",
-        "## Segmenter",
-        "",
-        *_dice_lines(seg.card),
+        *segmenter_section(models_dir),
         "",
         "## Classifier on the held-out test patients (FP32 reference)",
         "",
@@ -198,11 +242,27 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--eval", type=Path, required=True)
+    p.add_argument("--eval", type=Path)
     p.add_argument("--eval-int8", type=Path)
     p.add_argument("--shortcut", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--segmenter-only",
+        action="store_true",
+        help="re-render only the segmenter section of the existing card at --out",
+    )
     a = p.parse_args()
+    if a.segmenter_only:
+        if a.eval or a.eval_int8 or a.shortcut:
+            p.error("--segmenter-only takes no --eval, --eval-int8 or --shortcut")
+        try:
+            a.out.write_text(replace_segmenter_section(a.out.read_text(), a.models))
+        except (OSError, ConfigError) as exc:
+            p.error(str(exc))
+        print(f"updated the segmenter section of {a.out}")
+        return
+    if a.eval is None:
+        p.error("--eval is required (or --segmenter-only)")
     ev = json.loads(a.eval.read_text())
     ev8 = json.loads(a.eval_int8.read_text()) if a.eval_int8 else None
     sc = json.loads(a.shortcut.read_text()) if a.shortcut else None

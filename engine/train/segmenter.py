@@ -5,7 +5,8 @@ segmenter size -> (x - mean) / std), so training sees exactly what `cxr screen` 
 segmenter. Masks are resized to the segmenter size (bilinear, then >= 0.5). Loss: BCE + soft
 Dice. Patients are split with the classifier's split function (pass the classifier's labels CSV
 as ``labels`` so no classifier test patient is in segmenter training); early stopping on
-validation Dice; Dice on the held-out test patients goes into the model card.
+validation Dice; Dice per split, with a patient-bootstrap 95% interval of its mean, goes into the
+model card (engine.eval.segmentation recomputes it for an existing models directory).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
+from engine.eval.segmentation import BOOTSTRAP_RESAMPLES, dice_definition, dice_summaries
 from engine.models import Manifest, ModelSet, export_model
 from engine.train import loop
 from engine.train.augment import Geometry, Photometry, augment_pair
@@ -46,10 +48,6 @@ from engine.train.unet import build_unet
 
 SPLITS_FILE = "segmenter_splits.csv"
 LOG_FILE = "segmenter_train_log.json"
-DICE_DEFINITION = (
-    "hard Dice per image at the segmenter's input size (mask resized bilinear, >= 0.5), "
-    "exported model under ONNX Runtime FP32"
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,16 +111,10 @@ def assign_splits(pairs: list[MaskPair], labels: Path | None, seed: int) -> tupl
 def load_data(cfg: SegmenterTrainConfig) -> tuple[SegData, str, dict[str, Any]]:
     pairs = find_mask_pairs(cfg.masks)
     split, rule = assign_splits(pairs, cfg.labels, cfg.seed)
-    seg = segmenter_manifest(cfg.arch, trained=False)
-    clf = classifier_manifest(classifier_for_segmenter(cfg.arch), trained=False)
     log(f"decoding {len(pairs)} images through the engine pipeline (work {work_size(cfg.arch)} px)")
-    decoded = decode_all(
-        [p.image for p in pairs], ModelSet(segmenter=seg, classifier=clf), threads=cfg.threads
+    data, skipped = decode_pairs(
+        pairs, split, segmenter_manifest(cfg.arch, trained=False), cfg.threads
     )
-    kept = [pairs[i] for i in decoded.ok]
-    masks = np.stack([load_mask(p.mask, seg.preprocess.size) for p in kept])[:, None]
-    data = SegData(kept, np.array([split[i] for i in decoded.ok]), decoded.seg_input, masks)
-    skipped = {str(pairs[i].image): msg for i, msg in decoded.errors.items()}
     for name in SPLITS:
         if not (data.split == name).any():
             raise ConfigError(
@@ -130,6 +122,22 @@ def load_data(cfg: SegmenterTrainConfig) -> tuple[SegData, str, dict[str, Any]]:
                 "more mask pairs (patients) are needed"
             )
     return data, rule, skipped
+
+
+def decode_pairs(
+    pairs: list[MaskPair], split: list[str], segmenter: Manifest, threads: int
+) -> tuple[SegData, dict[str, str]]:
+    """Segmenter inputs as served (the engine's Preprocessor with the segmenter's preprocessing
+    and its size family's work image) and masks at the segmenter size; undecodable images are
+    dropped and returned as {image path: reason}."""
+    clf = classifier_manifest(classifier_for_segmenter(segmenter.architecture), trained=False)
+    decoded = decode_all(
+        [p.image for p in pairs], ModelSet(segmenter=segmenter, classifier=clf), threads=threads
+    )
+    kept = [pairs[i] for i in decoded.ok]
+    masks = np.stack([load_mask(p.mask, segmenter.preprocess.size) for p in kept])[:, None]
+    data = SegData(kept, np.array([split[i] for i in decoded.ok]), decoded.seg_input, masks)
+    return data, {str(pairs[i].image): msg for i, msg in decoded.errors.items()}
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,7 @@ def train_segmenter(cfg: SegmenterTrainConfig) -> Manifest:
     )
     val_x = data.x[data.split == "val"][:8]
     parity = check_parity(model, proto, val_x, cfg.threads, out / "segmenter.onnx")
-    dice = served_dice(proto.SerializeToString(), data, cfg.threads)
+    dice = served_dice(proto.SerializeToString(), data, cfg.threads, seed=cfg.seed)
     card = _card(cfg, data, rule, skipped, training, dice, parity)
     manifest = export_model(proto, out, segmenter_manifest(cfg.arch, card=card))
     _write_splits(out / SPLITS_FILE, data)
@@ -220,28 +228,35 @@ def train_segmenter(cfg: SegmenterTrainConfig) -> Manifest:
             f"warning: {out / 'classifier.json'} was trained on crops of the previous segmenter;"
             " retrain it with `cxr train classifier` before screening"
         )
+    test_ci = dice["test"]["ci95"]
     log(
         f"segmenter: best epoch {stopper.best_epoch}, val Dice {dice['val']['mean']:.4f}, "
-        f"test Dice {dice['test']['mean']:.4f} -> {manifest.onnx_path}"
+        f"test Dice {dice['test']['mean']:.4f} "
+        f"[{test_ci['low']:.4f}, {test_ci['high']:.4f}] -> {manifest.onnx_path}"
     )
     return manifest
 
 
-def served_dice(onnx_bytes: bytes, data: SegData, threads: int) -> dict[str, dict[str, float]]:
-    """Dice of the exported model under ONNX Runtime (what is served), per split."""
-    session = ort_session(onnx_bytes, threads)
-    out = {}
+def served_dice(
+    model: Path | bytes,
+    data: SegData,
+    threads: int,
+    *,
+    seed: int,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, dict[str, Any]]:
+    """Dice of the exported model under ONNX Runtime (what is served), per split with images:
+    engine.eval.segmentation.dice_summary (mean, median, min, patient-bootstrap CI of the mean)."""
+    session = ort_session(model, threads)
+    per_split = {}
     for name in SPLITS:
         sel = data.split == name
+        if not sel.any():
+            continue
         pred = ort_run(session, data.x[sel], batch=16)["mask_logit"] >= 0
-        d = dice_per_image(pred, data.masks[sel])
-        out[name] = {
-            "images": int(sel.sum()),
-            "mean": float(d.mean()),
-            "min": float(d.min()),
-            "median": float(np.median(d)),
-        }
-    return out
+        patients = [p.patient_id for p, s in zip(data.pairs, sel, strict=True) if s]
+        per_split[name] = (dice_per_image(pred, data.masks[sel]), patients)
+    return dice_summaries(per_split, seed=seed, resamples=resamples)
 
 
 def _counts(data: SegData) -> dict[str, dict[str, int]]:
@@ -288,7 +303,7 @@ def _card(
     rule: str,
     skipped: dict[str, str],
     training: dict[str, Any],
-    dice: dict[str, dict[str, float]],
+    dice: dict[str, dict[str, Any]],
     parity: dict[str, float],
 ) -> dict[str, Any]:
     return {
@@ -297,7 +312,10 @@ def _card(
         "data": {"masks": str(cfg.masks), "pairs": len(data.pairs), "skipped": skipped},
         "splits": {"rule": rule, "seed": cfg.seed, "counts": _counts(data), "file": SPLITS_FILE},
         "training": training,
-        "metrics": {"dice": dice, "definition": DICE_DEFINITION},
+        "metrics": {
+            "dice": dice,
+            "definition": dice_definition(seed=cfg.seed, resamples=BOOTSTRAP_RESAMPLES),
+        },
         "export_parity_max_rel_diff": parity,
     }
 
