@@ -362,12 +362,29 @@ def export_model(model: Any, directory: Path, manifest: Manifest) -> Manifest:
     return final
 
 
+# Classifiers that only `cxr train` makes (they start from pretrained torch weights, so `cxr models
+# init` has no ONNX builder for them); same input, crop and preprocessing as the full family.
+TRAIN_ONLY_CLASSIFIERS: dict[str, dict[str, Any]] = {
+    "efficientnet-lite0": {
+        "architecture": "efficientnet-lite0",
+        "size": 224,
+        "source_size": 512,
+        "embedding_dim": 1280,
+    },
+}
+
+
 def architecture_spec(role: str, architecture: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(this role's spec, the classifier spec of the same size family)."""
     for family in INIT_SPECS.values():
         if family[role]["architecture"] == architecture:
             return family[role], family["classifier"]
+    if role == "classifier" and architecture in TRAIN_ONLY_CLASSIFIERS:
+        spec = TRAIN_ONLY_CLASSIFIERS[architecture]
+        return spec, spec
     choices = sorted(f[role]["architecture"] for f in INIT_SPECS.values())
+    if role == "classifier":
+        choices += sorted(TRAIN_ONLY_CLASSIFIERS)
     raise ModelError(f"unknown {role} architecture {architecture!r}: choose one of {choices}")
 
 

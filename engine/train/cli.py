@@ -97,7 +97,10 @@ def train_classifier(
     out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
     seed: Seed = 0,
-    arch: Annotated[str, typer.Option(help="resnet50 | tiny-classifier")] = "resnet50",
+    arch: Annotated[
+        str,
+        typer.Option(help="resnet50 | tiny-classifier | efficientnet-lite0 (ImageNet-pretrained)"),
+    ] = "resnet50",
     max_steps: MaxSteps = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,

@@ -60,4 +60,8 @@ class TinyClassifier(nn.Module):
 def build_classifier(architecture: str, embedding_dim: int) -> nn.Module:
     if architecture == "resnet50":
         return ResNet50Classifier()
+    if architecture == "efficientnet-lite0":
+        from engine.train.efficientnet import EfficientNetLite0Classifier
+
+        return EfficientNetLite0Classifier()
     return TinyClassifier(embedding_dim=embedding_dim)

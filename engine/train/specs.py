@@ -10,12 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from engine.errors import ConfigError, ModelError
-from engine.models import INIT_SPECS, architecture_spec, classifier_manifest, segmenter_manifest
+from engine.models import (
+    INIT_SPECS,
+    TRAIN_ONLY_CLASSIFIERS,
+    architecture_spec,
+    classifier_manifest,
+    segmenter_manifest,
+)
 
 __all__ = ["classifier_manifest", "segmenter_manifest", "work_size", "classifier_for_segmenter"]
 
 SEGMENTER_ARCHS = tuple(s["segmenter"]["architecture"] for s in INIT_SPECS.values())
-CLASSIFIER_ARCHS = tuple(s["classifier"]["architecture"] for s in INIT_SPECS.values())
+CLASSIFIER_ARCHS = (
+    *(s["classifier"]["architecture"] for s in INIT_SPECS.values()),
+    *TRAIN_ONLY_CLASSIFIERS,
+)
 
 
 def _spec(role: str, architecture: str) -> tuple[dict[str, Any], dict[str, Any]]:
