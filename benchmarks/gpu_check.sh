@@ -83,9 +83,14 @@ else
   skip tensorrt "needs tensorrt, pytest, onnx, onnxruntime, typer and rich"
 fi
 
-# 3. DALI on the GPU (decode and preprocess): the pipeline's gpu-marked tests
+# 3. DALI on the GPU (decode and preprocess, and its device output handed on without a host
+#    copy): the gpu-marked tests of the pipeline and of the device batches
 if has nvidia.dali && has pytest && [ -f tests/test_pipeline.py ]; then
-  step dali "${PYTEST[@]}" -m gpu tests/test_pipeline.py --junitxml="$RESULTS/dali.xml"
+  DALI_TESTS=(tests/test_pipeline.py)
+  if has onnxruntime && has polars && has usearch && has_cuda_python; then
+    DALI_TESTS+=(tests/test_device_batch.py)
+  fi
+  step dali "${PYTEST[@]}" -m gpu "${DALI_TESTS[@]}" --junitxml="$RESULTS/dali.xml"
 else
   skip dali "needs nvidia-dali and pytest"
 fi

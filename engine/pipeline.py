@@ -13,6 +13,9 @@ image is the square the lung crop is later cut from (the classifier manifest's
 ``crop.source_size``); the segmenter input is derived from it.
 
 DALI's operators are imported lazily so that ``import engine`` stays cheap.
+
+On the GPU, ``Preprocessor.run_device`` hands DALI's device buffers on as a ``DeviceBatch``
+(pointers, shape, dtype) instead of copying them to the host; engine/stages/gpu.py consumes it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +49,101 @@ class Preprocessed:
     work: np.ndarray  # (n_ok, S, S) float32 in [0, 1]
     seg_input: np.ndarray  # (n_ok, 1, h, w) float32, normalised for the segmenter
     errors: dict[int, str]
+
+
+# DALI's type names -> NumPy (DALIDataType members; only what a pipeline here can output)
+_DALI_DTYPES = {
+    "FLOAT": np.float32,
+    "FLOAT16": np.float16,
+    "FLOAT64": np.float64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceArray:
+    """A dense, C-contiguous array in GPU memory that something else owns: a description only."""
+
+    ptr: int  # device address of element 0
+    shape: tuple[int, ...]  # (n, ...): the first axis is the batch
+    dtype: np.dtype[Any]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, np.dtype):
+            raise ValueError(f"dtype must be a numpy dtype, not {self.dtype!r}")
+        if not self.shape or any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise ValueError(f"shape must be (n, ...) with sizes >= 0, not {self.shape!r}")
+        if not isinstance(self.ptr, int) or self.ptr < 0 or (self.ptr == 0 and self.nbytes):
+            raise ValueError(f"device pointer {self.ptr!r} for {self.nbytes} bytes")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def sample_nbytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.sample_nbytes
+
+    def reshape(self, shape: tuple[int, ...]) -> DeviceArray:
+        """The same bytes under another shape with the same batch size and element count."""
+        if shape[:1] != self.shape[:1] or np.prod(shape) != np.prod(self.shape):
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceArray(ptr=self.ptr, shape=tuple(shape), dtype=self.dtype)
+
+
+def device_array(tensor_list: Any) -> DeviceArray:
+    """A DALI TensorListGPU as a DeviceArray, without a copy.
+
+    ``as_tensor()`` views the batch as one (n, ...) tensor; DALI allows it only when the samples
+    have one shape and lie contiguously in memory (``is_dense_tensor``), and raises otherwise.
+    ``data_ptr()`` is the address of its first element (DALI's TensorListGPU/TensorGPU docs).
+    """
+    if not tensor_list.is_dense_tensor():
+        raise ValueError("DALI's output batch is not dense (samples of different shapes)")
+    tensor = tensor_list.as_tensor()
+    name = getattr(tensor_list.dtype, "name", str(tensor_list.dtype))
+    if name not in _DALI_DTYPES:
+        raise ValueError(f"DALI output type {name} has no NumPy equivalent here")
+    return DeviceArray(
+        ptr=int(tensor.data_ptr()),
+        shape=tuple(int(d) for d in tensor.shape()),
+        dtype=np.dtype(_DALI_DTYPES[name]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBatch:
+    """``Preprocessed`` with the two arrays left in GPU memory (see ``Preprocessor.run_device``).
+
+    ``stream`` is the CUDA stream the data is ordered on (read it there, or after synchronising
+    it); None means the data was complete when the batch was made. ``owner`` holds the memory:
+    DALI's output TensorLists, which DALI may recycle on the pipeline's next run, or the
+    GPU stages' own buffers once ``GpuStages.stage`` has copied it there.
+    """
+
+    ok: list[int]  # indices into the input batch
+    work: DeviceArray  # (n_ok, S, S) float32 in [0, 1]
+    seg_input: DeviceArray  # (n_ok, 1, h, w) float32, normalised for the segmenter
+    errors: dict[int, str]
+    stream: int | None = None
+    owner: Any = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ok)
+        for name, arr, ndim in (("work", self.work, 3), ("seg_input", self.seg_input, 4)):
+            if len(arr.shape) != ndim or len(arr) != n:
+                raise ValueError(
+                    f"{name} must be {ndim}-D with {n} samples (one per ok index), not {arr.shape}"
+                )
+            if arr.dtype != np.float32:
+                raise ValueError(f"{name} must be float32, not {arr.dtype}")
 
 
 def _define(models: ModelSet, *, device: str, batch_size: int, threads: int):
@@ -111,17 +210,57 @@ class Preprocessor:
         self._pipe = _define(models, device=device, batch_size=batch_size, threads=threads)
         self._pipe.build()
 
-    def run(self, samples: Sequence[Sample]) -> Preprocessed:
+    def _check_batch(self, samples: Sequence[Sample]) -> None:
         if not samples:
             raise ValueError("empty batch")
         if len(samples) > self.batch_size:
             raise ValueError(f"batch of {len(samples)} exceeds the pipeline's {self.batch_size}")
+
+    def run(self, samples: Sequence[Sample]) -> Preprocessed:
+        self._check_batch(samples)
         try:
             work, seg = self._run(samples)
             return Preprocessed(ok=list(range(len(samples))), work=work, seg_input=seg, errors={})
         except RuntimeError:
             pass  # also for a batch of one: a bad image becomes an error entry, never a crash
         return self._run_one_by_one(samples)
+
+    def run_device(
+        self, samples: Sequence[Sample], *, cuda_stream: int | None = None
+    ) -> DeviceBatch | Preprocessed:
+        """``run`` without the copy to the host (device="gpu" only): DALI's own output buffers.
+
+        The DeviceBatch points into memory DALI recycles on the pipeline's next run ("subsequent
+        invocations ... invalidate the TensorList ... If you wish to retain the data you need to
+        copy it", DALI docs, data_types.html#tensorlist): copy it before calling this again.
+        With ``cuda_stream``, ``Pipeline.run(cuda_stream)`` returns the outputs ordered on that
+        stream instead of host-synchronous (DALI docs, Pipeline.run), so a copy queued on it
+        follows DALI's work without a host wait. A batch with a bad image (rerun one by one)
+        or a non-dense output comes back as a host ``Preprocessed``, exactly as ``run``.
+        """
+        if self.device != "gpu":
+            raise ConfigError("run_device needs the pipeline on the GPU (device='gpu')")
+        self._check_batch(samples)
+        try:
+            self._feed(samples)
+            work, seg = self._pipe.run() if cuda_stream is None else self._pipe.run(cuda_stream)
+        except RuntimeError:
+            return self._run_one_by_one(samples)
+        ok = list(range(len(samples)))
+        try:
+            arrays = device_array(work), device_array(seg)
+        except (RuntimeError, ValueError):  # not viewable as one tensor: take the host path
+            host_work, host_seg = self._to_host(work, seg)
+            return Preprocessed(ok=ok, work=host_work, seg_input=host_seg, errors={})
+        side = arrays[0].shape[1:3]
+        return DeviceBatch(
+            ok=ok,
+            work=arrays[0].reshape((len(ok), *side)),  # (n, S, S, 1) HWC -> (n, S, S)
+            seg_input=arrays[1],
+            errors={},
+            stream=cuda_stream,
+            owner=(work, seg),  # keeps DALI's buffers referenced until the batch is dropped
+        )
 
     def run_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Work image (S, S) and segmenter input (1, h, w) of one sample; ImageError if bad."""
@@ -153,6 +292,16 @@ class Preprocessor:
         )
 
     def _run(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        self._feed(samples)
+        work, seg = self._pipe.run()
+        return self._to_host(work, seg)
+
+    def _to_host(self, work: Any, seg: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.device == "gpu":
+            work, seg = work.as_cpu(), seg.as_cpu()
+        return work.as_array()[..., 0], seg.as_array()
+
+    def _feed(self, samples: Sequence[Sample]) -> None:
         encoded, pixels, is_pixels = [], [], []
         for s in samples:
             if s.pixels is not None:
@@ -168,10 +317,6 @@ class Preprocessor:
         self._pipe.feed_input("encoded", encoded)
         self._pipe.feed_input("pixels", pixels)
         self._pipe.feed_input("is_pixels", is_pixels)
-        work, seg = self._pipe.run()
-        if self.device == "gpu":
-            work, seg = work.as_cpu(), seg.as_cpu()
-        return work.as_array()[..., 0], seg.as_array()
 
 
 def decoder_message(exc: BaseException) -> str:

@@ -6,6 +6,11 @@ Three stages overlap through bounded queues, so memory does not grow with the ar
     pipeline thread    DALI decode + resize + normalise (batch n+1 ...)
     main thread        segmenter, lung crop, classifier, Parquet/embedding shards (... batch n)
 
+With TensorRT, DALI's device output never goes through the host: the pipeline thread copies it
+device to device into the GPU stages' own memory right after DALI's run (DALI reuses its
+buffers on the next run), so decoding batch n+1 overlaps inference on batch n as on the CPU
+(engine/stages/gpu.py).
+
 Every image ends as exactly one row. Rows collect into shards; a shard's embeddings sidecar is
 written first and its Parquet part last (the commit point), so a run killed at any moment and
 rerun ends with every image once in Parquet and once in the index.
@@ -37,7 +42,7 @@ from engine.io.dicom import decode_dicom, read_dicom_meta
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
 from engine.io.probe import check_limits, probe
 from engine.models import ModelSet, load_models
-from engine.pipeline import Preprocessed, Preprocessor, Sample
+from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
 from engine.stages.classify import classify
 from engine.stages.crop import lung_crops
@@ -58,7 +63,7 @@ class Prepared:
 @dataclass(slots=True)
 class Batch:
     items: list[Prepared]
-    pre: Preprocessed | None = None
+    pre: Preprocessed | DeviceBatch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class Predictions:
     fraction: np.ndarray  # (n,)
     embedding: np.ndarray  # (n, D)
     lung_mask: np.ndarray  # (n, h, w) bool, at the segmenter's resolution
+    work: np.ndarray | None = None  # (n, S, S) work images, when the batch was on the device
 
 
 class StageClock:
@@ -138,10 +144,28 @@ class Screener:
         self.clock.add("decode+preprocess", time.perf_counter() - t)
         return pre
 
-    def infer(self, pre: Preprocessed) -> Predictions:
+    def preprocess_batch(self, samples: list[Sample]) -> Preprocessed | DeviceBatch:
+        """``preprocess``, except that with TensorRT the batch stays on the device.
+
+        DALI's output is copied device to device into the GPU stages' memory here, in the
+        calling (pipeline) thread, so DALI may reuse its buffers for the next batch at once.
+        """
+        if self._gpu is None:
+            return self.preprocess(samples)
+        t = time.perf_counter()
+        pre = self.pipeline.run_device(samples, cuda_stream=self._gpu.ingest_stream)
+        if isinstance(pre, DeviceBatch):
+            pre = self._gpu.stage(pre)
+        self.clock.add("decode+preprocess", time.perf_counter() - t)
+        return pre
+
+    def infer(self, pre: Preprocessed | DeviceBatch) -> Predictions:
         if self._gpu is not None:
             t = time.perf_counter()
-            g = self._gpu.infer(pre.work, pre.seg_input)
+            if isinstance(pre, DeviceBatch):
+                g = self._gpu.infer(pre)
+            else:
+                g = self._gpu.infer(pre.work, pre.seg_input)
             self.clock.add("segment+crop+classify (gpu)", time.perf_counter() - t)
             return Predictions(
                 prob=g.prob,
@@ -149,7 +173,10 @@ class Screener:
                 fraction=g.fraction,
                 embedding=g.embedding,
                 lung_mask=g.lung_mask,
+                work=g.work,
             )
+        if isinstance(pre, DeviceBatch):
+            raise ValueError("a batch on the device needs the TensorRT backend")
         m = self.models
         t0 = time.perf_counter()
         masks = segment(self._seg, m.segmenter, pre.seg_input)
@@ -409,7 +436,7 @@ def _run_stages(
         for batch in batches:
             samples = [p.sample for p in batch.items if p.sample is not None]
             if samples:
-                batch.pre = screener.preprocess(samples)
+                batch.pre = screener.preprocess_batch(samples)
             yield batch
 
     common = {
@@ -486,8 +513,10 @@ def _finish_batch(
                     lung_fraction=float(preds.fraction[j]),
                 )
                 vec = preds.embedding[j]
+                work = pre.work if isinstance(pre, Preprocessed) else preds.work
+                assert work is not None  # a DeviceBatch's predictions carry its work images
                 preview = (
-                    thumbs.encode_thumb(pre.work[j], row["width"], row["height"]),
+                    thumbs.encode_thumb(work[j], row["width"], row["height"]),
                     thumbs.encode_mask(preds.lung_mask[j]),
                 )
             sample_i += 1

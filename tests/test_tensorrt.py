@@ -531,6 +531,60 @@ def test_gpu_info_compute_capability():
     assert H100.sm == 90 and cuda.GpuInfo("x", "12.1").sm == 121
 
 
+CUDA_SCANNED = [
+    REPO / "engine" / "runtime" / "cuda.py",
+    REPO / "engine" / "stages" / "gpu.py",
+    REPO / "kernels" / "nvrtc.py",
+    *SCANNED,
+]
+CUDA_NAME = re.compile(r"^(?:cuda|cu|nvrtc)[A-Z]\w*$")
+CUDA_MUST_USE = {
+    (None, "cudaMemcpyAsync"),
+    ("cudaMemcpyKind", "cudaMemcpyDeviceToDevice"),
+    (None, "cudaStreamSynchronize"),
+    (None, "cudaMallocHost"),  # through getattr, as a string
+    (None, "cuLaunchKernel"),
+    (None, "nvrtcCompileProgram"),
+}
+
+
+def used_cuda_names(paths: list[Path]) -> set[tuple[str | None, str]]:
+    """(None, name) for cuda-python functions/types, (Enum, member) for enum members: every
+    attribute or string spelled like a CUDA runtime, driver or NVRTC name."""
+    used: set[tuple[str | None, str]] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and CUDA_NAME.match(node.attr):
+                v = node.value
+                enum = v.attr if isinstance(v, ast.Attribute) and CUDA_NAME.match(v.attr) else None
+                used.add((enum, node.attr))
+            elif (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and CUDA_NAME.match(node.value)
+            ):
+                used.add((None, node.value))
+    return used
+
+
+def test_every_cuda_python_name_we_use_exists():
+    if not cuda.cuda_python_present():
+        pytest.skip("cuda-python is not installed")
+    b = cuda.bindings()
+    modules = (b.runtime, b.driver, b.nvrtc)
+    used = used_cuda_names(CUDA_SCANNED)
+    assert not CUDA_MUST_USE - used, f"the scan missed: {CUDA_MUST_USE - used}"
+
+    def known(enum: str | None, name: str) -> bool:
+        if enum is None:
+            return any(hasattr(m, name) for m in modules)
+        return any(hasattr(getattr(m, enum, None), name) for m in modules)
+
+    unknown = sorted(f"{e}.{n}" if e else n for e, n in used if not known(e, n))
+    assert not unknown, f"not in the installed cuda-python: {unknown}"
+    assert not known(None, "cudaMemcpyDtoD") and not known("cudaMemcpyKind", "cudaMemcpyD2D")
+
+
 # --------------------------------------------------------------------------- (e) on the GPU
 
 FP16_PROB_ATOL = 1e-2
@@ -719,3 +773,46 @@ def test_gpu_stages_match_the_same_plans_with_reference_kernels(built):
     np.testing.assert_array_equal(got.lung_mask, masks >= 0.0)  # threshold 0.5 = logit 0
     np.testing.assert_allclose(got.embedding, want["embedding"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.prob, _sigmoid(want["logit"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@requires_tensorrt
+def test_gpu_stages_consume_dalis_device_output(built):
+    """DALI (device="gpu") -> DeviceBatch -> stage (device to device) -> plans: the same
+    predictions as the host round trip, and the work images come back for the previews."""
+    import io
+
+    from PIL import Image
+
+    from engine.pipeline import DeviceBatch, Preprocessor, Sample
+    from engine.stages.gpu import GpuStages
+
+    rng = np.random.default_rng(6)
+    samples = []
+    for _ in range(11):
+        img = (rng.uniform(0, 1, (90, 120)) * np.linspace(40, 255, 120)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img, "L").save(buf, format="PNG")
+        samples.append(Sample(encoded=np.frombuffer(buf.getvalue(), np.uint8)))
+    pipe = Preprocessor(built, device="gpu", batch_size=16, threads=2)
+    with (
+        TensorRTBackend(built.segmenter, precision="fp32") as seg,
+        TensorRTBackend(built.classifier, precision="fp32") as clf,
+    ):
+        stages = GpuStages(built, seg, clf)
+        try:
+            host = pipe.run(samples)
+            want = stages.infer(host.work, host.seg_input)
+            batch = pipe.run_device(samples, cuda_stream=stages.ingest_stream)
+            assert isinstance(batch, DeviceBatch), "DALI's GPU output was not dense"
+            staged = stages.stage(batch)
+            pipe.run_device(samples[:3], cuda_stream=stages.ingest_stream)  # DALI reuses
+            got = stages.infer(staged)
+        finally:
+            stages.close()
+    assert got.work is not None
+    np.testing.assert_array_equal(got.work, host.work)
+    np.testing.assert_array_equal(got.boxes, want.boxes)
+    np.testing.assert_array_equal(got.lung_mask, want.lung_mask)
+    np.testing.assert_allclose(got.embedding, want.embedding, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.prob, want.prob, rtol=1e-6, atol=1e-7)

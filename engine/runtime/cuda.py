@@ -186,6 +186,11 @@ class Stream:
             self._stream = None
 
 
+def synchronize(stream: int) -> None:
+    """Wait on the host for what is queued on a stream given by its handle (e.g. DALI's)."""
+    check(bindings().runtime.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+
 class _Buffer:
     """Bytes from a CUDA allocator, grown on demand (never shrunk)."""
 

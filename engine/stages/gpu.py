@@ -3,25 +3,40 @@
 The CPU path (engine/runner.py's Screener.infer) copies the segmenter's masks to the host, runs
 kernels/reference.py and copies the classifier input back; here the masks stay on the device:
 
-    seg_input, work (host) --H2D--> segmenter plan --mask logits--> lung_bbox.cu --boxes-->
-    crop_resize_normalize.cu (work image) --classifier input--> classifier plan
+    seg_input, work (host --H2D--, or DALI's device output --D2D--) --> segmenter plan
+    --mask logits--> lung_bbox.cu --boxes--> crop_resize_normalize.cu (work image)
+    --classifier input--> classifier plan
     --D2H--> logit, embedding, boxes, fraction, mask (thresholded on the host)
 
-Only the two network inputs go up and the results come down (the masks too, because the
-runner keeps a lung-mask preview per image; 256 KB per image at 256 x 256). Same semantics as the CPU
-path (the kernels are tested bit for bit against the reference, the plans against ONNX
-Runtime), so the Screener can use it whenever both backends are TensorRT backends:
-``GpuStages(models, seg_backend, clf_backend).infer(pre.work, pre.seg_input)``.
+Only the results come down (the masks too, because the runner keeps a lung-mask preview per
+image; 256 KB per image at 256 x 256). Same semantics as the CPU path (the kernels are tested
+bit for bit against the reference, the plans against ONNX Runtime), so the Screener can use it
+whenever both backends are TensorRT backends:
+``GpuStages(models, seg_backend, clf_backend).infer(pre.work, pre.seg_input)`` for host arrays,
+or ``infer(batch)`` for a ``DeviceBatch`` from ``Preprocessor.run_device``.
+
+DALI's device output, and the overlap of decode with inference. DALI may reuse its output
+buffers as soon as the pipeline runs again, so ``stage(batch)`` copies them device to device
+into one of this object's own buffer slots, on the stream DALI was given (so the copy follows
+DALI's work), and the calling thread waits for that stream: nothing goes through the host.
+The runner calls
+``stage`` in its pipeline thread right after DALI's run, so DALI is free to decode batch n+1
+while the main thread runs ``infer`` on batch n from its slot on another stream. A slot goes
+back to the pool when ``infer`` is done with it; at most (queue depth + 2) batches are in
+flight, so the pool stays that small. The work images come down with the results (for the
+previews), queued behind the classifier on the inference stream.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engine.models import ModelSet
+from engine.pipeline import DeviceArray, DeviceBatch
 from engine.runtime import cuda
 from engine.runtime.tensorrt import TensorRTBackend
 from engine.stages.segment import logit_threshold
@@ -34,6 +49,21 @@ class GpuPredictions:
     fraction: np.ndarray  # (n,)
     embedding: np.ndarray  # (n, D) float32
     lung_mask: np.ndarray  # (n, h, w) bool, at the segmenter's resolution (for previews)
+    work: np.ndarray | None = None  # (n, S, S) float32, downloaded for a DeviceBatch (previews)
+
+
+class _Slot:
+    """This object's own device copy of one batch's two inputs."""
+
+    __slots__ = ("work", "seg_input")
+
+    def __init__(self) -> None:
+        self.work = cuda.DeviceBuffer()
+        self.seg_input = cuda.DeviceBuffer()
+
+    def free(self) -> None:
+        self.work.free()
+        self.seg_input.free()
 
 
 class GpuStages:
@@ -58,16 +88,30 @@ class GpuStages:
         self.max_batch = min(segmenter.plan.max_batch, classifier.plan.max_batch)
         self.threshold = logit_threshold(models.segmenter.threshold)
         self.margin = models.classifier.crop.margin
-        self._stream = cuda.Stream()
+        self._stream = cuda.Stream()  # inference (main thread)
+        self._ingest = cuda.Stream()  # DALI's outputs and their copies (pipeline thread)
         self._dev: dict[str, cuda.DeviceBuffer] = {}
         self._host: dict[str, cuda.HostBuffer] = {}
+        self._slots: list[_Slot] = []  # all of them, for close()
+        self._free_slots: list[_Slot] = []
+        self._pool_lock = threading.Lock()
+        self._stage_lock = threading.Lock()  # close() waits for a copy in progress
+        self._closed = False
+
+    @property
+    def ingest_stream(self) -> int:
+        """The stream to give ``Preprocessor.run_device``: ``stage`` copies on it."""
+        return self._ingest.handle
+
+    def _host_buffer(self, name: str, nbytes: int) -> cuda.HostBuffer:
+        host = self._host.setdefault(name, cuda.HostBuffer())
+        host.reserve(nbytes)
+        return host
 
     def _buffers(self, name: str, nbytes: int) -> tuple[cuda.DeviceBuffer, cuda.HostBuffer]:
         dev = self._dev.setdefault(name, cuda.DeviceBuffer())
-        host = self._host.setdefault(name, cuda.HostBuffer())
         dev.reserve(nbytes)
-        host.reserve(nbytes)
-        return dev, host
+        return dev, self._host_buffer(name, nbytes)
 
     def _upload(self, name: str, x: np.ndarray) -> int:
         x = np.ascontiguousarray(x, np.float32)
@@ -78,30 +122,108 @@ class GpuStages:
 
     def _download(self, name: str, ptr: int, shape: tuple[int, ...]) -> Any:
         nbytes = int(np.prod(shape)) * 4
-        _, host = self._buffers(name, nbytes)
+        host = self._host_buffer(name, nbytes)
         cuda.copy_to_host(host.ptr, ptr, nbytes, self._stream.handle)
         return host, shape
 
-    def infer(self, work: np.ndarray, seg_input: np.ndarray) -> GpuPredictions:
-        """work (n, S, S) and seg_input (n, 1, h, w) float32 host arrays -> predictions."""
-        parts = [
-            self._infer(work[i : i + self.max_batch], seg_input[i : i + self.max_batch])
-            for i in range(0, len(work), self.max_batch)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return GpuPredictions(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in GpuPredictions.__slots__)
+    # ---------------------------------------------------------------- DALI's device output
+
+    def stage(self, batch: DeviceBatch) -> DeviceBatch:
+        """Copy a DeviceBatch into a slot of this object's memory (device to device).
+
+        Returns the same batch on the copy, complete (``stream`` None); DALI may then reuse
+        its buffers. Thread-safe against ``infer``; a staged batch is returned as it is.
+        """
+        if isinstance(batch.owner, _Slot):
+            return batch
+        with self._stage_lock:
+            if self._closed:
+                raise RuntimeError("the GPU stages are closed")
+            slot = self._take_slot()
+            stream = self._ingest.handle if batch.stream is None else int(batch.stream)
+            try:
+                work = _copy_into(slot.work, batch.work, stream)
+                seg = _copy_into(slot.seg_input, batch.seg_input, stream)
+                cuda.synchronize(stream)  # DALI's buffers are free once this returns
+            except BaseException:
+                self._release(slot)
+                raise
+        return DeviceBatch(
+            ok=batch.ok, work=work, seg_input=seg, errors=batch.errors, stream=None, owner=slot
         )
 
-    def _infer(self, work: np.ndarray, seg_input: np.ndarray) -> GpuPredictions:
+    def _take_slot(self) -> _Slot:
+        with self._pool_lock:
+            if self._free_slots:
+                return self._free_slots.pop()
+            slot = _Slot()
+            self._slots.append(slot)
+            return slot
+
+    def _release(self, slot: _Slot) -> None:
+        with self._pool_lock:
+            self._free_slots.append(slot)
+
+    # ---------------------------------------------------------------- inference
+
+    def infer(
+        self, work: np.ndarray | DeviceBatch, seg_input: np.ndarray | None = None
+    ) -> GpuPredictions:
+        """Predictions for work (n, S, S) and seg_input (n, 1, h, w) float32 host arrays, or
+        for one DeviceBatch (then seg_input is None, and the predictions carry ``work``)."""
+        if isinstance(work, DeviceBatch):
+            if seg_input is not None:
+                raise TypeError("a DeviceBatch carries its seg_input; pass the batch alone")
+            return self._infer_device(work)
+        if seg_input is None:
+            raise TypeError("host input needs both work and seg_input arrays")
+        return _concat([
+            self._infer_host(work[i : i + self.max_batch], seg_input[i : i + self.max_batch])
+            for i in range(0, len(work), self.max_batch)
+        ])  # fmt: skip
+
+    def _infer_host(self, work: np.ndarray, seg_input: np.ndarray) -> GpuPredictions:
+        seg_in = self._upload("seg_input", seg_input)
+        work_ptr = self._upload("work", work)
+        return self._infer(seg_in, seg_input.shape, work_ptr, work.shape, with_work=False)
+
+    def _infer_device(self, batch: DeviceBatch) -> GpuPredictions:
+        staged = self.stage(batch)  # a no-op for what the runner staged already
+        work, seg = staged.work, staged.seg_input
+        try:
+            return _concat([
+                self._infer(
+                    seg.ptr + i * seg.sample_nbytes,
+                    (min(self.max_batch, len(seg) - i), *seg.shape[1:]),
+                    work.ptr + i * work.sample_nbytes,
+                    (min(self.max_batch, len(work) - i), *work.shape[1:]),
+                    with_work=True,
+                )
+                for i in range(0, len(work), self.max_batch)
+            ])  # fmt: skip
+        finally:
+            self._release(staged.owner)  # _infer synchronised its stream: the slot is idle
+
+    def _infer(
+        self,
+        seg_in: int,
+        seg_shape: tuple[int, ...],
+        work_ptr: int,
+        work_shape: tuple[int, ...],
+        *,
+        with_work: bool,
+    ) -> GpuPredictions:
         from kernels.nvrtc import crop_resize_normalize_ptr, lung_bbox_ptr
 
         m = self.models
-        n, side = work.shape[0], work.shape[1]
+        n, side = work_shape[0], work_shape[1]
         s = self._stream.handle
-        seg_in = self._upload("seg_input", seg_input)
-        work_ptr = self._upload("work", work)
+        want = self.seg.output_shape(m.segmenter.input.name, n)  # any tensor's, inputs too
+        if tuple(seg_shape) != want or len(work_shape) != 3:
+            raise ValueError(
+                f"seg_input {tuple(seg_shape)} / work {tuple(work_shape)}: the segmenter plan "
+                f"takes {want} and the work images must be (n, S, S)"
+            )
         mask_name = m.segmenter.outputs[0].name
         masks = self.seg.infer_device({m.segmenter.input.name: seg_in}, n, stream=s)[mask_name]
         h, w = self.seg.output_shape(mask_name, n)[-2:]  # (n, 1, h, w) read as (n, h, w)
@@ -114,7 +236,7 @@ class GpuStages:
         clf_shape = (n, pre.channels, *pre.size)
         clf_in, _ = self._buffers("clf_input", int(np.prod(clf_shape)) * 4)
         crop_resize_normalize_ptr(
-            work_ptr, n, side, work.shape[2], boxes_dev.ptr, pre.size, pre.mean, pre.std,
+            work_ptr, n, side, work_shape[2], boxes_dev.ptr, pre.size, pre.mean, pre.std,
             clf_in.ptr, s,
         )  # fmt: skip
         outs = self.clf.infer_device({m.classifier.input.name: clf_in.ptr}, n, stream=s)
@@ -126,6 +248,8 @@ class GpuStages:
             "fraction": self._download("fraction", frac_dev.ptr, (n,)),
             "masks": self._download("masks", masks, (n, h, w)),
         }
+        if with_work:  # the previews need the work images on the host
+            results["work"] = self._download("work_out", work_ptr, tuple(work_shape))
         self._stream.synchronize()
         host = {k: buf.view(shape, np.float32).copy() for k, (buf, shape) in results.items()}
         logit = host["logit"].astype(np.float64)
@@ -136,14 +260,41 @@ class GpuStages:
             fraction=host["fraction"],
             embedding=host["embedding"],
             lung_mask=host["masks"] >= self.threshold,  # as the CPU path: float32 >= logit
+            work=host.get("work"),
         )
 
     def close(self) -> None:
+        with self._stage_lock:  # waits for a copy in progress in the pipeline thread
+            if self._closed:
+                return
+            self._closed = True
+            self._ingest.synchronize()
         self._stream.synchronize()
         for d in self._dev.values():
             d.free()
         for h in self._host.values():
             h.free()
+        for slot in self._slots:
+            slot.free()
         self._dev.clear()
         self._host.clear()
+        self._slots.clear()
+        self._free_slots.clear()
         self._stream.close()
+        self._ingest.close()
+
+
+def _copy_into(buf: cuda.DeviceBuffer, src: DeviceArray, stream: int) -> DeviceArray:
+    buf.reserve(src.nbytes)
+    cuda.copy_device_to_device(buf.ptr, src.ptr, src.nbytes, stream)
+    return DeviceArray(ptr=buf.ptr, shape=src.shape, dtype=src.dtype)
+
+
+def _concat(parts: list[GpuPredictions]) -> GpuPredictions:
+    if len(parts) == 1:
+        return parts[0]
+    joined: dict[str, Any] = {}
+    for f in GpuPredictions.__slots__:
+        first = getattr(parts[0], f)
+        joined[f] = None if first is None else np.concatenate([getattr(p, f) for p in parts])
+    return GpuPredictions(**joined)
