@@ -48,6 +48,7 @@ from engine.train.data import (
     read_labels,
 )
 from engine.train.export import (
+    Int8Recipe,
     check_parity,
     int8_parity,
     ort_run,
@@ -68,6 +69,7 @@ INITIALISATION = {
 }
 LOG_FILE = "classifier_train_log.json"
 INT8_FILE = "classifier.int8.onnx"
+INT8_RECIPE = Int8Recipe()
 INCOMPLETE = "INCOMPLETE: `cxr train classifier` did not finish; do not use"
 SPLIT_RULE = (
     "engine.train.splits.split_patients: patient-wise 70/15/15, stratified by patient label "
@@ -350,14 +352,10 @@ def int8_variant(
     path = manifest.directory / INT8_FILE
     calib = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
-    quantize_int8(manifest.onnx_path, path, calib)
+    quantize_int8(manifest.onnx_path, path, calib, INT8_RECIPE)
     parity = int8_parity(fp32, path, data.inputs, data.labels, threshold, cfg.threads)
     parity["inputs"] = "unaugmented lung crops of every labelled image (all splits)"
-    parity["calibration"] = {
-        "images": len(calib),
-        "method": "MinMax",
-        "format": "QDQ, per-channel S8 weights, U8 activations",
-    }
+    parity["calibration"] = {"images": len(calib), **INT8_RECIPE.describe()}
     log(
         f"INT8 parity: same decision {parity['same_decision']:.4f}, ROC AUC diff "
         f"{parity['roc_auc_diff']}, embedding cosine mean {parity['embedding_cosine_mean']:.4f} "

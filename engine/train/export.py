@@ -10,6 +10,7 @@ import io
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,56 @@ class _Calibration:
         return next(self._batches, None)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
-    """Static INT8, QDQ, per-channel weights, MinMax calibration on the given inputs."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+@dataclass(frozen=True, kw_only=True)
+class Int8Recipe:
+    """How the INT8 QDQ export is calibrated (recorded in the manifest's parity section).
+
+    symmetric_activations: S8 activations with zero point 0, which TensorRT's explicit
+    quantization requires; ONNX Runtime runs both. exclude: node types left in float (e.g. the
+    final Gemm, whose output is the logit the decision is taken on).
+    """
+
+    method: str = "minmax"  # minmax | percentile | entropy
+    symmetric_activations: bool = False
+    exclude_op_types: tuple[str, ...] = ()
+    percentile: float = 99.999
+
+    def describe(self) -> dict[str, Any]:
+        act = "S8 symmetric" if self.symmetric_activations else "U8"
+        out: dict[str, Any] = {
+            "method": {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[
+                self.method
+            ],
+            "format": f"QDQ, per-channel S8 weights, {act} activations",
+        }
+        if self.method == "percentile":
+            out["percentile"] = self.percentile
+        if self.exclude_op_types:
+            out["float_op_types"] = list(self.exclude_op_types)
+        return out
+
+
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, recipe: Int8Recipe | None = None
+) -> None:
+    """Static INT8, QDQ, per-channel weights, calibrated on the given inputs (see Int8Recipe)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    recipe = recipe or Int8Recipe()
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if recipe.method not in methods:
+        raise ValueError(f"INT8 calibration method must be one of {sorted(methods)}")
 
     class Reader(_Calibration, CalibrationDataReader):
         pass
@@ -160,6 +207,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        exclude = [n.name for n in graph.node if n.op_type in recipe.exclude_op_types]
+        extra: dict[str, Any] = {"ActivationSymmetric": recipe.symmetric_activations}
+        if recipe.method == "percentile":
+            extra["CalibPercentile"] = recipe.percentile
         tmp_out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(prepared),
@@ -167,6 +219,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             Reader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            activation_type=QuantType.QInt8 if recipe.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[recipe.method],
+            nodes_to_exclude=exclude,
+            extra_options=extra,
         )
         int8_path.write_bytes(tmp_out.read_bytes())
 
