@@ -1,10 +1,13 @@
 """Render a model card (Markdown) from the manifests, `cxr evaluate --json` and the shortcut check.
 
-    python -m engine.eval.card --models DIR --eval EVAL.json [--eval-int8 EVAL.json]
-        [--shortcut SHORTCUT.json] --out MODEL_CARD.md
+    python -m engine.eval.card --models DIR --eval EVAL.json [--eval-shipped EVAL.json]
+        [--shortcut SHORTCUT.json] [--compare NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR] ...]
+        [--evidence DIR] --out MODEL_CARD.md
     python -m engine.eval.card --models DIR --segmenter-only --out MODEL_CARD.md
 
-Every number comes from those files; nothing is typed in by hand. --segmenter-only re-renders
+Every number comes from those files; nothing is typed in by hand. `python -m engine.eval.release`
+makes those files and renders the card in one command (see there). --eval-int8 is the old name
+of --eval-shipped. --segmenter-only re-renders
 just the "## Segmenter" section of an existing card of the same models (after
 `python -m engine.eval.segmentation --write`), leaving the rest as it is.
 """
@@ -13,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.models import load_models
+from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models
 
 PAPER = {"accuracy": 0.897, "sensitivity": 0.871, "roc_auc": 0.95, "pr_auc": 0.94}
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc")
@@ -129,15 +136,196 @@ def replace_segmenter_section(text: str, models_dir: Path) -> str:
     )
 
 
-def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) -> str:
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """Another trained classifier scored the same way as the shipped one's FP32 reference."""
+
+    name: str
+    architecture: str
+    initialisation: str
+    eval: dict[str, Any]  # `cxr evaluate --json` (test patients, --by source)
+    shortcut: dict[str, Any] | None = None  # `python -m engine.eval.shortcut --json`
+    note: str | None = None  # e.g. that its test split differs from the shipped model's
+
+
+def initialisation(card: dict[str, Any]) -> str:
+    """How the classifier's weights started, as its training card says."""
+    return str((card.get("training") or {}).get("initialisation") or "initialisation not recorded")
+
+
+def comparison_from_models(
+    name: str,
+    models_dir: Path,
+    ev: dict[str, Any],
+    sc: dict[str, Any] | None = None,
+    *,
+    note: str | None = None,
+) -> Comparison:
+    """A Comparison whose architecture and initialisation come from its models' classifier."""
+    clf = load_models(models_dir, precision="fp32").classifier
+    return Comparison(
+        name=name,
+        architecture=clf.architecture,
+        initialisation=initialisation(clf.card),
+        eval=ev,
+        shortcut=sc,
+        note=note,
+    )
+
+
+def comparison_from_eval(name: str, ev: dict[str, Any], sc: dict[str, Any] | None) -> Comparison:
+    """A Comparison without its models: architecture from the run's model id."""
+    model_id = str((ev.get("run") or {}).get("model_id") or "")
+    arch = model_id.split("@", 1)[0].rsplit("-", 1)[0] if "@" in model_id else "unknown"
+    init = "initialisation not recorded"
+    return Comparison(name=name, architecture=arch, initialisation=init, eval=ev, shortcut=sc)
+
+
+COMPARED = (
+    ("accuracy", "accuracy"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC"),
+)
+SHORTCUT_COMPARED = (
+    ("as_is", "as is"),
+    ("lungs_masked", "lungs masked"),
+    ("source_prior", "source prior"),
+)
+
+
+def comparison_section(
+    ev: dict[str, Any], sc: dict[str, Any] | None, shipped: str, c: Comparison
+) -> list[str]:
+    """ "## Comparison: NAME": metric | shipped FP32 | NAME | paper, overall and per source,
+    and the shortcut AUCs of both."""
+    head = f"| metric | shipped FP32 ({shipped}) | {c.name} ({c.architecture}) | paper |"
+    lines = [head, "|---|---|---|---|"]
+    left_out = []
+    groups = {"all": ev["overall"], **ev.get("groups", {})}
+    other = {"all": c.eval["overall"], **c.eval.get("groups", {})}
+    for group in [*groups, *(g for g in other if g not in groups)]:
+        a, b = groups.get(group), other.get(group)
+        suffix = "" if group == "all" else f" ({group})"
+        for key, label in COMPARED:
+            ca = _fmt(a["metrics"].get(key)) if a else "n/a"
+            cb = _fmt(b["metrics"].get(key)) if b else "n/a"
+            if ca in ("undefined", "n/a") and cb in ("undefined", "n/a"):
+                left_out.append(f"{label}{suffix}")
+                continue
+            paper = f"{PAPER[key]:.3f}" if group == "all" and key in PAPER else ""
+            lines.append(f"| {label}{suffix} | {ca} | {cb} | {paper} |")
+        ia = f"{a['images']} ({a['patients']})" if a else "n/a"
+        ib = f"{b['images']} ({b['patients']})" if b else "n/a"
+        paper = "723" if group == "all" else ""
+        label = "images (patients)" if group == "all" else f"images of {group} (patients)"
+        lines.append(f"| {label} | {ia} | {ib} | {paper} |")
+    if sc is not None or c.shortcut is not None:
+        for key, label in SHORTCUT_COMPARED:
+            ca = _fmt(sc["overall"]["auc"].get(key)) if sc else "n/a"
+            cb = _fmt(c.shortcut["overall"]["auc"].get(key)) if c.shortcut else "n/a"
+            lines.append(f"| shortcut ROC AUC, {label} | {ca} | {cb} |  |")
+    out = [
+        f"## Comparison: {c.name}",
+        "",
+        f"{c.name}: {c.architecture}, {c.initialisation}; model id "
+        f"`{(c.eval.get('run') or {}).get('model_id')}`. Scored like the shipped model's FP32 "
+        "reference: its FP32 export on the held-out test patients, by source; 95% patient "
+        "bootstrap intervals.",
+        "",
+        *lines,
+    ]
+    if left_out:
+        out += ["", f"Undefined for both models, left out: {', '.join(left_out)}."]
+    if sc is not None or c.shortcut is not None:
+        out += [
+            "",
+            f"Shortcut check verdicts: shipped FP32: {(sc or {}).get('verdict', 'n/a')}; "
+            f"{c.name}: {(c.shortcut or {}).get('verdict', 'n/a')}.",
+        ]
+    if c.note:
+        out += ["", c.note]
+    return out
+
+
+def _num(v: Any, spec: str) -> str:
+    return "undefined" if v is None else format(v, spec)
+
+
+def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
+    """One paragraph on an export's parity with the FP32 one (engine.train.parity's keys)."""
+    what = {
+        "fp16": "stores its weights as float16 and computes in float32",
+        "int8": "is the INT8 QDQ export",
+    }.get(precision, f"is the {precision} export")
+    first = (
+        f"The shipped classifier {what}." if shipped else f"The {precision} export is not shipped."
+    )
+    where = par.get("inputs") or "the labelled images"
+    bar = par.get("meets_bar")
+    if bar is None and par.get("same_decision") is not None:
+        diff = par.get("roc_auc_diff")
+        bar = par["same_decision"] >= AUTO_MIN_SAME_DECISION and (
+            diff is None or abs(diff) <= AUTO_MAX_AUC_DIFF
+        )
+    verdict = (
+        ""
+        if bar is None
+        else f" Meets the parity bar (same decision >= {AUTO_MIN_SAME_DECISION}, |ROC AUC diff| "
+        f"<= {AUTO_MAX_AUC_DIFF}): {'yes' if bar else 'no'}."
+    )
+    return (
+        f"{first} Against the FP32 export on {par.get('images', '?')} images, {where}: "
+        f"same decision {_num(par.get('same_decision'), '.3f')}, "
+        f"max |prob diff| {_num(par.get('prob_max_abs_diff'), '.1e')}, "
+        f"ROC AUC diff {_num(par.get('roc_auc_diff'), '.1e')}, "
+        f"embedding cosine mean {_num(par.get('embedding_cosine_mean'), '.6f')}, "
+        f"min {_num(par.get('embedding_cosine_min'), '.6f')}.{verdict}"
+    )
+
+
+def _data_counts(card: dict[str, Any]) -> tuple[Any, Any]:
+    counts = (card.get("splits") or {}).get("counts") or {}
+    images = (card.get("data") or {}).get("used")
+    if images is None and counts:
+        images = sum(c.get("images", 0) for c in counts.values())
+    patients = sum(c.get("patients", 0) for c in counts.values()) if counts else None
+    return images if images is not None else "?", patients if patients is not None else "?"
+
+
+def command_line(module: str) -> str:
+    """The command that is running now, as one shell line (`python -m MODULE ARGS`)."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def render(
+    models_dir: Path,
+    ev: dict,
+    ev_shipped: dict | None,
+    sc: dict | None,
+    comparisons: Sequence[Comparison] = (),
+    *,
+    command: str | None = None,
+    evidence: str | None = None,
+) -> str:
+    """The card. ev: evaluation of the FP32 reference on the test patients; ev_shipped: the
+    same of the shipped export; sc: shortcut check of the FP32 reference; comparisons: other
+    classifiers scored the same way; command: the command line that reproduces the card;
+    evidence: where the repository keeps the JSON inputs."""
     ms = load_models(models_dir, precision="auto")
     seg, clf = ms.segmenter, ms.classifier
     card = clf.card
+    init = initialisation(card)
+    n_images, n_patients = _data_counts(card)
+    n_test = ev["overall"]["images"]
+    training = card.get("training") or {}
+    train_images = ((card.get("splits") or {}).get("counts") or {}).get("train", {}).get("images")
     out = [
         "# Model card: cxr-engine default models",
         "",
-        f"Model id `{ms.model_id}`. Classifier: {clf.architecture} ({clf.precision}), trained from "
-        "scratch (no pretrained weights); segmenter: "
+        f"Model id `{ms.model_id}`. Classifier: {clf.architecture} ({clf.precision}), "
+        f"initialisation: {init}; segmenter: "
         f"{seg.architecture} ({seg.precision}). Decision threshold {clf.threshold:.4f}, chosen on "
         "the validation patients by maximising Youden's J (ties to the lower threshold).",
         "",
@@ -146,10 +334,10 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
         "",
         "## Data and splits",
         "",
-        "Public, de-identified CXRs from `../shared/data` (see its README): 288 images, 192 "
-        "patients; COVID-19 positives all from the ieee8023 collection, negatives from ieee8023 "
-        "(other pneumonias) and NIH ChestX-ray14 (no finding / pneumonia). Split by patient "
-        "70/15/15, stratified by label and source (`splits.csv`), shared by both models.",
+        f"Public, de-identified CXRs from `../shared/data` (see its README): {n_images} images, "
+        f"{n_patients} patients; COVID-19 positives all from the ieee8023 collection, negatives "
+        "from ieee8023 (other pneumonias) and NIH ChestX-ray14 (no finding / pneumonia). Split by "
+        "patient 70/15/15, stratified by label and source (`splits.csv`), shared by both models.",
         "",
         "```json",
         json.dumps(card.get("data", {}) | {"splits": card.get("splits")}, indent=1)[:3000],
@@ -160,56 +348,34 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
         "## Classifier on the held-out test patients (FP32 reference)",
         "",
         "95% bootstrap intervals resample patients. The paper's numbers are from 2362 CXRs of four",
-        "hospitals; ours from 43 test images of one public collection: not comparable in kind.",
+        f"hospitals; ours from {n_test} test images of one public collection: not comparable in "
+        "kind.",
         "",
         *metrics_table(ev),
     ]
-    if ev_int8 is not None:
+    if ev_shipped is not None:
         out += [
             "",
             f"## The same with the shipped {clf.precision} classifier",
             "",
-            *metrics_table(ev_int8),
+            *metrics_table(ev_shipped),
         ]
-    if "fp16" in card:
-        par = card["fp16"]["parity"]
-        out += [
-            "",
-            "The shipped classifier stores its weights as float16 and computes in float32. "
-            f"Against the FP32 export on the 288 dev images: same decision {par['same_decision']:.3f}, "
-            f"max |prob diff| {par['prob_max_abs_diff']:.1e}, ROC AUC diff {par['roc_auc_diff']:.1e}, "
-            f"embedding cosine min {par['embedding_cosine_min']:.6f}.",
-        ]
-    if "int8" in card:
-        out += [
-            "",
-            "INT8 parity with FP32 (all labelled images): `"
-            + json.dumps(
-                {
-                    k: v
-                    for k, v in card["int8"]["parity"].items()
-                    if k
-                    in (
-                        "same_decision",
-                        "roc_auc_diff",
-                        "embedding_cosine_mean",
-                        "embedding_cosine_min",
-                        "max_abs_prob_diff",
-                    )
-                }
-            )
-            + "`",
-        ]
+    for precision in (clf.precision, *(p for p in ("fp16", "int8") if p != clf.precision)):
+        par = (card.get(precision) or {}).get("parity")
+        if par:
+            out += ["", parity_line(precision, par, shipped=precision == clf.precision)]
     ret = ev.get("retrieval", {}).get("overall")
     if ret:
         out += [
             "",
             "## Similar cases (embedding index)",
             "",
-            f"precision@{ev['retrieval']['k']} of label agreement {ret['precision_at_k']:.3f} "
-            f"(chance {ret['chance_precision_at_k']:.3f}); another image of the same patient in "
-            f"the top {ev['retrieval']['k']}: {ret['same_patient_hit_rate']:.3f} of "
-            f"{ret['same_patient_queries']} queries (test patients only).",
+            f"precision@{ev['retrieval']['k']} of label agreement "
+            f"{_num(ret.get('precision_at_k'), '.3f')} "
+            f"(chance {_num(ret.get('chance_precision_at_k'), '.3f')}); another image of the "
+            f"same patient in the top {ev['retrieval']['k']}: "
+            f"{_num(ret.get('same_patient_hit_rate'), '.3f')} of "
+            f"{ret.get('same_patient_queries')} queries (test patients only).",
         ]
     if sc is not None:
         out += [
@@ -218,6 +384,11 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
             "",
             *shortcut_lines(sc),
         ]
+    for c in comparisons:
+        out += ["", *comparison_section(ev, sc, clf.architecture, c)]
+    trained_on = f"{train_images} training images" if train_images else "the training patients"
+    minutes = training.get("seconds")
+    took = f" in {minutes / 60:.0f} min" if isinstance(minutes, int | float) else ""
     out += [
         "",
         "## Known limits",
@@ -225,26 +396,79 @@ def render(models_dir: Path, ev: dict, ev_int8: dict | None, sc: dict | None) ->
         "- Labels are confounded with source: every positive is from ieee8023 and half the "
         "negatives from NIH. Per-source metrics above; NIH has no positives, so its sensitivity "
         "is undefined.",
-        "- Tiny test set (43 images): intervals are wide; expect lower performance on other "
-        "hospitals' data.",
+        f"- Tiny test set ({n_test} images): intervals are wide; expect lower performance on "
+        "other hospitals' data.",
         "- ieee8023 images are often figures from papers (crops, arrows, letters, low "
         "resolution); negatives are other pneumonias, not healthy lungs.",
-        "- Trained on 2 CPU cores in minutes, from scratch: far from the paper's ImageNet-"
-        "pretrained ResNet50 on 2362 images.",
+        f"- Trained on {trained_on}{took}, initialisation: {init}; the paper's ResNet50 was "
+        "ImageNet-pretrained and trained on 2362 images.",
         "",
         "Caveats printed by `cxr evaluate`:",
         "",
         *[f"- {c}" for c in ev.get("caveats", [])],
     ]
+    if command:
+        kept = (
+            f" Its inputs (the evaluation and shortcut JSONs) are kept in `{evidence}`."
+            if evidence
+            else ""
+        )
+        out += [
+            "",
+            "---",
+            "",
+            f"Every number above comes from code; this card was made by the command below.{kept}",
+            "",
+            "```",
+            command,
+            "```",
+        ]
     return "\n".join(out) + "\n"
 
 
+def parse_compare(spec: str) -> Comparison:
+    """NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR] (MODELS_DIR: for the architecture and
+    initialisation of its classifier)."""
+    name, sep, rest = spec.partition("=")
+    parts = [Path(x) for x in rest.split(",") if x.strip()]
+    if not sep or not name.strip() or not parts:
+        raise ConfigError(
+            f"--compare {spec!r}: expected NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR]"
+        )
+    dirs = [x for x in parts[1:] if x.is_dir()]
+    files = [x for x in parts[1:] if not x.is_dir()]
+    if len(dirs) > 1 or len(files) > 1:
+        raise ConfigError(f"--compare {spec!r}: at most one SHORTCUT.json and one MODELS_DIR")
+    try:
+        ev = json.loads(parts[0].read_text())
+        sc = json.loads(files[0].read_text()) if files else None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--compare {spec!r}: {exc}") from None
+    if dirs:
+        return comparison_from_models(name.strip(), dirs[0], ev, sc)
+    return comparison_from_eval(name.strip(), ev, sc)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--eval", type=Path)
-    p.add_argument("--eval-int8", type=Path)
+    p.add_argument("--eval", type=Path, help="evaluation of the FP32 reference (test patients)")
+    p.add_argument(
+        "--eval-shipped",
+        "--eval-int8",
+        dest="eval_shipped",
+        type=Path,
+        help="the same evaluation of the shipped export",
+    )
     p.add_argument("--shortcut", type=Path)
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR]",
+        help="another classifier scored the same way (repeatable)",
+    )
+    p.add_argument("--evidence", help="where the repository keeps the JSON inputs (footer)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--segmenter-only",
@@ -253,8 +477,8 @@ def main() -> None:
     )
     a = p.parse_args()
     if a.segmenter_only:
-        if a.eval or a.eval_int8 or a.shortcut:
-            p.error("--segmenter-only takes no --eval, --eval-int8 or --shortcut")
+        if a.eval or a.eval_shipped or a.shortcut or a.compare:
+            p.error("--segmenter-only takes no --eval, --eval-shipped, --shortcut or --compare")
         try:
             a.out.write_text(replace_segmenter_section(a.out.read_text(), a.models))
         except (OSError, ConfigError) as exc:
@@ -263,10 +487,23 @@ def main() -> None:
         return
     if a.eval is None:
         p.error("--eval is required (or --segmenter-only)")
-    ev = json.loads(a.eval.read_text())
-    ev8 = json.loads(a.eval_int8.read_text()) if a.eval_int8 else None
-    sc = json.loads(a.shortcut.read_text()) if a.shortcut else None
-    a.out.write_text(render(a.models, ev, ev8, sc))
+    try:
+        ev = json.loads(a.eval.read_text())
+        ev_shipped = json.loads(a.eval_shipped.read_text()) if a.eval_shipped else None
+        sc = json.loads(a.shortcut.read_text()) if a.shortcut else None
+        comparisons = [parse_compare(spec) for spec in a.compare]
+    except (OSError, ValueError, ConfigError) as exc:
+        p.error(str(exc))
+    text = render(
+        a.models,
+        ev,
+        ev_shipped,
+        sc,
+        comparisons,
+        command=command_line("engine.eval.card"),
+        evidence=a.evidence,
+    )
+    a.out.write_text(text)
     print(f"wrote {a.out}")
 
 

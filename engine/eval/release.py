@@ -1,0 +1,471 @@
+"""Ship a trained model in one command: pack, parity, test evaluation, shortcut check, card.
+
+    python -m engine.eval.release --trained TRAINED_DIR --out engine/models \\
+        --labels LABELS.csv --images ROOT --work WORKDIR [--classifier fp16|int8] \\
+        [--compare NAME=OTHER_TRAINED_DIR ...] [--evidence docs/model-eval]
+
+TRAINED_DIR is what `cxr train segmenter` + `cxr train classifier` wrote (FP32 exports, the INT8
+variant, splits.csv). In WORKDIR, step by step:
+
+    packed/                    engine.models.pack_models(TRAINED_DIR, classifier_precision=...),
+                               with splits.csv (and segmenter_splits.csv) of TRAINED_DIR, and the
+                               packed classifier's parity with the FP32 export recorded in its
+                               card (engine.train.parity: every labelled image)
+    test-labels.csv            the rows of LABELS.csv whose path splits.csv puts in "test"
+    run-shipped/, run-fp32/    `cxr screen` of those images with the packed and the FP32 models
+    eval-shipped.json,         `cxr evaluate --by source --json` of each run
+    eval-fp32.json
+    shortcut.json              the shortcut check of the FP32 models on the test split
+    compare-NAME-*             per --compare: its test labels, run, eval and shortcut JSONs
+    packed/MODEL_CARD.md       engine.eval.card.render of all of it, with this command line
+
+Only when every step succeeded is packed/ installed into --out: the manifests, their ONNX files,
+the splits and MODEL_CARD.md replace the old ones, and model files of the old release that the
+new manifests do not name (e.g. classifier.int8.onnx after an fp16 release) are removed. Other
+files in --out are left alone. --evidence DIR receives the eval and shortcut JSONs (not the
+runs) so that the repository keeps the inputs of the card.
+
+Needs the train extra (torch) for the parity step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import polars as pl
+
+from engine.config import ScreenConfig, default_threads
+from engine.errors import ConfigError, EngineError
+from engine.eval.card import Comparison, comparison_from_models, render
+from engine.eval.evaluate import EvalConfig, evaluate
+from engine.eval.shortcut import ShortcutConfig, run_check
+from engine.models import ROLES, load_manifest, load_models, manifest_path, pack_models
+from engine.train.data import log  # progress on stderr, one clock with engine.train.parity
+
+MODULE = "engine.eval.release"
+SPLITS_FILES = ("splits.csv", "segmenter_splits.csv")
+CARD = "MODEL_CARD.md"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Model files of a release in --out: what the manifests do not name is stale and removed.
+MODEL_FILES = ("classifier*.onnx", "segmenter*.onnx")
+_C = TypeVar("_C", ScreenConfig, ShortcutConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseConfig:
+    trained: Path
+    out: Path
+    labels: Path
+    images: Path
+    work: Path
+    classifier: str = "fp16"  # fp16 | int8: the export of the classifier that ships
+    compare: tuple[tuple[str, Path], ...] = ()  # (name, another trained dir)
+    evidence: Path | None = None
+    backend: str = "auto"
+    decoder: str | None = None  # None: the default of `cxr screen` / the shortcut check
+    threads: int = field(default_factory=default_threads)
+    bootstrap: int = 2000
+    seed: int = 0
+    command: str | None = None  # the command line, for the card's footer
+
+    def __post_init__(self) -> None:
+        if self.classifier not in ("fp16", "int8"):
+            raise ConfigError(f"--classifier must be fp16 or int8, not {self.classifier!r}")
+        for d in (self.trained, *(d for _, d in self.compare)):
+            for name in ("classifier.json", "segmenter.json", "splits.csv"):
+                if not (Path(d) / name).is_file():
+                    raise ConfigError(
+                        f"{d}: no {name}; pass a directory `cxr train classifier --out` wrote"
+                    )
+        names = [n for n, _ in self.compare]
+        for n in names:
+            if not NAME.match(n):
+                raise ConfigError(
+                    f"--compare {n!r}: the name must be letters, digits, '_', '.', '-' "
+                    "(it names files)"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError("--compare: each NAME once")
+        if not Path(self.labels).is_file():
+            raise ConfigError(f"--labels {self.labels}: not a file")
+        if not Path(self.images).is_dir():
+            raise ConfigError(f"--images {self.images}: not a folder")
+        work, out = Path(self.work).resolve(), Path(self.out).resolve()
+        for d in (self.trained, *(d for _, d in self.compare)):
+            if Path(d).resolve() in (work, out):
+                raise ConfigError(f"{d}: --work and --out must differ from the trained dirs")
+        if work == out or out.is_relative_to(work):
+            raise ConfigError("--work must not be --out nor hold it")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap must be 0 or more, not {self.bootstrap}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseResult:
+    out: Path
+    card: Path
+    model_id: str
+    parity: dict[str, Any]
+    files: dict[str, Path]  # evidence name -> path in WORKDIR
+    removed: list[str]  # stale files removed from --out
+    comparisons: list[Comparison]
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def pack(trained: Path, staging: Path, precision: str) -> None:
+    """A fresh packed copy of `trained` in `staging`, with its splits files."""
+    _fresh(staging)
+    pack_models(trained, staging, classifier_precision=precision)
+    for name in SPLITS_FILES:
+        if (Path(trained) / name).is_file():
+            shutil.copy2(Path(trained) / name, staging / name)
+
+
+def record_packed_parity(
+    trained: Path, packed: Path, labels: Path, images: Path, threads: int
+) -> dict[str, Any]:
+    """engine.train.parity on the packed classifier, recorded in its card."""
+    from engine.train.parity import packed_parity, record_parity  # torch: the train extra
+
+    par = packed_parity(trained, packed, labels, images, threads=threads)
+    record_parity(packed, par)
+    return par
+
+
+def _norm(p: str) -> str:
+    return posixpath.normpath(p.strip().replace("\\", "/"))
+
+
+def held_out_labels(labels: Path, splits: Path, dest: Path) -> Path:
+    """The rows of `labels` whose path `splits` (path, split[, label]) puts in "test"."""
+    table = pl.read_csv(labels, infer_schema=False)
+    parts = pl.read_csv(splits, infer_schema=False)
+    for csv, frame, need in (
+        (labels, table, {"path", "label"}),
+        (splits, parts, {"path", "split"}),
+    ):
+        if missing := need - set(frame.columns):
+            raise ConfigError(f"{csv}: no column {', '.join(sorted(missing))}")
+    test = parts.filter(pl.col("split") == "test").with_columns(
+        pl.col("path").map_elements(_norm, return_dtype=pl.String).alias("_rel")
+    )
+    if test.height == 0:
+        raise ConfigError(f"{splits}: no row with split 'test'")
+    keys = test.select("_rel", *(["label"] if "label" in test.columns else []))
+    rel = pl.col("path").map_elements(_norm, return_dtype=pl.String).alias("_rel")
+    rows = table.with_columns(rel).join(keys, on="_rel", how="inner", suffix="_split")
+    if rows.height != test.height:
+        found = set(rows["_rel"].to_list())
+        example = next(p for p in test["_rel"].to_list() if p not in found)
+        raise ConfigError(
+            f"{splits}: {test.height - rows.height} test path(s) are not in {labels} "
+            f"(e.g. {example}); pass the labels CSV the models were trained on"
+        )
+    if "label_split" in rows.columns:
+        bad = rows.filter(pl.col("label").str.strip_chars() != pl.col("label_split"))
+        if bad.height:
+            raise ConfigError(
+                f"{splits} and {labels} disagree on the label of {bad.height} test image(s) "
+                f"(e.g. {bad['path'][0]})"
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    rows.select(table.columns).write_csv(dest)
+    return dest
+
+
+def screen_and_evaluate(
+    cfg: ReleaseConfig, models: Path, precision: str, test_csv: Path, run: Path
+) -> dict[str, Any]:
+    """`cxr screen` the images of test_csv into a fresh `run`, then `cxr evaluate --by source`."""
+    from engine.runner import screen
+
+    paths = pl.read_csv(test_csv, infer_schema=False)["path"].to_list()
+    _fresh(run)
+    log(f"screening {len(paths)} test images with {models} ({precision}) -> {run}")
+    config = ScreenConfig(
+        inputs=tuple(Path(cfg.images) / p for p in paths),
+        out=run,
+        models=models,
+        precision=precision,
+        backend=cfg.backend,  # type: ignore[arg-type]  # checked by ScreenConfig
+        threads=cfg.threads,
+        progress=False,
+    )
+    summary = screen(_with_decoder(config, cfg.decoder))
+    if summary.errors:
+        log(f"warning: {summary.errors} of {len(paths)} images failed in {run}")
+    result = evaluate(
+        EvalConfig(
+            out=run,
+            labels=test_csv,
+            images=cfg.images,
+            by="source",
+            bootstrap=cfg.bootstrap,
+            seed=cfg.seed,
+        )
+    )
+    return result.to_json()
+
+
+def shortcut_check(cfg: ReleaseConfig, models: Path) -> dict[str, Any]:
+    """The shortcut check of the FP32 models of a trained dir on its test split."""
+    log(f"shortcut check of {models} (fp32) on its test split")
+    config = ShortcutConfig(
+        models=models,
+        labels=cfg.labels,
+        images=cfg.images,
+        splits=Path(models) / "splits.csv",
+        split="test",
+        precision="fp32",
+        backend=cfg.backend,
+        threads=cfg.threads,
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+    )
+    return run_check(_with_decoder(config, cfg.decoder)).to_json()
+
+
+def _with_decoder(config: _C, decoder: str | None) -> _C:
+    """config with --decoder when given; else its own default (that of `cxr screen`)."""
+    return config if decoder is None else replace(config, decoder=decoder)
+
+
+def install(packed: Path, out: Path) -> list[str]:
+    """Copy the packed release into `out`; remove the model files there that the new manifests
+    do not name (and a segmenter_splits.csv the release lacks). Returns the removed names."""
+    load_models(packed, precision="auto")  # refuse a broken staging copy before touching out
+    out.mkdir(parents=True, exist_ok=True)
+    keep: set[str] = set()
+    for role in ROLES:
+        m = load_manifest(manifest_path(packed, role), verify=False)
+        keep |= {m.onnx, *(v.onnx for v in m.variants.values())}
+    for name in sorted(keep):  # the ONNX files first, then the manifests that name them
+        _copy(packed / name, out / name)
+    for role in ROLES:
+        _copy(manifest_path(packed, role), manifest_path(out, role))
+    for name in (*SPLITS_FILES, CARD):
+        if (packed / name).is_file():
+            _copy(packed / name, out / name)
+    removed = []
+    stale = [p for pattern in MODEL_FILES for p in out.glob(pattern) if p.name not in keep]
+    if not (packed / "segmenter_splits.csv").is_file():
+        stale += [p for p in [out / "segmenter_splits.csv"] if p.is_file()]
+    for p in sorted(set(stale)):
+        p.unlink()
+        removed.append(p.name)
+    load_models(out, precision="auto")  # the installed release loads and verifies
+    return removed
+
+
+def copy_evidence(files: dict[str, Path], evidence: Path) -> None:
+    """Copy the JSON inputs of the card to `evidence`; drop compare-* files of earlier
+    releases that this one did not make."""
+    evidence.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        _copy(path, evidence / name)
+    for p in evidence.glob("compare-*.json"):
+        if p.name not in files:
+            log(f"removing {p}: not part of this release")
+            p.unlink()
+
+
+def release(cfg: ReleaseConfig) -> ReleaseResult:
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    packed = work / "packed"
+    log(f"packing {cfg.trained} (classifier {cfg.classifier}) -> {packed}")
+    pack(cfg.trained, packed, cfg.classifier)
+    log("parity of the packed classifier with the FP32 export")
+    par = record_packed_parity(cfg.trained, packed, cfg.labels, cfg.images, cfg.threads)
+    log(
+        f"parity: same decision {par['same_decision']:.4f}, ROC AUC diff {par['roc_auc_diff']}, "
+        f"meets the bar: {par['meets_bar']}"
+    )
+    files: dict[str, Path] = {}
+
+    def save(name: str, data: dict[str, Any]) -> dict[str, Any]:
+        path = work / name
+        path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        files[name] = path
+        return data
+
+    test_csv = held_out_labels(
+        cfg.labels, Path(cfg.trained) / "splits.csv", work / "test-labels.csv"
+    )
+    ev_shipped = save(
+        "eval-shipped.json",
+        screen_and_evaluate(cfg, packed, "auto", test_csv, work / "run-shipped"),
+    )
+    ev = save(
+        "eval-fp32.json", screen_and_evaluate(cfg, cfg.trained, "fp32", test_csv, work / "run-fp32")
+    )
+    sc = save("shortcut.json", shortcut_check(cfg, cfg.trained))
+    comparisons = []
+    ref = load_models(cfg.trained, precision="fp32")
+    for name, directory in cfg.compare:
+        csv = work / f"compare-{name}-test-labels.csv"
+        held_out_labels(cfg.labels, Path(directory) / "splits.csv", csv)
+        c_ev = save(
+            f"compare-{name}-eval.json",
+            screen_and_evaluate(cfg, directory, "fp32", csv, work / f"run-compare-{name}"),
+        )
+        c_sc = save(f"compare-{name}-shortcut.json", shortcut_check(cfg, directory))
+        note = _differences(ref, directory, test_csv, csv)
+        comparisons.append(comparison_from_models(name, directory, c_ev, c_sc, note=note))
+    if cfg.evidence is not None:
+        log(f"copying {len(files)} JSON files to {cfg.evidence}")
+        copy_evidence(files, Path(cfg.evidence))
+    card = packed / CARD
+    card.write_text(
+        render(
+            packed,
+            ev,
+            ev_shipped,
+            sc,
+            comparisons,
+            command=cfg.command,
+            evidence=str(cfg.evidence) if cfg.evidence is not None else None,
+        )
+    )
+    log(f"installing {packed} into {cfg.out}")
+    removed = install(packed, Path(cfg.out))
+    for name in removed:
+        log(f"removed stale {Path(cfg.out) / name}")
+    return ReleaseResult(
+        out=Path(cfg.out),
+        card=Path(cfg.out) / CARD,
+        model_id=load_models(cfg.out, precision="auto").model_id,
+        parity=par,
+        files=files,
+        removed=removed,
+        comparisons=comparisons,
+    )
+
+
+def _differences(ref: Any, directory: Path, test_csv: Path, other_csv: Path) -> str | None:
+    """A note when a comparison is not scored on the same test images or segmenter."""
+    notes = []
+    a = set(pl.read_csv(test_csv, infer_schema=False)["path"].to_list())
+    b = set(pl.read_csv(other_csv, infer_schema=False)["path"].to_list())
+    if a != b:
+        notes.append(
+            f"Its own splits.csv puts {len(b)} images in test ({len(a & b)} shared with the "
+            f"shipped model's {len(a)}): the test sets differ."
+        )
+    seg = load_models(directory, precision="fp32").segmenter
+    if seg.sha256 != ref.segmenter.sha256:
+        notes.append(
+            f"It uses its own segmenter ({seg.architecture}@{seg.sha256[:8]}, the shipped one is "
+            f"{ref.segmenter.architecture}@{ref.segmenter.sha256[:8]})."
+        )
+    return " ".join(notes) or None
+
+
+def _fresh(directory: Path) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _compare(spec: str) -> tuple[str, Path]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=TRAINED_DIR")
+    return name, Path(directory)
+
+
+def parse_args(argv: list[str]) -> ReleaseConfig:
+    p = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--trained", type=Path, required=True, help="trained models dir (FP32)")
+    p.add_argument("--out", type=Path, required=True, help="where the release goes")
+    p.add_argument("--labels", type=Path, required=True, help="labels CSV of the training")
+    p.add_argument("--images", type=Path, required=True, help="root of the CSV's paths")
+    p.add_argument("--work", type=Path, required=True, help="scratch dir for runs and JSONs")
+    p.add_argument("--classifier", choices=("fp16", "int8"), default="fp16")
+    p.add_argument(
+        "--compare",
+        type=_compare,
+        action="append",
+        default=[],
+        metavar="NAME=TRAINED_DIR",
+        help="another trained classifier to score the same way (repeatable)",
+    )
+    p.add_argument("--evidence", type=Path, help="copy the eval/shortcut JSONs here")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--decoder", help="preprocessing (default: that of `cxr screen`)")
+    p.add_argument("--threads", type=int, default=default_threads())
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        return ReleaseConfig(
+            trained=a.trained,
+            out=a.out,
+            labels=a.labels,
+            images=a.images,
+            work=a.work,
+            classifier=a.classifier,
+            compare=tuple(a.compare),
+            evidence=a.evidence,
+            backend=a.backend,
+            decoder=a.decoder,
+            threads=a.threads,
+            bootstrap=a.bootstrap,
+            seed=a.seed,
+            command=shlex.join(["python", "-m", MODULE, *argv]),
+        )
+    except ConfigError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        result = release(cfg)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = result.card.read_text()
+    sections = [s for s in text.split("\n## ") if s.startswith("Comparison: ")]
+    for s in sections:
+        print(f"## {s.rstrip()}\n")
+    print(f"released {result.model_id} into {result.out} (card: {result.card})")
+    par = result.parity
+    print(
+        f"parity with FP32: same decision {par['same_decision']:.4f}, ROC AUC diff "
+        f"{par['roc_auc_diff']}, meets the bar: {par['meets_bar']}"
+    )
+    if result.removed:
+        print(f"removed stale: {', '.join(result.removed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

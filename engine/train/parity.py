@@ -1,0 +1,83 @@
+"""Parity of a packed (shipped) classifier with the FP32 export it was packed from.
+
+    python -m engine.train.parity --models TRAINED_DIR --packed PACKED_DIR \
+        --labels LABELS.csv --images ROOT [--write]
+
+Both classifiers score the same served lung crops of every labelled image (the engine pipeline,
+the trained segmenter, engine.stages.crop: exactly what `cxr train classifier` measures INT8
+parity on), and the packed export is compared with the FP32 one: same decision at the manifest's
+threshold, ROC AUC of each, probabilities, embedding cosine. --write records the result in the
+packed manifest's card under its precision (e.g. card["fp16"]["parity"]); the ONNX is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.models import Manifest, load_manifest, manifest_path, save_manifest
+from engine.train.classifier import ClassifierTrainConfig, load_data, load_segmenter
+from engine.train.data import log
+from engine.train.export import int8_parity, ort_run, ort_session
+
+PARITY_BAR = {"same_decision": 0.99, "roc_auc_diff": 0.01}
+
+
+def packed_parity(
+    trained: Path, packed: Path, labels: Path, images: Path, *, threads: int = 2
+) -> dict[str, Any]:
+    ref = load_manifest(manifest_path(trained, "classifier"))
+    got = load_manifest(manifest_path(packed, "classifier"))
+    cfg = ClassifierTrainConfig(
+        labels=labels,
+        images=images,
+        segmenter=trained,
+        out=packed,
+        arch=ref.architecture,
+        threads=threads,
+    )
+    data, _ = load_data(cfg, load_segmenter(trained))
+    log(f"scoring {len(data.inputs)} crops with {ref.onnx_path} and {got.onnx_path}")
+    fp32 = ort_run(ort_session(ref.onnx_path, threads), data.inputs)
+    par = int8_parity(fp32, got.onnx_path, data.inputs, data.labels, got.threshold, threads)
+    par = {k.replace("int8", got.precision): v for k, v in par.items()}
+    par["inputs"] = "unaugmented lung crops of every labelled image (all splits)"
+    par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
+    diff = par.get("roc_auc_diff")
+    par["meets_bar"] = bool(
+        par["same_decision"] >= PARITY_BAR["same_decision"]
+        and (diff is None or abs(diff) <= PARITY_BAR["roc_auc_diff"])
+    )
+    return par
+
+
+def record_parity(packed: Path, par: dict[str, Any]) -> Manifest:
+    """Record `par` in the packed classifier manifest's card under its precision
+    (card[precision] = {..., "onnx": ..., "parity": par}); the ONNX is unchanged."""
+    m = load_manifest(manifest_path(packed, "classifier"))
+    entry = dict(m.card.get(m.precision, {})) | {"onnx": m.onnx, "parity": par}
+    recorded = replace(m, card=dict(m.card) | {m.precision: entry})
+    save_manifest(recorded, packed)
+    return recorded
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", type=Path, required=True, help="trained models dir (FP32 export)")
+    p.add_argument("--packed", type=Path, required=True, help="packed models dir")
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write", action="store_true", help="record it in the packed card")
+    a = p.parse_args()
+    par = packed_parity(a.models, a.packed, a.labels, a.images, threads=a.threads)
+    print(json.dumps(par, indent=2))
+    if a.write:
+        record_parity(a.packed, par)
+
+
+if __name__ == "__main__":
+    main()
