@@ -73,8 +73,12 @@ def screen(
         str, typer.Option(help="auto | fp32 | int8 (auto: INT8 where its parity is recorded good).")
     ] = "auto",
     decoder: Annotated[
-        str, typer.Option(help="CPU preprocessing: dali | pillow | pillow-draft (see README).")
-    ] = "dali",
+        str,
+        typer.Option(
+            help="CPU preprocessing: auto | dali | pillow | pillow-draft (auto: the fastest CPU "
+            "decoder that agrees with DALI, see README; DALI on the GPU)."
+        ),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold on prob (default: the model's).")
@@ -150,6 +154,7 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     table.add_column(style="bold")
     table.add_column()
     table.add_row("backend", s.backend)
+    table.add_row("decoder", s.decoder)
     table.add_row("models", s.model_id + ("" if s.trained else "  [bold red]UNTRAINED[/]"))
     table.add_row("screened now", str(s.processed))
     table.add_row("ok", str(s.ok))

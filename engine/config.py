@@ -15,7 +15,17 @@ Backend = Literal["auto", "onnxruntime", "tensorrt", "null"]
 Device = Literal["cpu", "gpu"]
 
 BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "null")
-DECODERS: tuple[str, ...] = ("dali", "pillow", "pillow-draft")
+DECODERS: tuple[str, ...] = ("auto", "dali", "pillow", "pillow-draft")
+# What `--decoder auto` uses on the CPU (DALI always decodes on the GPU path). Measured in
+# benchmarks/results/screen.jsonl: see README "Performance".
+CPU_DECODER = "pillow-draft"
+
+
+def resolve_decoder(decoder: str, device: str) -> str:
+    """The preprocessing a run uses: DALI on the GPU; on the CPU the named one, auto -> CPU_DECODER."""
+    if device == "gpu":
+        return "dali"
+    return CPU_DECODER if decoder == "auto" else decoder
 
 
 def default_threads() -> int:
@@ -30,8 +40,9 @@ class ScreenConfig:
     backend: Backend = "auto"
     precision: str = "auto"  # auto | fp32 | int8: which export of each model (see models.py)
     # Preprocessing on the CPU: the DALI pipeline, or the Pillow/NumPy one with the same
-    # numbers (engine/pipeline_pil.py); "pillow-draft" lets libjpeg downscale huge JPEGs.
-    decoder: str = "dali"
+    # numbers (engine/pipeline_pil.py); "pillow-draft" lets libjpeg downscale huge JPEGs;
+    # "auto": CPU_DECODER on the CPU, DALI on the GPU.
+    decoder: str = "auto"
     batch_size: int = 16
     threshold: float | None = None  # None: the classifier manifest's threshold
     embeddings_in_parquet: bool = False

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from engine import __version__
-from engine.config import ScreenConfig
+from engine.config import ScreenConfig, resolve_decoder
 from engine.errors import ConfigError, ImageError
 from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
@@ -103,7 +103,7 @@ class Screener:
         batch_size: int,
         threads: int,
         device: str = "cpu",
-        decoder: str = "dali",
+        decoder: str = "auto",
     ) -> None:
         self.models = models
         self.backend_name = resolve_backend(backend, models=models)
@@ -121,8 +121,9 @@ class Screener:
             self._gpu = GpuStages(models, self._seg, self._clf)  # type: ignore[arg-type]
             device = "gpu"
         self.device = device
+        decoder = resolve_decoder(decoder, device)
         self.pipeline: Any
-        if decoder == "dali" or device == "gpu":
+        if decoder == "dali":
             self.pipeline = Preprocessor(
                 models, device=device, batch_size=batch_size, threads=threads
             )
@@ -135,7 +136,7 @@ class Screener:
                 threads=threads,
                 draft=2 if decoder == "pillow-draft" else 0,
             )
-        self.decoder = "dali" if device == "gpu" else decoder
+        self.decoder = decoder
         self.clock = StageClock()
 
     def preprocess(self, samples: list[Sample]) -> Preprocessed:
@@ -315,6 +316,7 @@ class RunSummary:
     backend: str
     model_id: str
     trained: bool
+    decoder: str = ""
     processed: int = 0
     ok: int = 0
     errors: int = 0
@@ -361,6 +363,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             run_id=uuid.uuid4().hex[:12],
             out=out,
             backend=screener.backend_name,
+            decoder=screener.decoder,
             model_id=models.model_id,
             trained=models.trained,
         )
@@ -626,6 +629,7 @@ def _run_record(
         "host": platform.node(),
         "config": config.to_json(),
         "backend": s.backend,
+        "decoder": s.decoder,
         "models": {
             "model_id": models.model_id,
             "directory": str(models.classifier.directory.resolve()),

@@ -154,7 +154,7 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         backend="onnxruntime",
         batch_size=1,
         threads=int(config.get("threads", 1)),
-        decoder=config.get("decoder", "dali"),
+        decoder=config.get("decoder", "auto"),
     )
     try:
         pre = screener.preprocess([prepared.sample])

@@ -537,6 +537,10 @@ def test_run_json_records_config_models_libraries_counts_and_timings(screened):
     assert config["inputs"] == [str(p) for p in screened.inputs.inputs]
     assert (config["out"], config["models"]) == (str(screened.out), str(screened.models_dir))
     assert (config["batch_size"], config["shard_size"], config["threshold"]) == (8, 16, None)
+    from engine.config import CPU_DECODER
+
+    # --decoder auto (the default) is resolved and recorded: the CPU decoder on the CPU path
+    assert (config["decoder"], run["decoder"]) == ("auto", CPU_DECODER)
     for role in ("segmenter", "classifier"):
         m = run["models"][role]
         assert m["sha256"] == sha256_file(Path(m["onnx"]))

@@ -77,7 +77,7 @@ class ShortcutConfig:
     splits: Path | None = None  # default with split: MODELS/splits.csv (written by cxr train)
     split: str | None = None
     backend: str = "auto"
-    decoder: str = "dali"
+    decoder: str = "auto"
     precision: str = "auto"
     threshold: float | None = None
     batch_size: int = 16
@@ -482,7 +482,7 @@ def shortcut(
     ] = None,
     split: Annotated[str | None, typer.Option(help="Only images of this split, e.g. test.")] = None,
     backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt")] = "auto",
-    decoder: Annotated[str, typer.Option(help="dali | pillow | pillow-draft")] = "dali",
+    decoder: Annotated[str, typer.Option(help="auto | dali | pillow | pillow-draft")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Decision threshold.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     bootstrap: Annotated[int, typer.Option(help="Patient resamples for CIs; 0: none.")] = 2000,
