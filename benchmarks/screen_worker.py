@@ -32,8 +32,18 @@ def worker(spec_path: Path) -> None:
     spec_path.with_suffix(".result.json").write_text(json.dumps(result))
 
 
+# What the patched factory built in this process, e.g. "Preprocessor" or "PilPreprocessor(draft=2)"
+BUILT: list[str] = []
+
+
 def _patch_runner(cfg: Config) -> None:
-    """Make engine.runner build the wanted preprocessor with the wanted thread count."""
+    """Make engine.runner build the wanted preprocessor with the wanted thread count.
+
+    The Screener is always asked for decoder "dali" (_screen_config), so it calls
+    engine.runner.Preprocessor, replaced here by a factory that builds the configuration's
+    preprocessor (DALI, or Pillow with its draft factor) with its own decode thread count. What it
+    built is recorded in the result, so a configuration cannot silently run another decoder.
+    """
     import engine.runner as runner
     from engine.pipeline import Preprocessor
 
@@ -42,11 +52,13 @@ def _patch_runner(cfg: Config) -> None:
 
     def make(models, *, device="cpu", batch_size, threads):  # noqa: ANN001 - Preprocessor's
         if draft is None:
+            BUILT.append("Preprocessor")
             return Preprocessor(
                 models, device=device, batch_size=batch_size, threads=decode_threads
             )
         from engine.pipeline_pil import PilPreprocessor
 
+        BUILT.append(f"PilPreprocessor(draft={draft})")
         return PilPreprocessor(
             models, device=device, batch_size=batch_size, threads=decode_threads, draft=draft
         )
@@ -63,6 +75,7 @@ def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
         models=Path(models),
         backend="null" if cfg.kind == "null" else "onnxruntime",
         precision=cfg.precision,
+        decoder="dali",  # routes through the patched engine.runner.Preprocessor (_patch_runner)
         batch_size=cfg.batch_size,
         threads=cfg.ort_threads,
         progress=False,
@@ -96,6 +109,7 @@ def _child_screen(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": round(meter.cpu_s, 3),
         "cpu_utilisation": round(meter.utilisation(), 4),
         "warmup_images": len(warm),
+        "preprocessor": sorted(set(BUILT)),
     }
     if spec.get("dev") and cfg.kind == "engine":
         dev = screen(_screen_config(cfg, spec["models"], spec["dev"], out / "dev"))

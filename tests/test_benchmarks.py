@@ -190,6 +190,10 @@ def test_bench_screen_writes_one_line_per_configuration(archive, tiny_models_dir
             assert ratios[key] == pytest.approx(
                 r["result"]["images_per_s"] / other["result"]["images_per_s"], rel=1e-3
             )
+    # each configuration ran the decoder it names (not the engine's default decoder)
+    assert ref["result"]["preprocessor"] == ["Preprocessor"]
+    draft_run = by_name["engine fp32 b4 pillow-draft t2:2"]["result"]
+    assert draft_run["preprocessor"] == ["PilPreprocessor(draft=2)"]
     q = by_name["engine fp32 b4 pillow-draft t2:2"]["quality"]
     assert q["reference"] == ref["config"]["name"]
     assert q["archive"]["images"] == 9 and q["dev"]["images"] == 6
