@@ -197,8 +197,37 @@ def source_images(source: Path) -> list[str]:
     return paths
 
 
+def write_labels(
+    out: Path, results: list[tuple[str, int]], sources: list[str], labels: Path
+) -> int:
+    """OUT/labels.csv: each output image with the label row of the source image it was made from
+    (`path` relative to OUT), so an archive of the labelled dev images can be scored and checked
+    for agreement (benchmarks/quality.py). Returns the number of labelled images."""
+    import csv
+
+    labels = Path(labels)
+    with open(labels, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        by_file = {(labels.parent / r["path"]).resolve(): r for r in reader}
+    rows = []
+    for index, (rel, _) in enumerate(results):
+        row = by_file.get(Path(sources[index % len(sources)]).resolve())
+        if row is not None:
+            rows.append(row | {"path": rel})
+    with open(out / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
 def make_archive(
-    spec: ArchiveSpec, *, workers: int | None = None, tar: Path | None = None
+    spec: ArchiveSpec,
+    *,
+    workers: int | None = None,
+    tar: Path | None = None,
+    labels: Path | None = None,
 ) -> dict[str, Any]:
     """Write the archive; returns the summary also written to OUT/archive.json."""
     for fmt in spec.formats:
@@ -232,6 +261,8 @@ def make_archive(
         "workers": workers,
         "sources": len(sources),
     }
+    if labels is not None:
+        summary["labelled"] = write_labels(out, results, sources, labels)
     (out / "archive.json").write_text(json.dumps(summary, indent=2) + "\n")
     if tar is not None:
         with tarfile.open(tar, "w") as tf:
@@ -262,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, default=default_data_dir() / "images")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--tar", type=Path, default=None, help="also write this uncompressed tar")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="labels CSV of the source images (path relative to it): write OUT/labels.csv",
+    )
     a = p.parse_args(argv)
     spec = ArchiveSpec(
         out=str(a.out),
@@ -273,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         png_compress_level=a.png_compress_level,
         source=str(a.source),
     )
-    summary = make_archive(spec, workers=a.workers, tar=a.tar)
+    summary = make_archive(spec, workers=a.workers, tar=a.tar, labels=a.labels)
     mb = summary["bytes"] / 1e6
     print(
         f"{spec.count} images {summary['counts']} -> {a.out} ({mb:.0f} MB) in "

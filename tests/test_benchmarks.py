@@ -114,6 +114,32 @@ def test_make_archive_is_deterministic(archive, tmp_path):
         assert p.read_bytes() == twin.read_bytes()
 
 
+def test_make_archive_carries_the_source_labels(tmp_path):
+    """--labels: each archive image gets the label row of the real image it was made from."""
+    import csv
+
+    src = dev_images(1)[0].parent  # ../shared/data/cxr-dev/images
+    labels = src.parent / "labels.csv"
+    spec = ArchiveSpec(
+        out=str(tmp_path / "lab"), count=5, formats=("jpeg",), long_side=(64, 80), source=str(src)
+    )
+    summary = make_archive(spec, workers=1, labels=labels)
+    with open(labels, newline="") as f:
+        truth = {Path(r["path"]).stem: r for r in csv.DictReader(f)}
+    with open(tmp_path / "lab" / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["labelled"] == len(rows) == 5
+    for r in rows:
+        made = tmp_path / "lab" / r["path"]
+        assert made.is_file()
+        stem = made.stem.rsplit("-", 1)[0]  # <source-stem>-<index>
+        assert (r["label"], r["patient_id"], r["source"]) == (
+            truth[stem]["label"],
+            truth[stem]["patient_id"],
+            truth[stem]["source"],
+        )
+
+
 def _archive_files(archive: Path) -> list[Path]:
     return sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
 
