@@ -162,8 +162,11 @@ def plan(opts: BenchOptions) -> list[Config]:
         ]
     if "naive" in opts.configs:
         out.append(Config(kind="naive", precision="fp32", ort_threads=t, decode_threads=t))
-    if "null" in opts.configs:
-        out.append(Config(kind="null", batch_size=first_b, decode_threads=t, ort_threads=t))
+    if "null" in opts.configs:  # the harness ceiling of each decoder
+        out += [
+            Config(kind="null", batch_size=first_b, decoder=d, decode_threads=t, ort_threads=t)
+            for d in opts.decoders
+        ]
     if "engine" in opts.configs:
         ref = Config(
             kind="engine", batch_size=first_b, decode_threads=t, ort_threads=t, reference=True

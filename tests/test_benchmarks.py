@@ -189,7 +189,11 @@ def test_bench_screen_writes_one_line_per_configuration(archive, tiny_models_dir
     by_name = {r["config"]["name"]: r for r in lines}
     ok = [r for r in lines if r["status"] == "ok"]
     assert {r["config"]["kind"] for r in ok} == {"model-only", "naive", "null", "engine"}
-    assert len(ok) == 5  # model-only, naive, null, engine dali (reference), engine pillow-draft
+    # model-only, naive, null per decoder (2), engine dali (reference), engine pillow-draft
+    assert len(ok) == 6
+    assert by_name["null fp32 b4 pillow-draft t2:2"]["result"]["preprocessor"] == [
+        "PilPreprocessor(draft=2)"
+    ]
     skipped = [r for r in lines if r["status"] == "skipped"]
     assert skipped and all(r["config"]["precision"] == "int8" and r["reason"] for r in skipped)
     for r in lines:

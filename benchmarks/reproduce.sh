@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Reproduce the README "Performance" tables in one command (about 2 hours on 2 cores, ~20 GB):
+#
+#     bash benchmarks/reproduce.sh MODELS_DIR [WORK_DIR]
+#
+# MODELS_DIR: a trained models directory with FP32 exports (what `cxr train` writes; the shipped
+# engine/models stores float16 weights and computes in float32, the same speed). Archives are
+# made once into WORK_DIR (default /tmp/cxr-perf) from ../shared/data/cxr-dev (CXR_DATA
+# overrides); every benchmark appends JSON lines to benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS=${1:?usage: bash benchmarks/reproduce.sh MODELS_DIR [WORK_DIR]}
+WORK=${2:-/tmp/cxr-perf}
+DATA=${CXR_DATA:-../shared/data/cxr-dev}
+PY=${PYTHON:-python}
+
+make() {  # make OUT ARGS...: an archive, unless it is already complete
+  local out=$1
+  shift
+  [ -f "$out/archive.json" ] || "$PY" -m benchmarks.make_archive --out "$out" "$@"
+}
+make "$WORK/jpeg2000" --count 2000 --formats jpeg
+make "$WORK/devjpeg" --count 288 --formats jpeg --source "$DATA/images" --labels "$DATA/labels.csv"
+make "$WORK/png500" --count 500 --formats png16
+make "$WORK/dicom500" --count 500 --formats dicom
+make "$WORK/mem2000" --count 2000 --formats jpeg --long-side 1024-1536
+make "$WORK/mem20000" --count 20000 --formats jpeg --long-side 1024-1536 --seed 1
+
+bench() { "$PY" -m benchmarks.bench_screen --models "$MODELS" --precision fp32 --batch-size 16 \
+  --naive-limit 100 "$@"; }
+# 1. 2048-3000 px JPEGs; decoder agreement on the dev images re-encoded as such JPEGs
+bench --archive "$WORK/jpeg2000" --decoder dali,pillow,pillow-draft \
+  --dev-images "$WORK/devjpeg/jpeg" --labels "$WORK/devjpeg/labels.csv"
+# 2. 16-bit PNG and DICOM (MONOCHROME1/2), agreement on the real dev images
+bench --archive "$WORK/png500" --decoder dali,pillow
+bench --archive "$WORK/dicom500" --decoder dali,pillow
+# 3. memory: peak RSS of the whole harness (null backend) at 2000 and 20 000 images
+for n in 2000 20000; do
+  bench --archive "$WORK/mem$n" --configs null --decoder pillow-draft,dali --no-quality
+done
+# 4. the similarity index at 10^5 and 10^6 vectors, and `cxr similar` latency
+"$PY" -m benchmarks.bench_usearch --sizes 100000,1000000 --connectivity 16 --models "$MODELS"
