@@ -150,9 +150,13 @@ def test_naive_baseline_matches_engine(archive, tiny_models_dir, tmp_path):
     from engine.runner import screen
 
     files = [p.resolve() for p in dev_images(9)] + _archive_files(archive)
-    summary = screen(
+    summary = screen(  # the engine's reference decoder: the naive loop decodes fully too
         ScreenConfig(
-            inputs=tuple(files), out=tmp_path / "out", models=tiny_models_dir, progress=False
+            inputs=tuple(files),
+            out=tmp_path / "out",
+            models=tiny_models_dir,
+            decoder="dali",
+            progress=False,
         )
     )
     assert summary.ok == len(files)
