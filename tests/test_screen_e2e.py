@@ -598,6 +598,35 @@ def test_every_screened_file_finds_itself_first(screened):
         assert result.neighbours[0].source == str(path)
 
 
+def test_large_indexes_search_approximately_with_the_wider_breadth(screened, monkeypatch):
+    """Above EXACT_SEARCH_UP_TO the HNSW search runs with EXPANSION_SEARCH (not usearch's 64)."""
+    import engine.similar as sim
+    from engine.io import vectors
+
+    seen: list[tuple[int, bool]] = []
+    original = vectors.load_index
+
+    def spying_load(*args, **kwargs):
+        index = original(*args, **kwargs)
+        search = index.search
+
+        def spy(vector, count, exact=False):
+            seen.append((index.expansion_search, exact))
+            return search(vector, count, exact=exact)
+
+        index.search = spy
+        return index
+
+    monkeypatch.setattr(vectors, "load_index", spying_load)
+    key = str(screened.df.filter(pl.col("status") == "ok")["key"][0])
+    exact = sim.similar(screened.out, key, k=3)
+    monkeypatch.setattr(sim, "EXACT_SEARCH_UP_TO", 0)
+    approx = sim.similar(screened.out, key, k=3)
+    assert seen[0][1] is True and seen[1] == (sim.EXPANSION_SEARCH, False)
+    # a small index is searched exhaustively by HNSW at this breadth: the same answer
+    assert [n.key for n in approx.neighbours] == [n.key for n in exact.neighbours]
+
+
 def test_archive_members_are_queried_by_key_and_exclude_themselves(screened):
     from engine.similar import similar
 
