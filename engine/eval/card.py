@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models
+from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models, meets_parity_bar
 
 PAPER = {"accuracy": 0.897, "sensitivity": 0.871, "roc_auc": 0.95, "pr_auc": 0.94}
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc")
@@ -265,10 +265,7 @@ def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
     where = par.get("inputs") or "the labelled images"
     bar = par.get("meets_bar")
     if bar is None and par.get("same_decision") is not None:
-        diff = par.get("roc_auc_diff")
-        bar = par["same_decision"] >= AUTO_MIN_SAME_DECISION and (
-            diff is None or abs(diff) <= AUTO_MAX_AUC_DIFF
-        )
+        bar = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
     verdict = (
         ""
         if bar is None

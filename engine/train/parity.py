@@ -18,12 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.models import Manifest, load_manifest, manifest_path, save_manifest
+from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
 from engine.train.classifier import ClassifierTrainConfig, load_data, load_segmenter
 from engine.train.data import log
 from engine.train.export import int8_parity, ort_run, ort_session
-
-PARITY_BAR = {"same_decision": 0.99, "roc_auc_diff": 0.01}
 
 
 def packed_parity(
@@ -46,11 +44,7 @@ def packed_parity(
     par = {k.replace("int8", got.precision): v for k, v in par.items()}
     par["inputs"] = "unaugmented lung crops of every labelled image (all splits)"
     par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
-    diff = par.get("roc_auc_diff")
-    par["meets_bar"] = bool(
-        par["same_decision"] >= PARITY_BAR["same_decision"]
-        and (diff is None or abs(diff) <= PARITY_BAR["roc_auc_diff"])
-    )
+    par["meets_bar"] = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
     return par
 
 
