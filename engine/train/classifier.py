@@ -48,9 +48,10 @@ from engine.train.data import (
     read_labels,
 )
 from engine.train.export import (
+    PARITY_INPUTS,
     Int8Recipe,
     check_parity,
-    int8_parity,
+    export_parity,
     ort_run,
     ort_session,
     quantize_int8,
@@ -353,8 +354,8 @@ def int8_variant(
     calib = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
     quantize_int8(manifest.onnx_path, path, calib, INT8_RECIPE)
-    parity = int8_parity(fp32, path, data.inputs, data.labels, threshold, cfg.threads)
-    parity["inputs"] = "unaugmented lung crops of every labelled image (all splits)"
+    parity = export_parity(fp32, path, data.inputs, data.labels, threshold, cfg.threads)
+    parity["inputs"] = PARITY_INPUTS
     parity["calibration"] = {"images": len(calib), **INT8_RECIPE.describe()}
     log(
         f"INT8 parity: same decision {parity['same_decision']:.4f}, ROC AUC diff "

@@ -228,17 +228,23 @@ def quantize_int8(
         int8_path.write_bytes(tmp_out.read_bytes())
 
 
-def int8_parity(
+PARITY_INPUTS = "unaugmented lung crops of every labelled image (all splits)"
+
+
+def export_parity(
     ref: dict[str, np.ndarray],
-    int8_path: Path,
+    path: Path,
     x: np.ndarray,
     labels: np.ndarray,
     threshold: float,
     threads: int,
+    *,
+    precision: str = "int8",
 ) -> dict[str, Any]:
-    """INT8 vs FP32 ONNX on the same inputs x (ref: the FP32 ONNX outputs for x): decisions,
-    ROC AUC, probabilities, embeddings."""
-    got = ort_run(ort_session(int8_path, threads), x)
+    """Another export (INT8, float16-stored weights) vs FP32 ONNX on the same inputs x (ref: the
+    FP32 ONNX outputs for x): decisions, ROC AUC of each (keyed by precision), probabilities,
+    embeddings."""
+    got = ort_run(ort_session(path, threads), x)
     p_ref = 1 / (1 + np.exp(-ref["logit"].reshape(-1).astype(np.float64)))
     p_got = 1 / (1 + np.exp(-got["logit"].reshape(-1).astype(np.float64)))
     a, b = ref["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
@@ -249,7 +255,7 @@ def int8_parity(
         "threshold": threshold,
         "same_decision": float(((p_ref >= threshold) == (p_got >= threshold)).mean()),
         "roc_auc_fp32": auc_ref,
-        "roc_auc_int8": auc_got,
+        f"roc_auc_{precision}": auc_got,
         "roc_auc_diff": None if auc_ref is None or auc_got is None else auc_got - auc_ref,
         "prob_max_abs_diff": float(np.abs(p_ref - p_got).max()),
         "embedding_cosine_mean": float(cos.mean()),

@@ -21,7 +21,7 @@ from typing import Any
 from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
 from engine.train.classifier import ClassifierTrainConfig, load_data, load_segmenter
 from engine.train.data import log
-from engine.train.export import int8_parity, ort_run, ort_session
+from engine.train.export import PARITY_INPUTS, export_parity, ort_run, ort_session
 
 
 def packed_parity(
@@ -40,9 +40,16 @@ def packed_parity(
     data, _ = load_data(cfg, load_segmenter(trained))
     log(f"scoring {len(data.inputs)} crops with {ref.onnx_path} and {got.onnx_path}")
     fp32 = ort_run(ort_session(ref.onnx_path, threads), data.inputs)
-    par = int8_parity(fp32, got.onnx_path, data.inputs, data.labels, got.threshold, threads)
-    par = {k.replace("int8", got.precision): v for k, v in par.items()}
-    par["inputs"] = "unaugmented lung crops of every labelled image (all splits)"
+    par = export_parity(
+        fp32,
+        got.onnx_path,
+        data.inputs,
+        data.labels,
+        got.threshold,
+        threads,
+        precision=got.precision,
+    )
+    par["inputs"] = PARITY_INPUTS
     par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
     par["meets_bar"] = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
     return par
