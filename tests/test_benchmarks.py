@@ -392,3 +392,15 @@ def test_exact_top_k_is_exact():
     qq /= np.linalg.norm(qq, axis=1, keepdims=True)
     want = np.argsort(-(qq @ b.T), axis=1)[:, :5]
     assert np.array_equal(keys, want)
+
+
+def test_int8_recipe_names():
+    from benchmarks.int8_recipes import parse_recipe
+
+    assert parse_recipe("minmax").describe()["method"] == "MinMax"
+    r = parse_recipe("percentile-99.99-s8")
+    assert (r.method, r.percentile, r.symmetric_activations) == ("percentile", 99.99, True)
+    assert parse_recipe("entropy-s8").symmetric_activations
+    for bad in ("median", "minmax-99.9", "percentile-1-2"):
+        with pytest.raises(ValueError, match="recipe"):
+            parse_recipe(bad)

@@ -1,0 +1,133 @@
+"""INT8 calibration recipes side by side: parity with FP32 and speed, on a trained classifier.
+
+    python -m benchmarks.int8_recipes --trained TRAINED_DIR --labels LABELS.csv --images ROOT \\
+        [--recipes minmax,percentile,entropy,percentile-99.99,minmax-s8] [--out results.jsonl]
+
+TRAINED_DIR is what `cxr train classifier --out` wrote. Every recipe quantizes the FP32 export
+on the same calibration crops the training uses (engine.train.classifier.calibration_inputs:
+every unaugmented training crop, then augmented ones up to 256), then is scored on the
+unaugmented crops of every labelled image against the FP32 ONNX (engine.train.export's parity
+record: same decision at the manifest's threshold, ROC AUC difference, embedding cosine).
+Speed: img/s of the INT8 and the FP32 sessions on the same 64 crops, one after the other, and
+their ratio. One JSON line per recipe on stdout and appended to --out.
+
+Recipe names: METHOD[-PERCENTILE][-s8] with METHOD minmax | percentile | entropy; "-s8":
+symmetric S8 activations (what TensorRT's explicit quantization needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.models import load_manifest, manifest_path, meets_parity_bar
+from engine.train.classifier import (
+    ClassifierTrainConfig,
+    calibration_inputs,
+    load_data,
+    load_segmenter,
+)
+from engine.train.data import log
+from engine.train.export import (
+    Int8Recipe,
+    export_parity,
+    ort_run,
+    ort_session,
+    quantize_int8,
+)
+
+METHODS = ("minmax", "percentile", "entropy")
+
+
+def parse_recipe(name: str) -> Int8Recipe:
+    parts = name.split("-")
+    method, rest = parts[0], parts[1:]
+    if method not in METHODS:
+        raise ValueError(f"recipe {name!r}: method must be one of {METHODS}")
+    kw: dict[str, Any] = {"method": method}
+    if rest and rest[-1] == "s8":
+        kw["symmetric_activations"] = True
+        rest = rest[:-1]
+    if rest:
+        if method != "percentile" or len(rest) != 1:
+            raise ValueError(f"recipe {name!r}: only percentile takes a number")
+        kw["percentile"] = float(rest[0])
+    return Int8Recipe(**kw)
+
+
+def img_per_s(path: Path, x: np.ndarray, threads: int) -> float:
+    session = ort_session(path, threads)
+    ort_run(session, x[:8])  # warm-up
+    t = time.perf_counter()
+    ort_run(session, x)
+    return len(x) / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trained", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--recipes", default="minmax,percentile,entropy")
+    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    recipes = {name: parse_recipe(name) for name in a.recipes.split(",") if name}
+
+    clf = load_manifest(manifest_path(a.trained, "classifier"))
+    cfg = ClassifierTrainConfig(
+        labels=a.labels,
+        images=a.images,
+        segmenter=a.trained,
+        out=a.trained,
+        arch=clf.architecture,
+        threads=a.threads,
+        seed=a.seed,
+    )
+    data, _ = load_data(cfg, load_segmenter(a.trained))
+    fp32 = ort_run(ort_session(clf.onnx_path, a.threads), data.inputs)
+    calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
+    speed_x = data.inputs[:64]
+    with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
+        for name, recipe in recipes.items():
+            path = Path(tmp) / f"{name}.onnx"
+            log(f"{name}: calibrating on {len(calib)} training crops")
+            t = time.perf_counter()
+            quantize_int8(clf.onnx_path, path, calib, recipe)
+            seconds = time.perf_counter() - t
+            par = export_parity(fp32, path, data.inputs, data.labels, clf.threshold, a.threads)
+            int8_ips = img_per_s(path, speed_x, a.threads)
+            fp32_ips = img_per_s(clf.onnx_path, speed_x, a.threads)
+            row = {
+                "recipe": name,
+                **recipe.describe(),
+                "model": f"{clf.onnx_path} sha256 {clf.sha256[:12]}",
+                "calibration_images": len(calib),
+                "calibration_s": round(seconds, 1),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                **par,
+                "meets_bar": meets_parity_bar(par["same_decision"], par.get("roc_auc_diff")),
+                "int8_img_s": round(int8_ips, 1),
+                "fp32_img_s": round(fp32_ips, 1),
+                "int8_over_fp32": round(int8_ips / fp32_ips, 2),
+                "threads": a.threads,
+            }
+            line = json.dumps(row)
+            print(line, flush=True)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
