@@ -28,13 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.models import load_manifest, manifest_path, meets_parity_bar
-from engine.train.classifier import (
-    ClassifierTrainConfig,
-    calibration_inputs,
-    load_data,
-    load_segmenter,
-)
+from engine.models import meets_parity_bar
+from engine.train.classifier import calibration_inputs
 from engine.train.data import log
 from engine.train.export import (
     Int8Recipe,
@@ -43,6 +38,7 @@ from engine.train.export import (
     ort_session,
     quantize_int8,
 )
+from engine.train.parity import reference_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
 
@@ -84,18 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     recipes = {name: parse_recipe(name) for name in a.recipes.split(",") if name}
 
-    clf = load_manifest(manifest_path(a.trained, "classifier"))
-    cfg = ClassifierTrainConfig(
-        labels=a.labels,
-        images=a.images,
-        segmenter=a.trained,
-        out=a.trained,
-        arch=clf.architecture,
-        threads=a.threads,
-        seed=a.seed,
+    clf, data, fp32 = reference_outputs(
+        a.trained, a.labels, a.images, threads=a.threads, seed=a.seed
     )
-    data, _ = load_data(cfg, load_segmenter(a.trained))
-    fp32 = ort_run(ort_session(clf.onnx_path, a.threads), data.inputs)
     calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
