@@ -264,7 +264,7 @@ def _register_subcommands() -> None:
     from engine.build import build
     from engine.eval.cli import evaluate
     from engine.serve.cli import serve
-    from engine.train.cli import train_classifier, train_segmenter
+    from engine.train.cli import train_classifier, train_int8, train_segmenter
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
@@ -274,6 +274,9 @@ def _register_subcommands() -> None:
         train_segmenter
     )
     train_app.command("classifier", help="Train the ResNet50 on lung crops.")(train_classifier)
+    train_app.command(
+        "int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity)."
+    )(train_int8)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command(
         "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."

@@ -38,12 +38,13 @@ def _require_train_data() -> None:
 
 
 def _train_app() -> typer.Typer:
-    """The commands as the lead registers them: `cxr train segmenter|classifier`."""
-    from engine.train.cli import train_classifier, train_segmenter
+    """The commands as the lead registers them: `cxr train segmenter|classifier|int8`."""
+    from engine.train.cli import train_classifier, train_int8, train_segmenter
 
     app = typer.Typer()
     app.command("segmenter")(train_segmenter)
     app.command("classifier")(train_classifier)
+    app.command("int8")(train_int8)
     return app
 
 
@@ -272,6 +273,13 @@ def test_int8_variant_recorded(trained):
     assert 0.0 <= parity["same_decision"] <= 1.0
     assert -1.0 <= parity["embedding_cosine_min"] <= parity["embedding_cosine_mean"] <= 1.0
     assert parity["embedding_cosine_mean"] > 0.9  # INT8 of the same weights, not another model
+    # held-out: the images of val and test, which calibration and tuning never saw
+    held = sum(c["images"] for k, c in clf.card["splits"]["counts"].items() if k != "train")
+    assert parity["held_out_images"] == held and 0.0 <= parity["same_decision_held_out"] <= 1.0
+    tuning = parity["calibration"]["tuning"]
+    assert tuning["epochs"] == 8 and tuning["images"] == 24
+    assert np.isfinite([tuning["objective_before"], tuning["objective_after"]]).all()
+    assert parity["calibration"]["float_op_types"] == ["GlobalAveragePool", "Flatten", "Gemm"]
     # The engine's variant entry points at the same file, and the engine can run it.
     assert clf.variants["int8"].sha256 == int8["sha256"]
     q = choose_precision(clf, "int8")
@@ -279,6 +287,41 @@ def test_int8_variant_recorded(trained):
     with OnnxRuntimeBackend(q, threads=1) as backend:
         out = backend.infer({"image": np.zeros((2, 1, 64, 64), np.float32)})
     assert out["logit"].shape == (2, 1) and out["embedding"].shape == (2, 64)
+
+
+def test_train_int8_redoes_the_int8_export_only(trained, tmp_path):
+    """`cxr train int8` recalibrates and retunes a trained directory's INT8 export: the FP32
+    model, threshold and split stay; the manifest's int8 entries follow the new file."""
+    import shutil
+
+    from engine.models import load_manifest, sha256_file
+
+    models = tmp_path / "models"
+    shutil.copytree(trained["classifier"], models)
+    before = load_manifest(models / "classifier.json")
+    args = ["int8", "--models", models, "--labels", trained["labels"]]
+    args += ["--images", trained["images"], "--calibration-images", 20]
+    code, out = run_train(*args, "--int8-tune-epochs", 0, "--threads", 1)
+    assert code == 0, out
+    assert "same decision as FP32" in out
+    after = load_manifest(models / "classifier.json")
+    assert (after.sha256, after.threshold) == (before.sha256, before.threshold)
+    int8 = after.card["int8"]
+    assert int8["parity"]["calibration"]["images"] == 20
+    assert int8["parity"]["calibration"]["tuning"] == {"epochs": 0}
+    assert after.variants["int8"].sha256 == int8["sha256"] == sha256_file(models / int8["onnx"])
+    assert after.card["splits"] == before.card["splits"]
+
+    # a split other than the trained one is refused, not silently calibrated on test images
+    splits = models / "splits.csv"
+    lines = splits.read_text().splitlines()
+    flipped = [lines[0]] + [
+        ",".join([*ln.split(",")[:-1], "test" if ln.endswith("train") else "train"])
+        for ln in lines[1:]
+    ]
+    splits.write_text("\n".join(flipped) + "\n")
+    code, out = run_train(*args, "--int8-tune-epochs", 0, "--threads", 1)
+    assert code == 1 and "fall in another split than the classifier was trained on" in out
 
 
 def test_training_crop_equals_served_crop(trained):

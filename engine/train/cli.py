@@ -1,4 +1,4 @@
-"""Typer commands `cxr train segmenter` and `cxr train classifier`.
+"""Typer commands `cxr train segmenter`, `cxr train classifier` and `cxr train int8`.
 
 engine/cli.py registers these functions; they only map options onto a config and call the
 trainer inside engine.cli.fatal_errors, so EngineError becomes a message and exit code 1.
@@ -21,6 +21,13 @@ Precision = Annotated[
     str, typer.Option(help="auto (bf16 where the CPU has AVX512-BF16/AMX) | bf16 | fp32.")
 ]
 Seed = Annotated[int, typer.Option(help="Seed for the patient split, weights and augmentation.")]
+CalibrationImages = Annotated[
+    int, typer.Option(help="Training crops to calibrate (and tune) the INT8 model on.")
+]
+Int8TuneEpochs = Annotated[
+    int,
+    typer.Option(help="Epochs tuning the INT8 weights against FP32 on those crops (0: none)."),
+]
 MaxSteps = Annotated[
     int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
 ]
@@ -108,9 +115,8 @@ def train_classifier(
     hflip: Annotated[
         bool, typer.Option(help="Random horizontal flips (off: anatomy is not symmetric).")
     ] = False,
-    calibration_images: Annotated[
-        int, typer.Option(help="Training crops to calibrate the INT8 model on.")
-    ] = 256,
+    calibration_images: CalibrationImages = 256,
+    int8_tune_epochs: Int8TuneEpochs = 8,
     threads: Threads = None,
     precision: Precision = "auto",
 ) -> None:
@@ -137,7 +143,40 @@ def train_classifier(
                 patience=patience,
                 hflip=hflip,
                 calibration_images=calibration_images,
+                int8_tune_epochs=int8_tune_epochs,
                 threads=_threads(threads),
                 precision=precision,
             )
+        )
+
+
+def train_int8(
+    models: Annotated[
+        Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
+    ],
+    labels: Annotated[Path, typer.Option(help="The labels CSV the classifier was trained on.")],
+    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    calibration_images: CalibrationImages = 256,
+    int8_tune_epochs: Int8TuneEpochs = 8,
+    threads: Threads = None,
+) -> None:
+    """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
+    from engine.cli import fatal_errors
+
+    with fatal_errors():
+        _require_torch()
+        from engine.train.classifier import requantize_int8
+
+        m = requantize_int8(
+            models,
+            labels,
+            images,
+            calibration_images=calibration_images,
+            int8_tune_epochs=int8_tune_epochs,
+            threads=_threads(threads),
+        )
+        par = m.variants["int8"].parity
+        typer.echo(
+            f"{m.directory / m.variants['int8'].onnx}: same decision as FP32 "
+            f"{par['same_decision']:.4f}, ROC AUC diff {par['roc_auc_diff']}"
         )

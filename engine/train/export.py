@@ -258,20 +258,30 @@ def export_parity(
     threads: int,
     *,
     precision: str = "int8",
+    held_out: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Another export (INT8, float16-stored weights) vs FP32 ONNX on the same inputs x (ref: the
     FP32 ONNX outputs for x): decisions, ROC AUC of each (keyed by precision), probabilities,
-    embeddings."""
+    embeddings. held_out: a mask of the inputs no calibration or tuning saw; their same-decision
+    rate is reported apart."""
     got = ort_run(ort_session(path, threads), x)
     p_ref = 1 / (1 + np.exp(-ref["logit"].reshape(-1).astype(np.float64)))
     p_got = 1 / (1 + np.exp(-got["logit"].reshape(-1).astype(np.float64)))
     a, b = ref["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     auc_ref, auc_got = roc_auc(p_ref, labels), roc_auc(p_got, labels)
+    same = (p_ref >= threshold) == (p_got >= threshold)
+    extra: dict[str, Any] = {}
+    if held_out is not None and held_out.any():
+        extra = {
+            "held_out_images": int(held_out.sum()),
+            "same_decision_held_out": float(same[held_out].mean()),
+        }
     return {
         "images": len(x),
         "threshold": threshold,
-        "same_decision": float(((p_ref >= threshold) == (p_got >= threshold)).mean()),
+        "same_decision": float(same.mean()),
+        **extra,
         "roc_auc_fp32": auc_ref,
         f"roc_auc_{precision}": auc_got,
         "roc_auc_diff": None if auc_ref is None or auc_got is None else auc_got - auc_ref,

@@ -1,0 +1,120 @@
+"""INT8 weight tuning: the torch mirror computes what ONNX Runtime computes for the QDQ graph,
+writes back exactly what it holds, and tuning brings the INT8 outputs closer to FP32 while
+changing integer values only."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime.quantization")
+
+from engine.arch import tiny_classifier  # noqa: E402
+from engine.errors import ConfigError, ModelError  # noqa: E402
+from engine.train.export import Int8Recipe, ort_run, ort_session, quantize_int8  # noqa: E402
+from engine.train.int8_tune import Int8Tuning, QDQMirror, tune_int8  # noqa: E402
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 1, 64, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    fp32, int8 = d / "fp32.onnx", d / "int8.onnx"
+    onnx.save(tiny_classifier(seed=3), str(fp32))
+    quantize_int8(fp32, int8, _images(64, seed=1), Int8Recipe(method="minmax"))
+    return fp32, int8
+
+
+def _step(path) -> float:
+    """The largest quantization step of a QuantizeLinear output: one step of disagreement
+    is what different float summation orders can give."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return max(float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear")
+
+
+def test_mirror_matches_onnxruntime(models):
+    _, int8 = models
+    x = _images(16, seed=2)
+    got = ort_run(ort_session(int8, 1), x)
+    mirror = QDQMirror(onnx.load(str(int8))).eval()
+    with torch.no_grad():
+        got_torch = [o.numpy() for o in mirror(torch.from_numpy(x))]
+    outs = dict(zip(mirror.output_names, got_torch, strict=True))
+    step = _step(int8)
+    for name in ("logit", "embedding"):
+        diff = np.abs(outs[name] - got[name])
+        assert diff.max() <= 1.01 * step, (name, diff.max(), step)
+        assert (diff > 1e-6).mean() < 0.05, name  # nearly all values identical
+
+
+def test_export_without_steps_is_the_same_model(models):
+    _, int8 = models
+    model = onnx.load(str(int8))
+    again = QDQMirror(model).export()
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}
+    assert before.keys() == after.keys()
+    for name, arr in before.items():
+        assert after[name].dtype == arr.dtype, name
+        np.testing.assert_array_equal(after[name], arr, err_msg=name)
+
+
+def test_tuning_moves_int8_toward_fp32_and_changes_integers_only(models, tmp_path):
+    fp32, int8 = models
+    path = tmp_path / "tuned.onnx"
+    path.write_bytes(int8.read_bytes())
+    calib = _images(48, seed=4)
+    ref = ort_run(ort_session(fp32, 1), calib)
+    record = tune_int8(path, calib, ref, Int8Tuning(epochs=40, lr=0.05, batch=16), threads=1)
+    assert record["objective_after"] < 0.8 * record["objective_before"], record
+    assert record["images"] == 48 and record["epochs"] == 40
+
+    # Held-out inputs: closer to FP32 than before tuning.
+    x = _images(64, seed=9)
+    want = ort_run(ort_session(fp32, 1), x)
+    err = {
+        name: np.abs(ort_run(ort_session(p, 1), x)["logit"] - want["logit"]).mean()
+        for name, p in (("before", int8), ("after", path))
+    }
+    assert err["after"] < err["before"], err
+
+    old, new = onnx.load(str(int8)), onnx.load(str(path))
+    assert [n.SerializeToString() for n in old.graph.node] == [
+        n.SerializeToString() for n in new.graph.node
+    ]
+    a = {t.name: numpy_helper.to_array(t) for t in old.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    changed = [n for n in a if not np.array_equal(a[n], b[n])]
+    assert changed, "tuning changed nothing"
+    for name in changed:  # weights and biases only; scales and zero points as calibrated
+        assert not name.endswith(("_scale", "_zero_point")), name
+        assert b[name].dtype == a[name].dtype, name
+    moved = [np.abs(b[n].astype(np.int64) - a[n]).max() for n in changed if a[n].dtype == np.int8]
+    assert moved and max(moved) >= 1
+
+
+def test_no_epochs_leaves_the_file_alone(models, tmp_path):
+    _, int8 = models
+    path = tmp_path / "same.onnx"
+    path.write_bytes(int8.read_bytes())
+    assert tune_int8(path, _images(4), {}, Int8Tuning(epochs=0), threads=1) == {"epochs": 0}
+    assert path.read_bytes() == int8.read_bytes()
+
+
+def test_unmirrored_ops_and_bad_settings_are_refused():
+    x = helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("logit", onnx.TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["image"], ["logit"])], "g", [x], [y])
+    with pytest.raises(ModelError, match="not mirrored: Sigmoid"):
+        QDQMirror(helper.make_model(graph))
+    with pytest.raises(ConfigError, match="epochs"):
+        Int8Tuning(epochs=-1)
+    with pytest.raises(ConfigError, match="lr"):
+        Int8Tuning(lr=0)
