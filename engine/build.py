@@ -35,7 +35,14 @@ from typing import Annotated, Any
 import typer
 
 from engine.errors import BackendUnavailable, ConfigError, EngineError, ModelError
-from engine.models import Manifest, TensorSpec, choose_precision, load_manifest, sha256_file
+from engine.models import (
+    FLOAT_COMPUTE,
+    Manifest,
+    TensorSpec,
+    choose_precision,
+    load_manifest,
+    sha256_file,
+)
 from engine.runtime import cuda
 from engine.runtime.tensorrt import (
     GPU_EXTRA_HINT,
@@ -121,8 +128,8 @@ def build_targets(models_dir: Path, precision: str) -> list[Target]:
             else:
                 plan_precision = "fp16"
                 note = f"the {role} has no INT8 (QDQ) export: built FP16"
-        elif m.precision != "fp32":  # fp32/fp16 plans start from the reference export
-            m = choose_precision(m, "fp32")
+        elif m.precision != "fp32":
+            m = float_export(m)
         actual = sha256_file(m.onnx_path) if m.onnx_path.is_file() else None
         if actual is None:
             raise ModelError(f"{m.onnx_path}: ONNX file named by {role}.json is missing")
@@ -174,6 +181,35 @@ def format_parser_errors(onnx_path: Path, parser: Any) -> str:
         f"{onnx_path}: TensorRT's ONNX parser reported {count} error{'s' if count != 1 else ''}:\n"
         + "\n".join(lines)
     )
+
+
+def float_export(m: Manifest) -> Manifest:
+    """The export fp32/fp16 plans build from: FP32 where it ships, else the FP32 weights stored
+    as float16 or INT8 (w8), never the QDQ export (its activations are quantized)."""
+    for precision in FLOAT_COMPUTE:
+        if precision == m.precision or precision in m.variants:
+            return choose_precision(m, precision)
+    raise ModelError(
+        f"{m.directory / (m.role + '.json')}: only its {m.precision} export ships, and float "
+        "plans need the FP32 weights (fp32, fp16 or w8 export): pass --models a `cxr train` "
+        "directory, or re-pack with `python -m engine.eval.release` (it adds a w8 export)"
+    )
+
+
+def parse_source(m: Manifest, plans_dir: Path) -> Path:
+    """The ONNX file TensorRT parses for this manifest: the export itself, or for INT8-stored
+    weights (w8) a copy with the weights folded to float32 in plans_dir (float plans want
+    float weights; TensorRT's weight-only dequantization does not cover convolutions)."""
+    if m.precision != "w8":
+        return m.onnx_path
+    import onnx
+
+    from engine.models import float_weights
+
+    path = Path(plans_dir) / f"{m.onnx_path.stem}.float32.onnx"
+    model = float_weights(onnx.load(str(m.onnx_path)))
+    _atomic_write(path, model.SerializeToString())
+    return path
 
 
 def qdq_problems(onnx_path: Path) -> list[str]:
@@ -259,8 +295,9 @@ def _build_one(
     network = builder.create_network(flags)  # TensorRT 10: always explicit batch
     parser = trt.OnnxParser(network, trt_logger(trt))
     # parse_from_file resolves external weights next to the ONNX file
-    if not parser.parse_from_file(str(m.onnx_path)):
-        raise ModelError(format_parser_errors(m.onnx_path, parser))
+    source = parse_source(m, options.plans_dir)
+    if not parser.parse_from_file(str(source)):
+        raise ModelError(format_parser_errors(source, parser))
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)

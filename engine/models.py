@@ -68,7 +68,10 @@ class Variant:
 # (ARCHITECTURE.md habit 2; the same bar as the throughput issue's parity rule).
 AUTO_MIN_SAME_DECISION = 0.99
 AUTO_MAX_AUC_DIFF = 0.01
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+# fp16 / w8: the FP32 model's weights stored as float16 / per-channel INT8, computed in float32
+# (what TensorRT's float plans build from when no FP32 export ships); int8: the QDQ export.
+PRECISIONS = ("auto", "fp32", "fp16", "w8", "int8")
+FLOAT_COMPUTE = ("fp32", "fp16", "w8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,10 +273,10 @@ def choose_precision(m: Manifest, precision: str) -> Manifest:
     if precision not in PRECISIONS:
         raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
-        good = [n for n, v in m.variants.items() if _parity_ok(v.parity)]
-        if not good or m.precision in good:
+        int8 = m.variants.get("int8")
+        if m.precision == "int8" or int8 is None or not _parity_ok(int8.parity):
             return m
-        precision = "int8" if "int8" in good else good[0]
+        precision = "int8"
     if precision == m.precision:
         return m
     v = m.variants.get(precision)
@@ -498,9 +501,93 @@ def fp16_weights(model: Any, *, min_elements: int = 1024) -> Any:
     return model
 
 
+def w8_weights(model: Any, *, min_elements: int = 1024) -> Any:
+    """The same graph with the large Conv/Gemm weights stored as symmetric per-output-channel
+    INT8 + a DequantizeLinear back to float32 (about a quarter of the file; compute stays
+    float32). `float_weights` undoes the storage for consumers that want plain float weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    axis_of: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1:
+            axis_of[node.input[1]] = 0
+        elif node.op_type == "Gemm" and len(node.input) > 1:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            axis_of[node.input[1]] = 0 if trans_b else 1
+    kept, dqs = [], []
+    for init in graph.initializer:
+        axis = axis_of.get(init.name)
+        if axis is None or init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements:
+            kept.append(init)
+            continue
+        w = numpy_helper.to_array(init).astype(np.float64)
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        scale = np.abs(w).max(axis=other) / 127.0
+        scale[scale == 0] = 1.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        names = [f"{init.name}__w8", f"{init.name}__w8_scale", f"{init.name}__w8_zero_point"]
+        kept += [
+            numpy_helper.from_array(q, names[0]),
+            numpy_helper.from_array(scale.astype(np.float32), names[1]),
+            numpy_helper.from_array(np.zeros(len(scale), np.int8), names[2]),
+        ]
+        dqs.append(helper.make_node("DequantizeLinear", names, [init.name], axis=axis))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dqs + nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
+def float_weights(model: Any) -> Any:
+    """The same graph with every DequantizeLinear of a stored initializer (w8 weights) folded
+    into a float32 initializer: what TensorRT's float plans parse. Activation Q/DQ pairs are
+    left alone (a QDQ export is not a float model)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    folded, nodes = [], []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
+            nodes.append(node)
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zp = (
+            numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros(())
+        )
+        if scale.ndim == 1 and scale.size > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape) if zp.ndim else zp
+        folded.append(
+            numpy_helper.from_array(((q - zp) * scale).astype(np.float32), node.output[0])
+        )
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + folded)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
 def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
-    """A lean copy of a models directory for shipping: the chosen classifier export only
-    (``int8``: its QDQ variant; ``fp16``: float16-stored weights), the segmenter as is.
+    """A lean copy of a models directory for shipping: the chosen classifier export
+    (``int8``: its QDQ variant, with a w8 variant, the FP32 weights stored as INT8, that
+    TensorRT's float plans build from; ``fp16``: float16-stored weights), the segmenter as is.
 
     The manifests keep the training card, including the INT8 parity measured against FP32.
     """
@@ -521,12 +608,14 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
         if variant is None:
             raise ModelError(f"{src}: the classifier has no int8 export to pack")
         shutil.copy2(clf.directory / variant.onnx, out / variant.onnx)
+        w8 = replace(clf, onnx="classifier.w8.onnx", precision="w8", variants={}, card=card)
+        w8 = export_model(w8_weights(onnx.load(str(clf.onnx_path))), out, w8)
         packed = replace(
             clf,
             onnx=variant.onnx,
             sha256=variant.sha256,
             precision="int8",
-            variants={},
+            variants={"w8": Variant(onnx=w8.onnx, sha256=w8.sha256)},
             card=card,
             directory=out,
         )

@@ -9,12 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from engine.build import (
     BuildConfig,
     build_targets,
     format_parser_errors,
+    parse_source,
     profile_shapes,
     qdq_problems,
 )
@@ -24,6 +26,7 @@ from engine.models import (
     Variant,
     init_models,
     load_manifest,
+    pack_models,
     save_manifest,
     sha256_file,
 )
@@ -44,6 +47,13 @@ def add_int8_variant(directory: Path, role: str, onnx_name: str) -> Path:
         directory,
     )
     return path
+
+
+def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
 
 
 # --------------------------------------------------------------------------- options
@@ -94,6 +104,43 @@ def test_int8_compiles_the_qdq_variant_strongly_typed_and_fp16_where_there_is_no
     assert not seg.strongly_typed and "no INT8 (QDQ) export: built FP16" in seg.note
     # and fp16 still starts from the fp32 reference, not the variant
     assert build_targets(models, "fp16")[1].manifest.onnx == "classifier.onnx"
+
+
+def test_float_plans_of_a_packed_release_compile_its_float_weights(models, tmp_path):
+    """A release ships no FP32 export: fp16/fp32 plans build from the float16-stored (fp16)
+    or INT8-stored (w8) weights, never from the QDQ export."""
+    add_int8_variant(models, "classifier", "classifier.int8.onnx")
+    for precision in ("fp16", "int8"):
+        packed = tmp_path / precision
+        pack_models(models, packed, classifier_precision=precision)
+        clf = build_targets(packed, "fp16")[1]
+        want = {"fp16": "classifier.fp16.onnx", "int8": "classifier.w8.onnx"}[precision]
+        assert clf.manifest.onnx == want and clf.precision == "fp16"
+        assert clf.manifest.sha256 == sha256_file(packed / want)
+        assert (
+            build_targets(packed, "int8")[1].manifest.onnx
+            == {
+                "fp16": "classifier.fp16.onnx",
+                "int8": "classifier.int8.onnx",
+            }[precision]
+        )
+    # w8: TensorRT parses a copy with the weights folded to float32, beside the plans
+    w8 = build_targets(tmp_path / "int8", "fp32")[1].manifest
+    source = parse_source(w8, tmp_path / "plans")
+    assert source.parent == tmp_path / "plans" and source != w8.onnx_path
+    folded = onnx.load(str(source))
+    assert "DequantizeLinear" not in {n.op_type for n in folded.graph.node}
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 64, 64)).astype(np.float32)
+    want, got = (_run(p, x) for p in (w8.onnx_path, source))
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # a release with only its QDQ export cannot make float plans, and says so
+    only = tmp_path / "int8-only"
+    shutil.copytree(tmp_path / "int8", only)
+    m = load_manifest(only / "classifier.json", verify=False)
+    save_manifest(replace(m, variants={}), only)
+    with pytest.raises(ModelError, match="only its int8 export ships, and float plans need"):
+        build_targets(only, "fp16")
 
 
 def test_a_replaced_onnx_is_refused_before_building(models):

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -267,3 +268,49 @@ def test_no_models_installed_points_at_models_init(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "cxr models init" in msg and "--models" in msg
     assert str(tmp_path / "packaged") in msg
+
+
+def test_w8_weights_store_int8_and_stay_close_to_fp32(pristine, tmp_path):
+    """w8: the FP32 weights stored as per-channel INT8 (a quarter of the size), float compute;
+    float_weights folds them back into float32 initializers."""
+    import onnx
+    import onnxruntime as ort
+
+    from engine.models import float_weights, w8_weights
+
+    clf = pristine[1].classifier
+    fp32 = onnx.load(str(clf.onnx_path))
+    w8 = w8_weights(onnx.load(str(clf.onnx_path)), min_elements=16)
+    assert "DequantizeLinear" in {n.op_type for n in w8.graph.node}
+    assert len(w8.SerializeToString()) < 0.5 * len(fp32.SerializeToString())
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 1, 64, 64)).astype(np.float32)
+
+    def run(model):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(["embedding"], {"image": x})[0]
+
+    a, b = run(fp32), run(w8)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.999, cos
+    folded = float_weights(w8)
+    assert "DequantizeLinear" not in {n.op_type for n in folded.graph.node}
+    np.testing.assert_allclose(run(folded), b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_precision_takes_int8_only_where_its_parity_holds(pristine):
+    from dataclasses import replace as _replace
+
+    from engine.models import Variant, choose_precision
+
+    clf = pristine[1].classifier
+    good = {"same_decision": 0.995, "roc_auc_diff": -0.002}
+    bad = {"same_decision": 0.95, "roc_auc_diff": -0.002}
+    v = {"int8": Variant(onnx="q.onnx", sha256="a" * 64, parity=good)}
+    assert choose_precision(_replace(clf, variants=v), "auto").precision == "int8"
+    v["int8"] = Variant(onnx="q.onnx", sha256="a" * 64, parity=bad)
+    assert choose_precision(_replace(clf, variants=v), "auto").precision == "fp32"
+    # a shipped INT8 classifier with its w8 export: auto keeps the INT8 one
+    w8 = {"w8": Variant(onnx="w.onnx", sha256="b" * 64, parity=good)}
+    shipped = _replace(clf, precision="int8", variants=w8)
+    assert choose_precision(shipped, "auto").precision == "int8"
+    assert choose_precision(shipped, "w8").onnx == "w.onnx"

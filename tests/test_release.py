@@ -231,7 +231,11 @@ def test_int8_release_removes_the_fp16_file(released, tmp_path):
     removed = install(staging, out)
     assert removed == ["classifier.fp16.onnx"]
     assert load_models(out, precision="auto").classifier.precision == "int8"
-    assert sorted(p.name for p in out.glob("*.onnx")) == ["classifier.int8.onnx", "segmenter.onnx"]
+    assert sorted(p.name for p in out.glob("*.onnx")) == [
+        "classifier.int8.onnx",
+        "classifier.w8.onnx",
+        "segmenter.onnx",
+    ]
 
 
 def test_held_out_labels_refuses_splits_of_other_data(released, tmp_path):

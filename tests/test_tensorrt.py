@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from enum import IntEnum
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pytest
 from gpu_utils import requires_cupy, requires_tensorrt
 
 from engine.errors import BackendUnavailable, ModelError
-from engine.models import ModelSet, init_models
+from engine.models import ModelSet, Variant, init_models
 from engine.runtime import cuda, resolve_backend
 from engine.runtime.tensorrt import (
     PLAN_FORMAT,
@@ -284,6 +285,15 @@ def test_fastest_matching_plan_wins_unless_a_precision_is_asked(tiny, tmp_path):
     assert find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100).precision == "fp16"
     pm = find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100, precision="fp32")
     assert pm.precision == "fp32"
+
+
+def test_plans_of_another_export_the_manifest_lists_serve_it(tiny, tmp_path):
+    """A release that ships INT8 lists its w8 export: fp16 plans built from that one serve."""
+    clf = replace(tiny.classifier, variants={"w8": Variant(onnx="c.w8.onnx", sha256="e" * 64)})
+    fake_plan(tmp_path, "classifier", "fp16", onnx_sha256="e" * 64)
+    assert find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100).precision == "fp16"
+    with pytest.raises(ModelError, match="built from an ONNX with sha256 eeeeeeeeeeeeeeee"):
+        find_plan(tmp_path, tiny.classifier, tensorrt_version=TRT, gpu=H100)
 
 
 @pytest.mark.parametrize(

@@ -259,9 +259,15 @@ def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
         "fp16": "stores its weights as float16 and computes in float32",
         "int8": "is the INT8 QDQ export",
     }.get(precision, f"is the {precision} export")
-    first = (
-        f"The shipped classifier {what}." if shipped else f"The {precision} export is not shipped."
-    )
+    if shipped:
+        first = f"The shipped classifier {what}."
+    elif precision == "w8":
+        first = (
+            "The w8 export ships beside it (the FP32 weights stored as per-channel INT8, "
+            "computed in float32): TensorRT's fp16/fp32 plans build from it."
+        )
+    else:
+        first = f"The {precision} export is not shipped."
     where = par.get("inputs") or "the labelled images"
     bar = par.get("meets_bar")
     if bar is None and par.get("same_decision") is not None:
@@ -274,7 +280,15 @@ def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
     )
     return (
         f"{first} Against the FP32 export on {par.get('images', '?')} images, {where}: "
-        f"same decision {_num(par.get('same_decision'), '.3f')}, "
+        f"same decision {_num(par.get('same_decision'), '.3f')}"
+        + (
+            f" ({_num(par['same_decision_held_out'], '.3f')} on the "
+            f"{par.get('held_out_images', '?')} validation and test images, which neither "
+            "calibration nor tuning saw)"
+            if par.get("same_decision_held_out") is not None
+            else ""
+        )
+        + ", "
         f"max |prob diff| {_num(par.get('prob_max_abs_diff'), '.1e')}, "
         f"ROC AUC diff {_num(par.get('roc_auc_diff'), '.1e')}, "
         f"embedding cosine mean {_num(par.get('embedding_cosine_mean'), '.6f')}, "
@@ -357,7 +371,8 @@ def render(
             "",
             *metrics_table(ev_shipped),
         ]
-    for precision in (clf.precision, *(p for p in ("fp16", "int8") if p != clf.precision)):
+    others = (p for p in ("fp16", "w8", "int8") if p != clf.precision)
+    for precision in (clf.precision, *others):
         par = (card.get(precision) or {}).get("parity")
         if par:
             out += ["", parity_line(precision, par, shipped=precision == clf.precision)]

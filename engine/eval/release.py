@@ -137,12 +137,13 @@ def pack(trained: Path, staging: Path, precision: str) -> None:
 def record_packed_parity(
     trained: Path, packed: Path, labels: Path, images: Path, threads: int
 ) -> dict[str, Any]:
-    """engine.train.parity on the packed classifier, recorded in its card."""
+    """engine.train.parity on the packed classifier (and its variants), recorded in its card;
+    returns the shipped export's."""
     from engine.train.parity import packed_parity, record_parity  # torch: the train extra
 
-    par = packed_parity(trained, packed, labels, images, threads=threads)
-    record_parity(packed, par)
-    return par
+    pars = packed_parity(trained, packed, labels, images, threads=threads)
+    m = record_parity(packed, pars)
+    return pars[m.precision]
 
 
 def _norm(p: str) -> str:

@@ -211,12 +211,14 @@ def find_plan(
             + ("" if plans_dir == default_plans_dir(manifest.directory) else f" --out {plans_dir}")
             + "`"
         )
+    # A plan may come from any export the manifest lists (e.g. fp16 plans from the w8 variant
+    # of a classifier that ships INT8).
+    exports = {manifest.sha256, *(v.sha256 for v in manifest.variants.values())}
     refusals = []
     for _, path in candidates:
         pm = read_plan_manifest(path)
-        problems = plan_problems(
-            pm, onnx_sha256=manifest.sha256, tensorrt_version=tensorrt_version, gpu=gpu
-        )
+        sha = pm.onnx_sha256 if pm.onnx_sha256 in exports else manifest.sha256
+        problems = plan_problems(pm, onnx_sha256=sha, tensorrt_version=tensorrt_version, gpu=gpu)
         if pm.role != manifest.role:
             problems.append(f"it is a plan for the {pm.role}, not the {manifest.role}")
         if not problems:

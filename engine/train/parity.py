@@ -6,8 +6,10 @@
 Both classifiers score the same served lung crops of every labelled image (the engine pipeline,
 the trained segmenter, engine.stages.crop: exactly what `cxr train classifier` measures INT8
 parity on), and the packed export is compared with the FP32 one: same decision at the manifest's
-threshold, ROC AUC of each, probabilities, embedding cosine. --write records the result in the
-packed manifest's card under its precision (e.g. card["fp16"]["parity"]); the ONNX is unchanged.
+threshold, ROC AUC of each, probabilities, embedding cosine; each export the packed manifest
+lists (its own and its variants) is measured. --write records the results in the packed
+manifest's card under each precision (e.g. card["fp16"]["parity"]) and in the variant entries;
+the ONNX files are unchanged.
 """
 
 from __future__ import annotations
@@ -49,30 +51,46 @@ def reference_outputs(
 
 def packed_parity(
     trained: Path, packed: Path, labels: Path, images: Path, *, threads: int = 2
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """Parity with the FP32 export of each export the packed classifier lists (its own and
+    its variants, e.g. the w8 one a release with INT8 carries), keyed by precision."""
     got = load_manifest(manifest_path(packed, "classifier"))
     ref, data, fp32 = reference_outputs(trained, labels, images, threads=threads)
-    par = export_parity(
-        fp32,
-        got.onnx_path,
-        data.inputs,
-        data.labels,
-        got.threshold,
-        threads,
-        precision=got.precision,
-    )
-    par["inputs"] = PARITY_INPUTS
-    par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
-    par["meets_bar"] = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
-    return par
+    exports = {got.precision: got.onnx_path} | {
+        p: got.directory / v.onnx for p, v in got.variants.items()
+    }
+    out = {}
+    for precision, path in exports.items():
+        log(f"parity of {path} ({precision}) with the FP32 export")
+        par = export_parity(
+            fp32,
+            path,
+            data.inputs,
+            data.labels,
+            got.threshold,
+            threads,
+            precision=precision,
+            held_out=data.split != "train",
+        )
+        par["inputs"] = PARITY_INPUTS
+        par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
+        par["meets_bar"] = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
+        out[precision] = par
+    return out
 
 
-def record_parity(packed: Path, par: dict[str, Any]) -> Manifest:
-    """Record `par` in the packed classifier manifest's card under its precision
-    (card[precision] = {..., "onnx": ..., "parity": par}); the ONNX is unchanged."""
+def record_parity(packed: Path, pars: dict[str, dict[str, Any]]) -> Manifest:
+    """Record each export's parity in the packed classifier manifest's card under its
+    precision (card[precision] = {..., "onnx": ..., "parity": par}) and in its variant entry;
+    the ONNX files are unchanged."""
     m = load_manifest(manifest_path(packed, "classifier"))
-    entry = dict(m.card.get(m.precision, {})) | {"onnx": m.onnx, "parity": par}
-    recorded = replace(m, card=dict(m.card) | {m.precision: entry})
+    card, variants = dict(m.card), dict(m.variants)
+    for precision, par in pars.items():
+        onnx = m.onnx if precision == m.precision else variants[precision].onnx
+        card[precision] = dict(card.get(precision, {})) | {"onnx": onnx, "parity": par}
+        if precision in variants:
+            variants[precision] = replace(variants[precision], parity=par)
+    recorded = replace(m, card=card, variants=variants)
     save_manifest(recorded, packed)
     return recorded
 
@@ -86,10 +104,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true", help="record it in the packed card")
     a = p.parse_args()
-    par = packed_parity(a.models, a.packed, a.labels, a.images, threads=a.threads)
-    print(json.dumps(par, indent=2))
+    pars = packed_parity(a.models, a.packed, a.labels, a.images, threads=a.threads)
+    print(json.dumps(pars, indent=2))
     if a.write:
-        record_parity(a.packed, par)
+        record_parity(a.packed, pars)
 
 
 if __name__ == "__main__":
