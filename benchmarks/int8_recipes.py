@@ -1,7 +1,8 @@
 """INT8 calibration recipes side by side: parity with FP32 and speed, on a trained classifier.
 
     python -m benchmarks.int8_recipes --trained TRAINED_DIR --labels LABELS.csv --images ROOT \\
-        [--recipes minmax,percentile,entropy,percentile-99.99,minmax-s8] [--out results.jsonl]
+        [--recipes minmax,percentile,percentile-head,percentile-head-t8,minmax-s8] \
+        [--out results.jsonl]
 
 TRAINED_DIR is what `cxr train classifier --out` wrote. Every recipe quantizes the FP32 export
 on the same calibration crops the training uses (engine.train.classifier.calibration_inputs:
@@ -11,8 +12,12 @@ record: same decision at the manifest's threshold, ROC AUC difference, embedding
 Speed: img/s of the INT8 and the FP32 sessions on the same 64 crops, one after the other, and
 their ratio. One JSON line per recipe on stdout and appended to --out.
 
-Recipe names: METHOD[-PERCENTILE][-s8] with METHOD minmax | percentile | entropy; "-s8":
-symmetric S8 activations (what TensorRT's explicit quantization needs).
+Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS] with METHOD minmax | percentile |
+entropy; "-head": the head (pool, flatten, Gemm) left in float; "-s8": symmetric S8 activations
+(what TensorRT's explicit quantization needs); "-tEPOCHS": then the integer weights tuned
+against FP32 for that many epochs on the calibration crops (engine/train/int8_tune.py). The
+training default is percentile-head-t8. Parity rows also give the same decision on the held-out
+(validation + test) images alone, which neither calibration nor tuning saw.
 """
 
 from __future__ import annotations
@@ -38,25 +43,40 @@ from engine.train.export import (
     ort_session,
     quantize_int8,
 )
+from engine.train.int8_tune import Int8Tuning, tune_int8
 from engine.train.parity import reference_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
 
 
-def parse_recipe(name: str) -> Int8Recipe:
+HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")
+
+
+def parse_recipe(name: str) -> tuple[Int8Recipe, int]:
+    """The calibration recipe and the tuning epochs (0: none) a recipe name stands for."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     if method not in METHODS:
         raise ValueError(f"recipe {name!r}: method must be one of {METHODS}")
     kw: dict[str, Any] = {"method": method}
+    epochs = 0
+    if rest and rest[-1].startswith("t") and rest[-1][1:].isdigit():
+        epochs = int(rest[-1][1:])
+        rest = rest[:-1]
     if rest and rest[-1] == "s8":
         kw["symmetric_activations"] = True
+        rest = rest[:-1]
+    if rest and rest[-1] == "head":
+        kw["exclude_op_types"] = HEAD_OPS
         rest = rest[:-1]
     if rest:
         if method != "percentile" or len(rest) != 1:
             raise ValueError(f"recipe {name!r}: only percentile takes a number")
-        kw["percentile"] = float(rest[0])
-    return Int8Recipe(**kw)
+        try:
+            kw["percentile"] = float(rest[0])
+        except ValueError:
+            raise ValueError(f"recipe {name!r}: {rest[0]!r} is not a percentile") from None
+    return Int8Recipe(**kw), epochs
 
 
 def img_per_s(path: Path, x: np.ndarray, threads: int) -> float:
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     recipes = {name: parse_recipe(name) for name in a.recipes.split(",") if name}
+    teacher: dict[str, np.ndarray] | None = None
 
     clf, data, fp32 = reference_outputs(
         a.trained, a.labels, a.images, threads=a.threads, seed=a.seed
@@ -86,13 +107,27 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
-        for name, recipe in recipes.items():
+        for name, (recipe, epochs) in recipes.items():
             path = Path(tmp) / f"{name}.onnx"
             log(f"{name}: calibrating on {len(calib)} training crops")
             t = time.perf_counter()
             quantize_int8(clf.onnx_path, path, calib, recipe)
             seconds = time.perf_counter() - t
-            par = export_parity(fp32, path, data.inputs, data.labels, clf.threshold, a.threads)
+            tuned: dict[str, Any] = {"epochs": 0}
+            if epochs:
+                if teacher is None:
+                    teacher = ort_run(ort_session(clf.onnx_path, a.threads), calib)
+                tuning = Int8Tuning(epochs=epochs, seed=a.seed)
+                tuned = tune_int8(path, calib, teacher, tuning, a.threads)
+            par = export_parity(
+                fp32,
+                path,
+                data.inputs,
+                data.labels,
+                clf.threshold,
+                a.threads,
+                held_out=data.split != "train",
+            )
             int8_ips = img_per_s(path, speed_x, a.threads)
             fp32_ips = img_per_s(clf.onnx_path, speed_x, a.threads)
             row = {
@@ -101,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": f"{clf.onnx_path} sha256 {clf.sha256[:12]}",
                 "calibration_images": len(calib),
                 "calibration_s": round(seconds, 1),
+                "tuning": tuned,
                 "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 **par,
                 "meets_bar": meets_parity_bar(par["same_decision"], par.get("roc_auc_diff")),

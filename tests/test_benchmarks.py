@@ -395,12 +395,19 @@ def test_exact_top_k_is_exact():
 
 
 def test_int8_recipe_names():
-    from benchmarks.int8_recipes import parse_recipe
+    pytest.importorskip("torch")
+    from benchmarks.int8_recipes import HEAD_OPS, parse_recipe
+    from engine.train.classifier import INT8_RECIPE
 
-    assert parse_recipe("minmax").describe()["method"] == "MinMax"
-    r = parse_recipe("percentile-99.99-s8")
+    assert parse_recipe("minmax")[0].describe()["method"] == "MinMax"
+    r, epochs = parse_recipe("percentile-99.99-s8")
     assert (r.method, r.percentile, r.symmetric_activations) == ("percentile", 99.99, True)
-    assert parse_recipe("entropy-s8").symmetric_activations
-    for bad in ("median", "minmax-99.9", "percentile-1-2"):
+    assert epochs == 0 and not r.exclude_op_types
+    assert parse_recipe("entropy-s8")[0].symmetric_activations
+    r, epochs = parse_recipe("percentile-head-t8")
+    assert (r.method, r.exclude_op_types, epochs) == ("percentile", HEAD_OPS, 8)
+    # the training default is one of these names
+    assert parse_recipe("percentile-head")[0] == INT8_RECIPE
+    for bad in ("median", "minmax-99.9", "percentile-1-2", "percentile-x-t8", "minmax-t"):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
