@@ -602,7 +602,8 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
     shutil.copy2(seg.onnx_path, out / seg.onnx)
     save_manifest(replace(seg, directory=out), out)
     clf = models.classifier
-    card = dict(clf.card) | {"packed_from": str(Path(src).resolve()), "reference": "fp32"}
+    # as given (relative paths stay relative: a shipped card names no build machine's folders)
+    card = dict(clf.card) | {"packed_from": str(src), "reference": "fp32"}
     if classifier_precision == "int8":
         variant = clf.variants.get("int8")
         if variant is None:
