@@ -22,7 +22,13 @@ from conftest import DATA, require_data  # noqa: E402
 
 from engine.errors import ConfigError  # noqa: E402
 from engine.eval import card as card_mod  # noqa: E402
-from engine.eval.release import held_out_labels, install, main, pack  # noqa: E402
+from engine.eval.release import (  # noqa: E402
+    data_paths_as_given,
+    held_out_labels,
+    install,
+    main,
+    pack,
+)
 from engine.models import (  # noqa: E402
     Variant,
     init_models,
@@ -236,6 +242,23 @@ def test_int8_release_removes_the_fp16_file(released, tmp_path):
         "classifier.w8.onnx",
         "segmenter.onnx",
     ]
+
+
+def test_card_data_paths_are_the_release_command_s_where_the_files_are_the_same(
+    released, tmp_path, monkeypatch
+):
+    staging = tmp_path / "staging"
+    pack(released["trained"], staging, "fp16")
+    m = load_manifest(staging / "classifier.json")
+    labels = Path(released["labels"]).resolve()
+    recorded = {"labels": str(labels), "images": "/training/machine/images", "used": 3}
+    save_manifest(replace(m, card=dict(m.card) | {"data": recorded}), staging)
+    monkeypatch.chdir(labels.parent)
+    # labels: the same file, now relative; images: not the same folder, left as recorded
+    assert data_paths_as_given(staging, Path(labels.name), Path(".")) == ["labels"]
+    data = load_manifest(staging / "classifier.json").card["data"]
+    assert data == recorded | {"labels": labels.name}
+    assert data_paths_as_given(staging, Path(labels.name), Path(".")) == []
 
 
 def test_held_out_labels_refuses_splits_of_other_data(released, tmp_path):

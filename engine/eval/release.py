@@ -49,7 +49,14 @@ from engine.errors import ConfigError, EngineError
 from engine.eval.card import Comparison, comparison_from_models, render
 from engine.eval.evaluate import EvalConfig, evaluate
 from engine.eval.shortcut import ShortcutConfig, run_check
-from engine.models import ROLES, load_manifest, load_models, manifest_path, pack_models
+from engine.models import (
+    ROLES,
+    load_manifest,
+    load_models,
+    manifest_path,
+    pack_models,
+    save_manifest,
+)
 from engine.train.data import log  # progress on stderr, one clock with engine.train.parity
 
 MODULE = "engine.eval.release"
@@ -132,6 +139,29 @@ def pack(trained: Path, staging: Path, precision: str) -> None:
     for name in SPLITS_FILES:
         if (Path(trained) / name).is_file():
             shutil.copy2(Path(trained) / name, staging / name)
+
+
+def data_paths_as_given(packed: Path, labels: Path, images: Path) -> list[str]:
+    """The classifier card's data paths as the release command gave them, where they are the
+    same files the trainer was given (its paths may be absolute ones of the training machine);
+    returns the keys rewritten."""
+    m = load_manifest(manifest_path(packed, "classifier"))
+    data = dict(m.card.get("data") or {})
+    changed = []
+    for key, given in (("labels", labels), ("images", images)):
+        recorded = data.get(key)
+        if not isinstance(recorded, str) or recorded == str(given):
+            continue
+        try:
+            same = os.path.samefile(recorded, given)
+        except OSError:
+            same = False
+        if same:
+            data[key] = str(given)
+            changed.append(key)
+    if changed:
+        save_manifest(replace(m, card=dict(m.card) | {"data": data}), packed)
+    return changed
 
 
 def record_packed_parity(
@@ -289,6 +319,7 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
     packed = work / "packed"
     log(f"packing {cfg.trained} (classifier {cfg.classifier}) -> {packed}")
     pack(cfg.trained, packed, cfg.classifier)
+    data_paths_as_given(packed, cfg.labels, cfg.images)
     log("parity of the packed classifier with the FP32 export")
     par = record_packed_parity(cfg.trained, packed, cfg.labels, cfg.images, cfg.threads)
     log(
