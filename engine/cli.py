@@ -70,7 +70,11 @@ def screen(
     ] = None,
     backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | null")] = "auto",
     precision: Annotated[
-        str, typer.Option(help="auto | fp32 | int8 (auto: INT8 where its parity is recorded good).")
+        str,
+        typer.Option(
+            help="auto | fp32 | fp16 | w8 | int8: which export runs (auto: INT8 where its parity "
+            "with FP32 is recorded good, else the model's own)."
+        ),
     ] = "auto",
     decoder: Annotated[
         str,
@@ -245,10 +249,14 @@ def models_pack(
     models: Annotated[Path, typer.Option("--models", help="Trained models directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the lean copy.")],
     classifier: Annotated[
-        str, typer.Option(help="int8 (QDQ export) | fp16 (float16-stored weights).")
+        str,
+        typer.Option(
+            help="int8 (QDQ export, with a w8 export for TensorRT's float plans) | fp16 "
+            "(float16-stored weights)."
+        ),
     ] = "int8",
 ) -> None:
-    """A lean copy of a models directory for shipping (one classifier export)."""
+    """A lean copy of a models directory for shipping (the chosen classifier export)."""
     from engine.models import pack_models
 
     with fatal_errors():
@@ -256,6 +264,10 @@ def models_pack(
     for m in (ms.segmenter, ms.classifier):
         size = m.onnx_path.stat().st_size / 1e6
         out_console.print(f"{m.role:10s} {m.precision:5s} {m.onnx_path}  {size:.1f} MB")
+        for precision, v in m.variants.items():
+            path = m.directory / v.onnx
+            size = path.stat().st_size / 1e6
+            out_console.print(f"{'':10s} {precision:5s} {path}  {size:.1f} MB")
 
 
 def _register_subcommands() -> None:

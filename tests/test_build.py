@@ -253,3 +253,14 @@ def test_qdq_check_accepts_symmetric_and_names_asymmetric_exports(models, tmp_pa
     problems = qdq_problems(asym)
     assert problems and all("zero point" in p for p in problems)
     assert qdq_problems(src) == []  # no Q/DQ nodes at all
+
+
+def test_models_pack_cli_lists_every_shipped_file(models, tmp_path, cli):
+    add_int8_variant(models, "classifier", "classifier.int8.onnx")
+    out = tmp_path / "packed"
+    code, stdout, err = cli(["models", "pack", "--models", models, "--out", out])
+    assert code == 0, err
+    text = "".join(stdout.split())  # the console wraps long lines
+    for precision, name in (("int8", "classifier.int8.onnx"), ("w8", "classifier.w8.onnx")):
+        assert f"{precision}{out / name}" in text
+        assert (out / name).is_file()
