@@ -118,3 +118,49 @@ def test_unmirrored_ops_and_bad_settings_are_refused():
         Int8Tuning(epochs=-1)
     with pytest.raises(ConfigError, match="lr"):
         Int8Tuning(lr=0)
+
+
+def test_learned_scales_keep_bias_in_units_of_input_times_weight_scale(models, tmp_path):
+    """learn_scales: the activation scales move, and each INT32 bias scale stays input scale x
+    weight scale (what ONNX Runtime's QLinearConv assumes), so ONNX Runtime still computes what
+    the mirror computes."""
+    fp32, int8 = models
+    untouched = QDQMirror(onnx.load(str(int8)), learn_scales=True).export()
+    x = _images(16, seed=2)
+    a = ort_run(ort_session(int8, 1), x)
+    b = ort_run(ort_session(untouched.SerializeToString(), 1), x)
+    np.testing.assert_allclose(b["logit"], a["logit"], atol=1e-6)
+
+    path = tmp_path / "scales.onnx"
+    path.write_bytes(int8.read_bytes())
+    calib = _images(48, seed=4)
+    ref = ort_run(ort_session(fp32, 1), calib)
+    tuning = Int8Tuning(epochs=40, lr=0.05, batch=16, learn_scales=True, scale_lr=0.01)
+    record = tune_int8(path, calib, ref, tuning, threads=1)
+    assert record["objective_after"] < 0.8 * record["objective_before"], record
+    assert record["learn_scales"] is True
+
+    old, new = onnx.load(str(int8)), onnx.load(str(path))
+    a = {t.name: numpy_helper.to_array(t) for t in old.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    acts = {n.input[1] for n in new.graph.node if n.op_type == "QuantizeLinear"} - {
+        n.input[1] for n in new.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in b
+    }
+    assert any(not np.array_equal(a[s], b[s]) for s in acts), "no activation scale moved"
+    dq_of = {n.output[0]: n for n in new.graph.node if n.op_type == "DequantizeLinear"}
+    checked = 0
+    for node in new.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in dq_of:
+            sx = b[dq_of[node.input[0]].input[1]]
+            sw = b[dq_of[node.input[1]].input[1]]
+            sb = b[dq_of[node.input[2]].input[1]]
+            np.testing.assert_allclose(sb, sx * sw, rtol=1e-6)
+            checked += 1
+    assert checked >= 4
+
+    # ONNX Runtime and the mirror of the tuned file still agree
+    got = ort_run(ort_session(path, 1), x)
+    mirror = QDQMirror(new).eval()
+    with torch.no_grad():
+        logit = mirror(torch.from_numpy(x))[mirror.output_names.index("logit")].numpy()
+    assert np.abs(logit - got["logit"]).max() <= 1.01 * _step(path)

@@ -69,11 +69,14 @@ class QDQMirror(torch.nn.Module):
 
     The initializers a DequantizeLinear reads (INT8 weights, INT32 biases) and the float
     initializers of Conv/Gemm (layers left in float) become parameters; integer ones are rounded
-    and saturated in the forward pass with a straight-through gradient. Scales and zero points
-    are constants. `export()` writes the parameters back into a copy of the model.
+    and saturated in the forward pass with a straight-through gradient. Zero points are
+    constants; so are the scales, unless learn_scales: then each activation scale (one per
+    Q/DQ pair name) is learned too, as its logarithm (the LSQ idea), and the INT32 bias of a
+    layer follows its input's scale (ONNX Runtime's QLinearConv reads the bias in units of
+    input scale x weight scale). `export()` writes the parameters back into a copy of the model.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, *, learn_scales: bool = False) -> None:
         super().__init__()
         graph = model.graph
         unsupported = sorted({n.op_type for n in graph.node} - set(MIRRORED_OPS))
@@ -98,6 +101,35 @@ class QDQMirror(torch.nn.Module):
         }
         self._input = graph.input[0].name
         self.output_names = [o.name for o in graph.output]
+        # learned activation scales: name -> index into log_scales
+        self._scale_of: dict[str, int] = {}
+        self.log_scales = torch.nn.ParameterList()
+        # bias DQ output -> (bias initializer, its scale, input scale, weight scale)
+        self._bias: dict[str, tuple[str, str, str, str]] = {}
+        if learn_scales:
+            self._learn_scales(graph)
+
+    def _learn_scales(self, graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type == "QuantizeLinear" and node.input[0] not in self._inits:
+                name = node.input[1]
+                if name not in self._scale_of and name in self._inits:
+                    value = numpy_helper.to_array(self._inits[name]).astype(np.float32)
+                    self._scale_of[name] = len(self.log_scales)
+                    self.log_scales.append(torch.nn.Parameter(torch.log(torch.from_numpy(value))))
+        dq_of = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+        for node in graph.node:
+            if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+                continue
+            x, w, b = (dq_of.get(i) for i in node.input[:3])
+            if x is None or w is None or b is None or b.input[0] not in self._inits:
+                continue
+            if self._inits[b.input[0]].data_type == TensorProto.INT32:
+                self._bias[b.output[0]] = (b.input[0], b.input[1], x.input[1], w.input[1])
+
+    def _scale(self, name: str) -> torch.Tensor:
+        i = self._scale_of.get(name)
+        return self._const[name].float() if i is None else torch.exp(self.log_scales[i])
 
     def dtype_of(self, p: torch.nn.Parameter) -> int:
         for name, key in self._param_of.items():
@@ -108,6 +140,8 @@ class QDQMirror(torch.nn.Module):
     def _value(self, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if name in env:
             return env[name]
+        if name in self._scale_of:
+            return self._scale(name)
         if name in self._param_of:
             p = self.weights[int(self._param_of[name])]
             dtype = self._inits[name].data_type
@@ -120,10 +154,25 @@ class QDQMirror(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = {self._input: x}
         for node in self._model.graph.node:
+            if node.output[0] in self._bias:
+                env[node.output[0]] = self._coupled_bias(node.output[0])
+                continue
             env[node.output[0]] = self._run(
                 node, [self._value(env, i) if i else None for i in node.input]
             )
         return [env[o] for o in self.output_names]
+
+    def _bias_values(self, out: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A coupled INT32 bias: its float value (the parameter, in units of the scale it was
+        calibrated with) and its scale now (input scale x weight scale)."""
+        b, sb, sx, sw = self._bias[out]
+        value = self.weights[int(self._param_of[b])] * self._const[sb].float()
+        return value, self._scale(sx) * self._scale(sw)
+
+    def _coupled_bias(self, out: str) -> torch.Tensor:
+        value, scale = self._bias_values(out)
+        lo, hi = QRANGE[TensorProto.INT32]
+        return torch.clamp(_ste_round(value / scale), lo, hi) * scale
 
     def _run(self, node: onnx.NodeProto, ins: list[torch.Tensor | None]) -> torch.Tensor:
         a, t = _attrs(node), node.op_type
@@ -198,7 +247,20 @@ class QDQMirror(torch.nn.Module):
         """A copy of the model with the parameters' current values (integers rounded, saturated)."""
         out = onnx.ModelProto()
         out.CopyFrom(self._model)
+        coupled: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for dq_out, (b, sb, _, _) in self._bias.items():
+                value, scale = self._bias_values(dq_out)
+                s32 = scale.numpy().astype(np.float32)
+                coupled[sb] = s32
+                q = np.round(value.numpy().astype(np.float64) / s32.astype(np.float64))
+                coupled[b] = np.clip(q, *QRANGE[TensorProto.INT32]).astype(np.int32)
+            for name, i in self._scale_of.items():
+                coupled[name] = torch.exp(self.log_scales[i]).numpy().astype(np.float32)
         for init in out.graph.initializer:
+            if init.name in coupled:
+                init.CopyFrom(numpy_helper.from_array(coupled[init.name], init.name))
+                continue
             key = self._param_of.get(init.name)
             if key is None:
                 continue
@@ -216,6 +278,7 @@ class Int8Tuning:
 
     lr: Adam's step in integer units of the INT8 weights (a rounding flips after ~0.5);
     INT32 biases step `bias_lr_factor` times as far, float layers `float_lr_factor` times.
+    learn_scales: the activation scales are learned too (log-scale steps of `scale_lr`).
     The learning rate decays to 0 on a cosine over all steps, so the last step is kept.
     """
 
@@ -225,6 +288,8 @@ class Int8Tuning:
     embedding_weight: float = 10.0
     bias_lr_factor: float = 50.0
     float_lr_factor: float = 1e-2
+    learn_scales: bool = False
+    scale_lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -283,7 +348,7 @@ def tune_int8(
         return {"epochs": 0}
     torch.set_num_threads(threads)
     torch.manual_seed(tuning.seed)
-    mirror = QDQMirror(onnx.load(str(int8_path)))
+    mirror = QDQMirror(onnx.load(str(int8_path)), learn_scales=tuning.learn_scales)
     missing = [n for n in mirror.output_names if n not in ref]
     if missing:
         raise ModelError(f"INT8 tuning: no reference outputs for {missing}")
@@ -293,9 +358,10 @@ def tune_int8(
         kind = {int(TensorProto.INT8): "int8", int(TensorProto.INT32): "int32"}.get(dtype, "float")
         groups[kind].append(p)
     factors = {"int8": 1.0, "int32": tuning.bias_lr_factor, "float": tuning.float_lr_factor}
-    opt = torch.optim.Adam(
-        [{"params": ps, "lr": tuning.lr * factors[k]} for k, ps in groups.items() if ps]
-    )
+    param_groups = [{"params": ps, "lr": tuning.lr * factors[k]} for k, ps in groups.items() if ps]
+    if len(mirror.log_scales):
+        param_groups.append({"params": list(mirror.log_scales), "lr": tuning.scale_lr})
+    opt = torch.optim.Adam(param_groups)
     steps_per_epoch = math.ceil(len(x) / tuning.batch)
     total = tuning.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
