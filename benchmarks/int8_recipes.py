@@ -12,11 +12,11 @@ record: same decision at the manifest's threshold, ROC AUC difference, embedding
 Speed: img/s of the INT8 and the FP32 sessions on the same 64 crops, one after the other, and
 their ratio. One JSON line per recipe on stdout and appended to --out.
 
-Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS] with METHOD minmax | percentile |
+Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS[s]] with METHOD minmax | percentile |
 entropy; "-head": the head (pool, flatten, Gemm) left in float; "-s8": symmetric S8 activations
 (what TensorRT's explicit quantization needs); "-tEPOCHS": then the integer weights tuned
-against FP32 for that many epochs on the calibration crops (engine/train/int8_tune.py). The
-training default is percentile-head-t8. Parity rows also give the same decision on the held-out
+against FP32 for that many epochs on the calibration crops (engine/train/int8_tune.py), "s"
+after the epochs: the activation scales learned too. Parity rows also give the same decision on the held-out
 (validation + test) images alone, which neither calibration nor tuning saw.
 """
 
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +53,19 @@ METHODS = ("minmax", "percentile", "entropy")
 HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")
 
 
-def parse_recipe(name: str) -> tuple[Int8Recipe, int]:
-    """The calibration recipe and the tuning epochs (0: none) a recipe name stands for."""
+TUNE = re.compile(r"^t(\d+)(s?)$")
+
+
+def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None]:
+    """The calibration recipe and the tuning (None: none) a recipe name stands for."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     if method not in METHODS:
         raise ValueError(f"recipe {name!r}: method must be one of {METHODS}")
     kw: dict[str, Any] = {"method": method}
-    epochs = 0
-    if rest and rest[-1].startswith("t") and rest[-1][1:].isdigit():
-        epochs = int(rest[-1][1:])
+    tuning = None
+    if rest and (m := TUNE.match(rest[-1])):
+        tuning = Int8Tuning(epochs=int(m[1]), learn_scales=bool(m[2]))
         rest = rest[:-1]
     if rest and rest[-1] == "s8":
         kw["symmetric_activations"] = True
@@ -75,7 +80,7 @@ def parse_recipe(name: str) -> tuple[Int8Recipe, int]:
             kw["percentile"] = float(rest[0])
         except ValueError:
             raise ValueError(f"recipe {name!r}: {rest[0]!r} is not a percentile") from None
-    return Int8Recipe(**kw), epochs
+    return Int8Recipe(**kw), tuning
 
 
 def img_per_s(path: Path, x: np.ndarray, threads: int) -> float:
@@ -106,17 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
-        for name, (recipe, epochs) in recipes.items():
+        for name, (recipe, tuning) in recipes.items():
             path = Path(tmp) / f"{name}.onnx"
             log(f"{name}: calibrating on {len(calib)} training crops")
             t = time.perf_counter()
             quantize_int8(clf.onnx_path, path, calib, recipe)
             seconds = time.perf_counter() - t
             tuned: dict[str, Any] = {"epochs": 0}
-            if epochs:
+            if tuning is not None:
                 if teacher is None:
                     teacher = ort_run(ort_session(clf.onnx_path, a.threads), calib)
-                tuning = Int8Tuning(epochs=epochs, seed=a.seed)
+                tuning = replace(tuning, seed=a.seed)
                 tuned = tune_int8(path, calib, teacher, tuning, a.threads)
             par = export_parity(
                 fp32,

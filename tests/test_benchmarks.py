@@ -400,14 +400,24 @@ def test_int8_recipe_names():
     from engine.train.classifier import INT8_RECIPE
 
     assert parse_recipe("minmax")[0].describe()["method"] == "MinMax"
-    r, epochs = parse_recipe("percentile-99.99-s8")
+    r, tuning = parse_recipe("percentile-99.99-s8")
     assert (r.method, r.percentile, r.symmetric_activations) == ("percentile", 99.99, True)
-    assert epochs == 0 and not r.exclude_op_types
+    assert tuning is None and not r.exclude_op_types
     assert parse_recipe("entropy-s8")[0].symmetric_activations
-    r, epochs = parse_recipe("percentile-head-t8")
-    assert (r.method, r.exclude_op_types, epochs) == ("percentile", HEAD_OPS, 8)
+    r, tuning = parse_recipe("percentile-head-t8")
+    assert (r.method, r.exclude_op_types) == ("percentile", HEAD_OPS)
+    assert tuning is not None and (tuning.epochs, tuning.learn_scales) == (8, False)
+    tuning = parse_recipe("minmax-t12s")[1]
+    assert tuning is not None and (tuning.epochs, tuning.learn_scales) == (12, True)
     # the training default is one of these names
     assert parse_recipe("percentile-head")[0] == INT8_RECIPE
-    for bad in ("median", "minmax-99.9", "percentile-1-2", "percentile-x-t8", "minmax-t"):
+    for bad in (
+        "median",
+        "minmax-99.9",
+        "percentile-1-2",
+        "percentile-x-t8",
+        "minmax-t",
+        "minmax-t8x",
+    ):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
