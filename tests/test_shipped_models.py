@@ -41,7 +41,15 @@ def test_shipped_models_load_trained_with_matching_sha256():
         assert m.trained, m.role
         assert sha256_file(m.onnx_path) == m.sha256
         assert m.card, f"{m.role} has no model card"
-    total = sum(m.onnx_path.stat().st_size for m in (models.segmenter, models.classifier))
+        for v in m.variants.values():  # e.g. the w8 export beside an INT8 classifier
+            assert sha256_file(m.directory / v.onnx) == v.sha256, v.onnx
+    files = {m.onnx_path for m in (models.segmenter, models.classifier)}
+    files |= {
+        m.directory / v.onnx
+        for m in (models.segmenter, models.classifier)
+        for v in m.variants.values()
+    }
+    total = sum(f.stat().st_size for f in files)
     assert total < 60e6, f"shipped weights are {total / 1e6:.1f} MB, the budget is 60 MB"
 
 
