@@ -72,7 +72,8 @@ def test_tuning_moves_int8_toward_fp32_and_changes_integers_only(models, tmp_pat
     path.write_bytes(int8.read_bytes())
     calib = _images(48, seed=4)
     ref = ort_run(ort_session(fp32, 1), calib)
-    record = tune_int8(path, calib, ref, Int8Tuning(epochs=40, lr=0.05, batch=16), threads=1)
+    tuning = Int8Tuning(epochs=40, lr=0.05, batch=16, learn_scales=False)
+    record = tune_int8(path, calib, ref, tuning, threads=1)
     assert record["objective_after"] < 0.8 * record["objective_before"], record
     assert record["images"] == 48 and record["epochs"] == 40
 
@@ -164,3 +165,16 @@ def test_learned_scales_keep_bias_in_units_of_input_times_weight_scale(models, t
     with torch.no_grad():
         logit = mirror(torch.from_numpy(x))[mirror.output_names.index("logit")].numpy()
     assert np.abs(logit - got["logit"]).max() <= 1.01 * _step(path)
+
+
+def test_one_default_for_the_tuning_epochs():
+    import inspect
+
+    from engine.train import cli
+    from engine.train.classifier import ClassifierTrainConfig
+
+    want = Int8Tuning().epochs
+    cfg = ClassifierTrainConfig(labels="l", images="i", segmenter="s", out="o")
+    assert cfg.int8_tune_epochs == want
+    for command in (cli.train_classifier, cli.train_int8):
+        assert inspect.signature(command).parameters["int8_tune_epochs"].default == want

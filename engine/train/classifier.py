@@ -104,7 +104,7 @@ class ClassifierTrainConfig:
     patience: int = 10
     hflip: bool = False  # off: anatomy is not mirror-symmetric; turn on only if val shows a gain
     calibration_images: int = 256
-    int8_tune_epochs: int = 8  # 0: calibration only
+    int8_tune_epochs: int = 12  # 0: calibration only
     threads: int = 2
     precision: str = "auto"
 
@@ -431,7 +431,7 @@ def requantize_int8(
     images: Path,
     *,
     calibration_images: int = 256,
-    int8_tune_epochs: int = 8,
+    int8_tune_epochs: int = 12,
     threads: int = 2,
 ) -> Manifest:
     """Redo the INT8 export of a `cxr train classifier` directory without retraining (e.g. after

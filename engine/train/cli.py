@@ -116,7 +116,7 @@ def train_classifier(
         bool, typer.Option(help="Random horizontal flips (off: anatomy is not symmetric).")
     ] = False,
     calibration_images: CalibrationImages = 256,
-    int8_tune_epochs: Int8TuneEpochs = 8,
+    int8_tune_epochs: Int8TuneEpochs = 12,
     threads: Threads = None,
     precision: Precision = "auto",
 ) -> None:
@@ -157,7 +157,7 @@ def train_int8(
     labels: Annotated[Path, typer.Option(help="The labels CSV the classifier was trained on.")],
     images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
     calibration_images: CalibrationImages = 256,
-    int8_tune_epochs: Int8TuneEpochs = 8,
+    int8_tune_epochs: Int8TuneEpochs = 12,
     threads: Threads = None,
 ) -> None:
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
