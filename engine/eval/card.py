@@ -253,6 +253,20 @@ def _num(v: Any, spec: str) -> str:
     return "undefined" if v is None else format(v, spec)
 
 
+def _same(par: dict[str, Any], precision: str) -> str:
+    """Same-decision rate with counts, 4 decimals (0.98958 must not read as 0.990), and the
+    held-out images' count where recorded."""
+    rate, n = par.get("same_decision"), par.get("images")
+    if rate is None:
+        return "undefined"
+    parts = [f"{round(rate * n)} of {n}"] if isinstance(n, int) and n > 0 else []
+    held, m = par.get("same_decision_held_out"), par.get("held_out_images")
+    if held is not None and isinstance(m, int) and m > 0:
+        unseen = ", which neither calibration nor tuning saw" if precision == "int8" else ""
+        parts.append(f"on the validation and test images alone{unseen}: {round(held * m)} of {m}")
+    return f"{rate:.4f}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
     """One paragraph on an export's parity with the FP32 one (engine.train.parity's keys)."""
     what = {
@@ -280,15 +294,7 @@ def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
     )
     return (
         f"{first} Against the FP32 export on {par.get('images', '?')} images, {where}: "
-        f"same decision {_num(par.get('same_decision'), '.3f')}"
-        + (
-            f" ({_num(par['same_decision_held_out'], '.3f')} on the "
-            f"{par.get('held_out_images', '?')} validation and test images, which neither "
-            "calibration nor tuning saw)"
-            if par.get("same_decision_held_out") is not None
-            else ""
-        )
-        + ", "
+        f"same decision {_same(par, precision)}, "
         f"max |prob diff| {_num(par.get('prob_max_abs_diff'), '.1e')}, "
         f"ROC AUC diff {_num(par.get('roc_auc_diff'), '.1e')}, "
         f"embedding cosine mean {_num(par.get('embedding_cosine_mean'), '.6f')}, "
