@@ -324,6 +324,28 @@ def test_train_int8_redoes_the_int8_export_only(trained, tmp_path):
     assert code == 1 and "fall in another split than the classifier was trained on" in out
 
 
+def test_int8_export_keeps_the_calibrated_file_when_the_mirror_cannot_run_it(
+    trained, tmp_path, monkeypatch
+):
+    import shutil
+
+    from engine.errors import ModelError
+    from engine.models import load_manifest
+    from engine.train import classifier
+
+    def refuse(*args, **kwargs):
+        raise ModelError("INT8 tuning: ops not mirrored: HardSwish")
+
+    monkeypatch.setattr(classifier, "tune_int8", refuse)
+    models = tmp_path / "models"
+    shutil.copytree(trained["classifier"], models)
+    args = ["int8", "--models", models, "--labels", trained["labels"], "--images"]
+    code, out = run_train(*args, trained["images"], "--calibration-images", 8, "--threads", 1)
+    assert code == 0, out
+    tuning = load_manifest(models / "classifier.json").card["int8"]["parity"]["calibration"]
+    assert tuning["tuning"] == {"epochs": 0, "skipped": "INT8 tuning: ops not mirrored: HardSwish"}
+
+
 def test_training_crop_equals_served_crop(trained):
     """No train/serve skew: with augmentation off, a training batch is exactly the classifier
     input `cxr screen` builds for the same image (decode, segmenter, box, crop, normalise)."""

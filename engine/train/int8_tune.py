@@ -1,4 +1,5 @@
-"""INT8 weight tuning: the QDQ export's integer weights fine-tuned to follow the FP32 model.
+"""INT8 tuning: the QDQ export's integer weights (and activation scales) fine-tuned to follow
+the FP32 model.
 
 Post-training calibration alone leaves the ResNet50's logit 0.12-0.15 away from FP32 on average
 (per-tensor U8 activations in every block; docs/model-eval/int8-recipes.jsonl), too far for the
@@ -7,8 +8,10 @@ QDQ model is mirrored in torch with ONNX Runtime's arithmetic (the same scales, 
 round-half-to-even and saturation), and its integer weights and biases are fine-tuned against
 the FP32 model's outputs on the calibration crops (training images only), rounding passed
 straight through in the backward pass (STE; the same idea as QAT/AdaQuant, applied to the
-deployed graph itself). Activation ranges, the graph and the file layout stay as calibrated:
-only integer values change, so ONNX Runtime (and any QDQ consumer) runs the result as before.
+deployed graph itself). With learn_scales (the default) the activation scales are learned too
+(LSQ-style), each INT32 bias kept in units of input scale x weight scale. Zero points, the graph
+and the file layout stay as calibrated: only integer values and scales change, so ONNX Runtime
+(and any QDQ consumer) runs the result with the same kernels.
 """
 
 from __future__ import annotations
