@@ -198,8 +198,9 @@ def float_export(m: Manifest) -> Manifest:
 
 def parse_source(m: Manifest, plans_dir: Path) -> Path:
     """The ONNX file TensorRT parses for this manifest: the export itself, or for INT8-stored
-    weights (w8) a copy with the weights folded to float32 in plans_dir (float plans want
-    float weights; TensorRT's weight-only dequantization does not cover convolutions)."""
+    weights (w8) a copy with the weights folded to float32 in plans_dir, so that a float plan
+    parses plain float weights and no DequantizeLinear (which TensorRT would treat as
+    quantization of the network, not as storage)."""
     if m.precision != "w8":
         return m.onnx_path
     import onnx
