@@ -471,6 +471,31 @@ def init_models(
     )
 
 
+def _stored_weights(model: Any, store: Any) -> Any:
+    """The same graph with each initializer for which store(init) gives (stored initializers,
+    decoding node) replaced by those: the node, put first, turns them back into a tensor of the
+    initializer's name, so the rest of the graph is unchanged."""
+    import onnx
+
+    graph = model.graph
+    kept, decoders = [], []
+    for init in graph.initializer:
+        stored = store(init)
+        if stored is None:
+            kept.append(init)
+            continue
+        inits, node = stored
+        kept += inits
+        decoders.append(node)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(decoders + nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
 def fp16_weights(model: Any, *, min_elements: int = 1024) -> Any:
     """The same graph with large float32 weights stored as float16 + a Cast back to float32.
 
@@ -478,27 +503,17 @@ def fp16_weights(model: Any, *, min_elements: int = 1024) -> Any:
     when it loads the model), so outputs differ from the original only by the weights' rounding.
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = model.graph
-    kept, casts = [], []
-    for init in graph.initializer:
+    def store(init: Any) -> Any:
         if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements:
-            kept.append(init)
-            continue
+            return None
         half = numpy_helper.from_array(
             numpy_helper.to_array(init).astype(np.float16), f"{init.name}__fp16"
         )
-        kept.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
-    onnx.checker.check_model(model)
-    return model
+        return [half], helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT)
+
+    return _stored_weights(model, store)
 
 
 def w8_weights(model: Any, *, min_elements: int = 1024) -> Any:
@@ -506,23 +521,20 @@ def w8_weights(model: Any, *, min_elements: int = 1024) -> Any:
     INT8 + a DequantizeLinear back to float32 (about a quarter of the file; compute stays
     float32). `float_weights` undoes the storage for consumers that want plain float weights."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = model.graph
     axis_of: dict[str, int] = {}
-    for node in graph.node:
+    for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1:
             axis_of[node.input[1]] = 0
         elif node.op_type == "Gemm" and len(node.input) > 1:
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
             axis_of[node.input[1]] = 0 if trans_b else 1
-    kept, dqs = [], []
-    for init in graph.initializer:
+
+    def store(init: Any) -> Any:
         axis = axis_of.get(init.name)
         if axis is None or init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements:
-            kept.append(init)
-            continue
+            return None
         w = numpy_helper.to_array(init).astype(np.float64)
         other = tuple(i for i in range(w.ndim) if i != axis)
         scale = np.abs(w).max(axis=other) / 127.0
@@ -531,19 +543,14 @@ def w8_weights(model: Any, *, min_elements: int = 1024) -> Any:
         shape[axis] = -1
         q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
         names = [f"{init.name}__w8", f"{init.name}__w8_scale", f"{init.name}__w8_zero_point"]
-        kept += [
+        stored = [
             numpy_helper.from_array(q, names[0]),
             numpy_helper.from_array(scale.astype(np.float32), names[1]),
             numpy_helper.from_array(np.zeros(len(scale), np.int8), names[2]),
         ]
-        dqs.append(helper.make_node("DequantizeLinear", names, [init.name], axis=axis))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(dqs + nodes)
-    onnx.checker.check_model(model)
-    return model
+        return stored, helper.make_node("DequantizeLinear", names, [init.name], axis=axis)
+
+    return _stored_weights(model, store)
 
 
 def float_weights(model: Any) -> Any:
