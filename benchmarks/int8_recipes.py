@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from engine.models import meets_parity_bar
-from engine.train.classifier import calibration_inputs
+from engine.train.classifier import HEAD_OPS, calibration_inputs, reference_outputs
 from engine.train.data import log
 from engine.train.export import (
     Int8Recipe,
@@ -45,14 +45,8 @@ from engine.train.export import (
     quantize_int8,
 )
 from engine.train.int8_tune import Int8Tuning, tune_int8
-from engine.train.parity import reference_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
-
-
-HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")
-
-
 TUNE = re.compile(r"^t(\d+)(s?)$")
 
 
@@ -99,15 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipes", default="minmax,percentile,entropy")
     p.add_argument("--calibration-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="calibration crops and tuning")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     recipes = {name: parse_recipe(name) for name in a.recipes.split(",") if name}
     teacher: dict[str, np.ndarray] | None = None
 
-    clf, data, fp32 = reference_outputs(
-        a.trained, a.labels, a.images, threads=a.threads, seed=a.seed
-    )
+    clf, data, fp32 = reference_outputs(a.trained, a.labels, a.images, threads=a.threads)
     calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:

@@ -74,9 +74,8 @@ INT8_FILE = "classifier.int8.onnx"
 # Percentile calibration, the head (pool, flatten, the logit's Gemm) left in float, then the
 # integer weights and activation scales tuned against FP32 (engine/train/int8_tune.py);
 # measured: docs/model-eval/int8-recipes.md
-INT8_RECIPE = Int8Recipe(
-    method="percentile", exclude_op_types=("GlobalAveragePool", "Flatten", "Gemm")
-)
+HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")  # pool, flatten, the logit's Gemm
+INT8_RECIPE = Int8Recipe(method="percentile", exclude_op_types=HEAD_OPS)
 INCOMPLETE = "INCOMPLETE: `cxr train classifier` did not finish; do not use"
 SPLIT_RULE = (
     "engine.train.splits.split_patients: patient-wise 70/15/15, stratified by patient label "
@@ -447,26 +446,49 @@ def requantize_int8(
             f"{models}: needs the trained FP32 classifier `cxr train classifier --out` wrote "
             f"(this one is {'trained' if m.trained else 'untrained'}, {m.precision})"
         )
-    seed = int(m.card.get("splits", {}).get("seed", 0))
+    _, data, fp32 = reference_outputs(models, labels, images, threads=threads)
+    _check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
     cfg = ClassifierTrainConfig(
         labels=labels,
         images=images,
         segmenter=models,
         out=models,
         arch=m.architecture,
-        seed=seed,
+        seed=_split_seed(m),
         calibration_images=calibration_images,
         int8_tune_epochs=int8_tune_epochs,
         threads=threads,
     )
-    data, _ = load_data(cfg, load_segmenter(models))
-    _check_same_split(Path(models) / SPLITS_FILE, data)
-    fp32 = ort_run(ort_session(m.onnx_path, threads), data.inputs)
     int8 = int8_variant(cfg, m, data, fp32, m.threshold)
     variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
     out = replace(m, card=dict(m.card) | {"int8": int8}, variants={"int8": variant})
     save_manifest(out, m.directory)
     return out
+
+
+def reference_outputs(
+    trained: Path, labels: Path, images: Path, *, threads: int = 2
+) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
+    """The FP32 classifier of a `cxr train` directory, the unaugmented crops of every labelled
+    image (its own segmenter, and its split: the seed in its card), and its ONNX Runtime
+    outputs on them: the reference every other export of it is compared with."""
+    ref = load_manifest(manifest_path(trained, "classifier"))
+    cfg = ClassifierTrainConfig(
+        labels=labels,
+        images=images,
+        segmenter=trained,
+        out=trained,
+        arch=ref.architecture,
+        threads=threads,
+        seed=_split_seed(ref),
+    )
+    data, _ = load_data(cfg, load_segmenter(trained))
+    log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
+    return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
+
+
+def _split_seed(m: Manifest) -> int:
+    return int(m.card.get("splits", {}).get("seed", 0))
 
 
 def _check_same_split(path: Path, data: CropData) -> None:

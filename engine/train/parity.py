@@ -20,33 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
-from engine.train.classifier import ClassifierTrainConfig, CropData, load_data, load_segmenter
+from engine.train.classifier import reference_outputs
 from engine.train.data import log
-from engine.train.export import PARITY_INPUTS, export_parity, ort_run, ort_session
-
-
-def reference_outputs(
-    trained: Path, labels: Path, images: Path, *, threads: int = 2, seed: int = 0
-) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
-    """The FP32 classifier of a `cxr train` directory, the unaugmented crops of every labelled
-    image (its own segmenter and split), and its ONNX Runtime outputs on them: the reference
-    every other export of it is compared with."""
-    ref = load_manifest(manifest_path(trained, "classifier"))
-    cfg = ClassifierTrainConfig(
-        labels=labels,
-        images=images,
-        segmenter=trained,
-        out=trained,
-        arch=ref.architecture,
-        threads=threads,
-        seed=seed,
-    )
-    data, _ = load_data(cfg, load_segmenter(trained))
-    log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
-    return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
+from engine.train.export import PARITY_INPUTS, export_parity
 
 
 def packed_parity(
