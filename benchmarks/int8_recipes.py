@@ -12,11 +12,13 @@ record: same decision at the manifest's threshold, ROC AUC difference, embedding
 Speed: img/s of the INT8 and the FP32 sessions on the same 64 crops, one after the other, and
 their ratio. One JSON line per recipe on stdout and appended to --out.
 
-Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS[s]] with METHOD minmax | percentile |
+Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS[s][h]] with METHOD minmax | percentile |
 entropy; "-head": the head (pool, flatten, Gemm) left in float; "-s8": symmetric S8 activations
 (what TensorRT's explicit quantization needs); "-tEPOCHS": then the integer weights tuned
 against FP32 for that many epochs on the calibration crops (engine/train/int8_tune.py), "s"
-after the epochs: the activation scales learned too. Parity rows also give the same decision on the held-out
+after the epochs: the activation scales learned too, "h": then the float head refit on the INT8
+embeddings (engine.train.int8_tune.refit_head; needs "-head"). The training default is
+percentile-head-t12sh. Parity rows also give the same decision on the held-out
 (validation + test) images alone, which neither calibration nor tuning saw.
 """
 
@@ -44,22 +46,24 @@ from engine.train.export import (
     ort_session,
     quantize_int8,
 )
-from engine.train.int8_tune import Int8Tuning, tune_int8
+from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
 
 METHODS = ("minmax", "percentile", "entropy")
-TUNE = re.compile(r"^t(\d+)(s?)$")
+TUNE = re.compile(r"^t(\d+)(s?)(h?)$")
 
 
-def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None]:
-    """The calibration recipe and the tuning (None: none) a recipe name stands for."""
+def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None, bool]:
+    """The calibration recipe, the tuning (None: none) and whether the head is refit after
+    it, that a recipe name stands for."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     if method not in METHODS:
         raise ValueError(f"recipe {name!r}: method must be one of {METHODS}")
     kw: dict[str, Any] = {"method": method}
-    tuning = None
+    tuning, refit = None, False
     if rest and (m := TUNE.match(rest[-1])):
         tuning = Int8Tuning(epochs=int(m[1]), learn_scales=bool(m[2]))
+        refit = bool(m[3])
         rest = rest[:-1]
     if rest and rest[-1] == "s8":
         kw["symmetric_activations"] = True
@@ -74,7 +78,9 @@ def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None]:
             kw["percentile"] = float(rest[0])
         except ValueError:
             raise ValueError(f"recipe {name!r}: {rest[0]!r} is not a percentile") from None
-    return Int8Recipe(**kw), tuning
+    if refit and "exclude_op_types" not in kw:
+        raise ValueError(f"recipe {name!r}: the head refit needs the head in float (-head)")
+    return Int8Recipe(**kw), tuning, refit
 
 
 def img_per_s(path: Path, x: np.ndarray, threads: int) -> float:
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
-        for name, (recipe, tuning) in recipes.items():
+        for name, (recipe, tuning, refit) in recipes.items():
             path = Path(tmp) / f"{name}.onnx"
             log(f"{name}: calibrating on {len(calib)} training crops")
             t = time.perf_counter()
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                     teacher = ort_run(ort_session(clf.onnx_path, a.threads), calib)
                 tuning = replace(tuning, seed=a.seed)
                 tuned = tune_int8(path, calib, teacher, tuning, a.threads)
+                if refit:
+                    tuned["head_refit"] = refit_head(path, calib, teacher, a.threads)
             par = export_parity(
                 fp32,
                 path,

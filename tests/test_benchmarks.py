@@ -398,17 +398,21 @@ def test_int8_recipe_names():
     pytest.importorskip("torch")
     from benchmarks.int8_recipes import HEAD_OPS, parse_recipe
     from engine.train.classifier import INT8_RECIPE
+    from engine.train.int8_tune import Int8Tuning
 
     assert parse_recipe("minmax")[0].describe()["method"] == "MinMax"
-    r, tuning = parse_recipe("percentile-99.99-s8")
+    r, tuning, refit = parse_recipe("percentile-99.99-s8")
     assert (r.method, r.percentile, r.symmetric_activations) == ("percentile", 99.99, True)
-    assert tuning is None and not r.exclude_op_types
+    assert tuning is None and not r.exclude_op_types and not refit
     assert parse_recipe("entropy-s8")[0].symmetric_activations
-    r, tuning = parse_recipe("percentile-head-t8")
+    r, tuning, refit = parse_recipe("percentile-head-t8")
     assert (r.method, r.exclude_op_types) == ("percentile", HEAD_OPS)
-    assert tuning is not None and (tuning.epochs, tuning.learn_scales) == (8, False)
+    assert tuning is not None and (tuning.epochs, tuning.learn_scales, refit) == (8, False, False)
     tuning = parse_recipe("minmax-t12s")[1]
     assert tuning is not None and (tuning.epochs, tuning.learn_scales) == (12, True)
+    # the training default: Percentile, head in float, 12 epochs with scales, head refit
+    r, tuning, refit = parse_recipe("percentile-head-t12sh")
+    assert r == INT8_RECIPE and tuning == Int8Tuning() and refit
     # the training default is one of these names
     assert parse_recipe("percentile-head")[0] == INT8_RECIPE
     for bad in (
@@ -418,6 +422,7 @@ def test_int8_recipe_names():
         "percentile-x-t8",
         "minmax-t",
         "minmax-t8x",
+        "minmax-t8h",  # a head refit needs the head in float
     ):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime.quantization")
 from engine.arch import tiny_classifier  # noqa: E402
 from engine.errors import ConfigError, ModelError  # noqa: E402
 from engine.train.export import Int8Recipe, ort_run, ort_session, quantize_int8  # noqa: E402
-from engine.train.int8_tune import Int8Tuning, QDQMirror, tune_int8  # noqa: E402
+from engine.train.int8_tune import Int8Tuning, QDQMirror, refit_head, tune_int8  # noqa: E402
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -165,6 +165,49 @@ def test_learned_scales_keep_bias_in_units_of_input_times_weight_scale(models, t
     with torch.no_grad():
         logit = mirror(torch.from_numpy(x))[mirror.output_names.index("logit")].numpy()
     assert np.abs(logit - got["logit"]).max() <= 1.01 * _step(path)
+
+
+def test_head_refit_follows_fp32_and_leaves_the_embeddings(tmp_path):
+    """The float head is refit on the INT8 embeddings where cross-validation says it helps:
+    the logits move toward FP32, the embeddings stay bit for bit, the record says why."""
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(tiny_classifier(seed=3), str(fp32))
+    head_in_float = Int8Recipe(method="minmax", exclude_op_types=("GlobalAveragePool", "Gemm"))
+    quantize_int8(fp32, int8, _images(64, seed=1), head_in_float)
+    x = _images(160, seed=5)
+    ref = ort_run(ort_session(fp32, 1), x)
+    before = ort_run(ort_session(int8, 1), x)
+    original = int8.read_bytes()
+
+    record = refit_head(int8, x, ref, threads=1)
+    assert record["refit"] is True, record
+    assert record["cv_logit_error_after"] < record["cv_logit_error_before"]
+    after = ort_run(ort_session(int8, 1), x)
+    np.testing.assert_array_equal(after["embedding"], before["embedding"])
+    err = [np.abs(o["logit"] - ref["logit"]).mean() for o in (before, after)]
+    assert err[1] < err[0], err
+    held = _images(64, seed=6)  # images the refit never saw
+    want = ort_run(ort_session(fp32, 1), held)["logit"]
+    old = ort_run(ort_session(original, 1), held)["logit"]
+    new = ort_run(ort_session(int8, 1), held)["logit"]
+    assert np.abs(new - want).mean() < np.abs(old - want).mean()
+
+    # already equal to the reference: no penalty can help, the file is left alone
+    same = tmp_path / "same.onnx"
+    same.write_bytes(original)
+    record = refit_head(same, x, before, threads=1)
+    assert record["refit"] is False and "cross-validated" in record["why"]
+    assert same.read_bytes() == original
+
+
+def test_head_refit_needs_a_float_head(models, tmp_path):
+    fp32, int8 = models  # MinMax over the whole graph: the Gemm is quantized too
+    path = tmp_path / "q.onnx"
+    path.write_bytes(int8.read_bytes())
+    x = _images(20, seed=7)
+    record = refit_head(path, x, ort_run(ort_session(fp32, 1), x), threads=1)
+    assert record == {"refit": False, "why": "no float Gemm from the embedding to the logit"}
+    assert path.read_bytes() == int8.read_bytes()
 
 
 def test_one_default_for_the_tuning_epochs():

@@ -57,7 +57,7 @@ from engine.train.export import (
     quantize_int8,
     to_onnx,
 )
-from engine.train.int8_tune import Int8Tuning, tune_int8
+from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
 from engine.train.metrics import THRESHOLD_RULE, binary_metrics, youden_threshold
 from engine.train.resnet import build_classifier
 from engine.train.segmenter import SPLITS_FILE as SEGMENTER_SPLITS
@@ -72,8 +72,8 @@ INITIALISATION = {
 LOG_FILE = "classifier_train_log.json"
 INT8_FILE = "classifier.int8.onnx"
 # Percentile calibration, the head (pool, flatten, the logit's Gemm) left in float, then the
-# integer weights and activation scales tuned against FP32 (engine/train/int8_tune.py);
-# measured: docs/model-eval/int8-recipes.md
+# integer weights and activation scales tuned against FP32 and the float head refit
+# (engine/train/int8_tune.py); measured: docs/model-eval/int8-recipes.md
 HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")  # pool, flatten, the logit's Gemm
 INT8_RECIPE = Int8Recipe(method="percentile", exclude_op_types=HEAD_OPS)
 INCOMPLETE = "INCOMPLETE: `cxr train classifier` did not finish; do not use"
@@ -373,6 +373,7 @@ def int8_variant(
         except ModelError as exc:  # a graph the mirror cannot run: keep the calibrated file
             log(f"warning: INT8 tuning skipped ({exc}); the export is calibrated only")
             tuned = {"epochs": 0, "skipped": str(exc)}
+        tuned["head_refit"] = refit_head(path, calib, teacher, cfg.threads)
     parity = export_parity(
         fp32,
         path,
