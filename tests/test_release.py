@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the parity step needs the train extra (torch)")
@@ -23,6 +24,7 @@ from conftest import DATA, require_data  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from engine.eval import card as card_mod  # noqa: E402
 from engine.eval.release import (  # noqa: E402
+    PARITY_REFERENCE,
     data_paths_as_given,
     held_out_labels,
     install,
@@ -169,7 +171,23 @@ def test_eval_and_shortcut_jsons_are_of_the_test_patients(released):
     assert "-fp32@" in fp32.split("+")[0] and "-fp16@" in shipped.split("+")[0]
     # the evidence holds the JSONs, not the runs
     evidence = released["root"] / "evidence"
-    assert sorted(p.name for p in evidence.iterdir()) == sorted(names)
+    assert sorted(p.name for p in evidence.iterdir()) == sorted([*names, PARITY_REFERENCE])
+
+
+def test_parity_reference_holds_the_fp32_logit_of_every_labelled_image(released):
+    ref = json.loads((released["root"] / "evidence" / PARITY_REFERENCE).read_text())
+    trained = load_manifest(manifest_path(released["trained"], "classifier"))
+    assert ref["reference"] == f"classifier.onnx (fp32), sha256 {trained.sha256}"
+    assert ref["threshold"] == trained.threshold
+    with open(released["labels"], newline="") as f:
+        labels = {r["path"]: int(r["label"]) for r in csv.DictReader(f)}
+    assert {r["path"]: r["label"] for r in ref["images"]} == labels
+    # the logits are the FP32 export's on the served crops: the recorded parity follows from them
+    clf = load_models(released["out"], precision="auto").classifier
+    par = clf.card["fp16"]["parity"]
+    assert par["images"] == len(ref["images"])
+    assert {r["split"] for r in ref["images"]} <= {"train", "val", "test"}
+    assert all(np.isfinite(r["logit"]) for r in ref["images"])
 
 
 def test_card_has_comparison_header_and_command(released, capsys):

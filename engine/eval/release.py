@@ -11,6 +11,8 @@ variant, splits.csv). In WORKDIR, step by step:
                                with splits.csv (and segmenter_splits.csv) of TRAINED_DIR, and the
                                packed classifier's parity with the FP32 export recorded in its
                                card (engine.train.parity: every labelled image)
+    parity-reference.json      the FP32 logit of every labelled image that parity was measured
+                               against (tests re-measure the shipped export against it)
     test-labels.csv            the rows of LABELS.csv whose path splits.csv puts in "test"
     run-shipped/, run-fp32/    `cxr screen` of those images with the packed and the FP32 models
     eval-shipped.json,         `cxr evaluate --by source --json` of each run
@@ -22,8 +24,8 @@ variant, splits.csv). In WORKDIR, step by step:
 Only when every step succeeded is packed/ installed into --out: the manifests, their ONNX files,
 the splits and MODEL_CARD.md replace the old ones, and model files of the old release that the
 new manifests do not name (e.g. classifier.int8.onnx after an fp16 release) are removed. Other
-files in --out are left alone. --evidence DIR receives the eval and shortcut JSONs (not the
-runs) so that the repository keeps the inputs of the card.
+files in --out are left alone. --evidence DIR receives the eval, shortcut and parity-reference
+JSONs (not the runs) so that the repository keeps the inputs of the card.
 
 Needs the train extra (torch) for the parity step.
 """
@@ -62,6 +64,7 @@ from engine.train.data import log  # progress on stderr, one clock with engine.t
 MODULE = "engine.eval.release"
 SPLITS_FILES = ("splits.csv", "segmenter_splits.csv")
 CARD = "MODEL_CARD.md"
+PARITY_REFERENCE = "parity-reference.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Model files of a release in --out: what the manifests do not name is stale and removed.
 MODEL_FILES = ("classifier*.onnx", "segmenter*.onnx")
@@ -165,13 +168,20 @@ def data_paths_as_given(packed: Path, labels: Path, images: Path) -> list[str]:
 
 
 def record_packed_parity(
-    trained: Path, packed: Path, labels: Path, images: Path, threads: int
+    trained: Path,
+    packed: Path,
+    labels: Path,
+    images: Path,
+    threads: int,
+    reference_json: Path | None = None,
 ) -> dict[str, Any]:
     """engine.train.parity on the packed classifier (and its variants), recorded in its card;
-    returns the shipped export's."""
+    returns the shipped export's. reference_json receives the FP32 logits per image."""
     from engine.train.parity import packed_parity, record_parity  # torch: the train extra
 
-    pars = packed_parity(trained, packed, labels, images, threads=threads)
+    pars = packed_parity(
+        trained, packed, labels, images, threads=threads, reference_json=reference_json
+    )
     m = record_parity(packed, pars)
     return pars[m.precision]
 
@@ -321,12 +331,14 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
     pack(cfg.trained, packed, cfg.classifier)
     data_paths_as_given(packed, cfg.labels, cfg.images)
     log("parity of the packed classifier with the FP32 export")
-    par = record_packed_parity(cfg.trained, packed, cfg.labels, cfg.images, cfg.threads)
+    files: dict[str, Path] = {PARITY_REFERENCE: work / PARITY_REFERENCE}
+    par = record_packed_parity(
+        cfg.trained, packed, cfg.labels, cfg.images, cfg.threads, files[PARITY_REFERENCE]
+    )
     log(
         f"parity: same decision {par['same_decision']:.4f}, ROC AUC diff {par['roc_auc_diff']}, "
         f"meets the bar: {par['meets_bar']}"
     )
-    files: dict[str, Path] = {}
 
     def save(name: str, data: dict[str, Any]) -> dict[str, Any]:
         path = work / name

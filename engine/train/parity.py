@@ -20,19 +20,47 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
-from engine.train.classifier import reference_outputs
+from engine.train.classifier import CropData, reference_outputs
 from engine.train.data import log
 from engine.train.export import PARITY_INPUTS, export_parity
 
 
+def reference_logits(ref: Manifest, data: CropData, fp32: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The FP32 export's logit on each crop parity is measured on, by the image's path as the
+    labels CSV gives it: what a test of the shipped export can re-measure parity against
+    without the FP32 file (tests/test_shipped_models.py)."""
+    logits = fp32["logit"].reshape(-1)
+    return {
+        "reference": f"{ref.onnx} (fp32), sha256 {ref.sha256}",
+        "threshold": ref.threshold,
+        "inputs": PARITY_INPUTS,
+        "images": [
+            {"path": im.rel, "split": str(s), "label": int(y), "logit": float(v)}
+            for im, s, y, v in zip(data.images, data.split, data.labels, logits, strict=True)
+        ],
+    }
+
+
 def packed_parity(
-    trained: Path, packed: Path, labels: Path, images: Path, *, threads: int = 2
+    trained: Path,
+    packed: Path,
+    labels: Path,
+    images: Path,
+    *,
+    threads: int = 2,
+    reference_json: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Parity with the FP32 export of each export the packed classifier lists (its own and
-    its variants, e.g. the w8 one a release with INT8 carries), keyed by precision."""
+    its variants, e.g. the w8 one a release with INT8 carries), keyed by precision.
+    reference_json: where to write the FP32 logits it was measured against."""
     got = load_manifest(manifest_path(packed, "classifier"))
     ref, data, fp32 = reference_outputs(trained, labels, images, threads=threads)
+    if reference_json is not None:
+        doc = reference_logits(ref, data, fp32)
+        reference_json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     exports = {got.precision: got.onnx_path} | {
         p: got.directory / v.onnx for p, v in got.variants.items()
     }
