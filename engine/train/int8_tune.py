@@ -453,14 +453,14 @@ def refit_head(
     int8_path: Path, x: np.ndarray, ref: dict[str, np.ndarray], threads: int
 ) -> dict[str, Any]:
     """Refit the float head (embedding -> logit Gemm) of int8_path on its own INT8 embeddings of
-    x, so that its logits follow ref["logit"] (FP32); in place. A ridge correction of the FP32
+    x, so that its logits follow the reference's (FP32, by output name); in place. A ridge correction of the FP32
     head, its penalty chosen by 5-fold cross-validation on x, is applied only where it lowers
     the cross-validated mean |logit error|. The embeddings are not changed."""
     from engine.train.export import ort_run, ort_session
 
     model = onnx.load(str(int8_path))
     head = _float_head(model)
-    if head is None or "logit" not in ref:
+    if head is None or head[0].output[0] not in ref:
         return {"refit": False, "why": "no float Gemm from the embedding to the logit"}
     if len(x) < 2 * HEAD_FOLDS:
         return {"refit": False, "why": f"{len(x)} crops are too few to cross-validate"}
@@ -472,7 +472,8 @@ def refit_head(
         return {"refit": False, "why": f"a head weight of shape {w.shape} (one logit expected)"}
     got = ort_run(ort_session(int8_path, threads), x)
     emb = got[node.input[0]].reshape(len(x), -1).astype(np.float64)
-    resid = (ref["logit"].reshape(-1) - got["logit"].reshape(-1)).astype(np.float64)
+    logit = node.output[0]
+    resid = (ref[logit].reshape(-1) - got[logit].reshape(-1)).astype(np.float64)
     scale = float((emb**2).mean()) or 1.0
     folds = np.arange(len(x)) % HEAD_FOLDS
 
