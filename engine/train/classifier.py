@@ -449,16 +449,14 @@ def requantize_int8(
         )
     _, data, fp32 = reference_outputs(models, labels, images, threads=threads)
     _check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
-    cfg = ClassifierTrainConfig(
-        labels=labels,
-        images=images,
-        segmenter=models,
-        out=models,
-        arch=m.architecture,
-        seed=_split_seed(m),
+    cfg = _config_of(
+        m,
+        models,
+        labels,
+        images,
+        threads,
         calibration_images=calibration_images,
         int8_tune_epochs=int8_tune_epochs,
-        threads=threads,
     )
     int8 = int8_variant(cfg, m, data, fp32, m.threshold)
     variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
@@ -474,22 +472,27 @@ def reference_outputs(
     image (its own segmenter, and its split: the seed in its card), and its ONNX Runtime
     outputs on them: the reference every other export of it is compared with."""
     ref = load_manifest(manifest_path(trained, "classifier"))
-    cfg = ClassifierTrainConfig(
-        labels=labels,
-        images=images,
-        segmenter=trained,
-        out=trained,
-        arch=ref.architecture,
-        threads=threads,
-        seed=_split_seed(ref),
-    )
-    data, _ = load_data(cfg, load_segmenter(trained))
+    data, _ = load_data(_config_of(ref, trained, labels, images, threads), load_segmenter(trained))
     log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
     return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
 
 
-def _split_seed(m: Manifest) -> int:
-    return int(m.card.get("splits", {}).get("seed", 0))
+def _config_of(
+    m: Manifest, trained: Path, labels: Path, images: Path, threads: int, **kw: Any
+) -> ClassifierTrainConfig:
+    """The config that rebuilds a trained directory's crops and split: its own segmenter and
+    architecture, the split seed in its card; kw: the rest (e.g. the INT8 settings)."""
+    seed = int(m.card.get("splits", {}).get("seed", 0))
+    return ClassifierTrainConfig(
+        labels=labels,
+        images=images,
+        segmenter=trained,
+        out=trained,
+        arch=m.architecture,
+        seed=seed,
+        threads=threads,
+        **kw,
+    )
 
 
 def _check_same_split(path: Path, data: CropData) -> None:

@@ -34,6 +34,7 @@ from onnx import TensorProto, numpy_helper
 
 from engine.errors import ConfigError, ModelError
 from engine.train.data import log
+from engine.train.export import ort_run, ort_session
 
 # Integer ranges of the QDQ tensors (QuantizeLinear saturates to these).
 QRANGE = {
@@ -456,8 +457,6 @@ def refit_head(
     x, so that its logits follow the reference's (FP32, by output name); in place. A ridge correction of the FP32
     head, its penalty chosen by 5-fold cross-validation on x, is applied only where it lowers
     the cross-validated mean |logit error|. The embeddings are not changed."""
-    from engine.train.export import ort_run, ort_session
-
     model = onnx.load(str(int8_path))
     head = _float_head(model)
     if head is None or head[0].output[0] not in ref:
