@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher: dict[str, np.ndarray] | None = None
 
     clf, data, fp32 = reference_outputs(a.trained, a.labels, a.images, threads=a.threads)
-    calib = calibration_inputs(data, clf, a.calibration_images, a.seed)
+    calib, patients = calibration_inputs(data, clf, a.calibration_images, a.seed)
     speed_x = data.inputs[:64]
     with tempfile.TemporaryDirectory(prefix="cxr-int8-recipes-") as tmp:
         for name, (recipe, tuning, refit) in recipes.items():
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
                 tuning = replace(tuning, seed=a.seed)
                 tuned = tune_int8(path, calib, teacher, tuning, a.threads)
                 if refit:
-                    tuned["head_refit"] = refit_head(path, calib, teacher, a.threads)
+                    tuned["head_refit"] = refit_head(
+                        path, calib, teacher, a.threads, patients=patients
+                    )
             par = export_parity(
                 fp32,
                 path,

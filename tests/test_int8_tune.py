@@ -221,3 +221,36 @@ def test_one_default_for_the_tuning_epochs():
     assert cfg.int8_tune_epochs == want
     for command in (cli.train_classifier, cli.train_int8):
         assert inspect.signature(command).parameters["int8_tune_epochs"].default == want
+
+
+def test_head_refit_folds_keep_a_patient_together():
+    from engine.train.int8_tune import group_folds
+
+    patients = np.array(["p3", "p1", "p3", "p2", "p1", "p4", "p5", "p6", "p2", "p3"])
+    folds = group_folds(len(patients), patients, 5)
+    for p in set(patients):
+        assert len(set(folds[patients == p])) == 1, p
+    # dealt in order of first appearance: p3 p1 p2 p4 p5 p6 -> 0 1 2 3 4 0
+    assert folds.tolist() == [0, 1, 0, 2, 1, 3, 4, 0, 2, 0]
+    assert group_folds(7, None, 5).tolist() == [0, 1, 2, 3, 4, 0, 1]
+    with pytest.raises(ConfigError):
+        group_folds(3, patients, 5)
+
+
+def test_head_refit_by_patient_is_recorded_and_refuses_too_few_patients(tmp_path):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(tiny_classifier(seed=3), str(fp32))
+    head_in_float = Int8Recipe(method="minmax", exclude_op_types=("GlobalAveragePool", "Gemm"))
+    quantize_int8(fp32, int8, _images(64, seed=1), head_in_float)
+    x = _images(160, seed=5)
+    ref = ort_run(ort_session(fp32, 1), x)
+    original = int8.read_bytes()
+
+    few = np.array([f"p{i % 3}" for i in range(len(x))])  # 3 patients: not 5 folds
+    record = refit_head(int8, x, ref, threads=1, patients=few)
+    assert record["refit"] is False and "fewer than 5" in record["why"]
+    assert int8.read_bytes() == original
+
+    patients = np.array([f"p{i // 4}" for i in range(len(x))])  # 4 crops per patient
+    record = refit_head(int8, x, ref, threads=1, patients=patients)
+    assert record["folds_by"] == "patient" and record["refit"] is True, record

@@ -319,17 +319,24 @@ def split_counts(data: CropData) -> dict[str, Any]:
     return out
 
 
-def calibration_inputs(data: CropData, clf: Manifest, n: int, seed: int) -> np.ndarray:
-    """Training crops for INT8 calibration: every unaugmented one, then augmented ones up to n."""
+def calibration_inputs(
+    data: CropData, clf: Manifest, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training crops for INT8 calibration: every unaugmented one, then augmented ones up to n;
+    with the patient id of each crop (an augmented crop is a view of a training image, so
+    cross-validation on these crops must keep a patient's crops in one fold)."""
     train_idx = np.flatnonzero(data.split == "train")
     rng, gen = np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1)
-    parts = [data.inputs[train_idx[:n]]]
+    chosen = [train_idx[:n]]
+    parts = [data.inputs[chosen[0]]]
     have = len(parts[0])
     while have < n:
         idx = rng.choice(train_idx, size=min(32, n - have))
         parts.append(train_batch(data, idx, clf, CropAugment(), rng, gen).numpy())
+        chosen.append(idx)
         have += len(idx)
-    return np.concatenate(parts)
+    patients = np.array([data.images[i].patient_id for i in np.concatenate(chosen)])
+    return np.concatenate(parts), patients
 
 
 def export_all(
@@ -360,7 +367,7 @@ def int8_variant(
     """classifier.int8.onnx, calibrated on training crops and its integer weights tuned against
     the FP32 ONNX on them, and its parity with the FP32 ONNX."""
     path = manifest.directory / INT8_FILE
-    calib = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
+    calib, patients = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
     quantize_int8(manifest.onnx_path, path, calib, INT8_RECIPE)
     tuning = Int8Tuning(epochs=cfg.int8_tune_epochs, seed=cfg.seed)
@@ -373,7 +380,7 @@ def int8_variant(
         except ModelError as exc:  # a graph the mirror cannot run: keep the calibrated file
             log(f"warning: INT8 tuning skipped ({exc}); the export is calibrated only")
             tuned = {"epochs": 0, "skipped": str(exc)}
-        tuned["head_refit"] = refit_head(path, calib, teacher, cfg.threads)
+        tuned["head_refit"] = refit_head(path, calib, teacher, cfg.threads, patients=patients)
     parity = export_parity(
         fp32,
         path,

@@ -15,7 +15,7 @@ and the file layout stay as calibrated: only integer values and scales change, s
 
 refit_head then refits the float head (the embedding -> logit Gemm the recipe leaves in float)
 on the INT8 embeddings by ridge regression toward the FP32 logits, where 5-fold
-cross-validation on the calibration crops says it lowers the logit error.
+cross-validation on the calibration crops (folds by patient) says it lowers the logit error.
 """
 
 from __future__ import annotations
@@ -417,8 +417,20 @@ def tune_int8(
 
 
 # Ridge penalties tried for the head refit, in units of the mean squared embedding entry.
-HEAD_LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+HEAD_LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0)
 HEAD_FOLDS = 5
+
+
+def group_folds(n: int, groups: np.ndarray | None, folds: int) -> np.ndarray:
+    """A fold number per item; all items of a group (a patient) in the same fold. Groups are
+    dealt to folds in order of first appearance; without groups every item is its own."""
+    if groups is None:
+        return np.arange(n) % folds
+    if len(groups) != n:
+        raise ConfigError(f"{len(groups)} group ids for {n} crops")
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))  # each group's order of first appearance
+    return np.asarray(rank[inverse] % folds)
 
 
 def _float_head(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str, str] | None:
@@ -451,12 +463,17 @@ def _ridge(e: np.ndarray, r: np.ndarray, lam: float) -> tuple[np.ndarray, float]
 
 
 def refit_head(
-    int8_path: Path, x: np.ndarray, ref: dict[str, np.ndarray], threads: int
+    int8_path: Path,
+    x: np.ndarray,
+    ref: dict[str, np.ndarray],
+    threads: int,
+    patients: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Refit the float head (embedding -> logit Gemm) of int8_path on its own INT8 embeddings of
-    x, so that its logits follow the reference's (FP32, by output name); in place. A ridge correction of the FP32
-    head, its penalty chosen by 5-fold cross-validation on x, is applied only where it lowers
-    the cross-validated mean |logit error|. The embeddings are not changed."""
+    x, so that its logits follow the reference's (FP32, by output name); in place. A ridge
+    correction of the FP32 head, its penalty chosen by 5-fold cross-validation on x (all crops
+    of a patient in one fold where `patients`, the patient id of each crop, is given), is applied only where it lowers the
+    cross-validated mean |logit error|. The embeddings are not changed."""
     model = onnx.load(str(int8_path))
     head = _float_head(model)
     if head is None or head[0].output[0] not in ref:
@@ -474,7 +491,9 @@ def refit_head(
     logit = node.output[0]
     resid = (ref[logit].reshape(-1) - got[logit].reshape(-1)).astype(np.float64)
     scale = float((emb**2).mean()) or 1.0
-    folds = np.arange(len(x)) % HEAD_FOLDS
+    folds = group_folds(len(x), patients, HEAD_FOLDS)
+    if len(np.unique(folds)) < HEAD_FOLDS:
+        return {"refit": False, "why": f"fewer than {HEAD_FOLDS} groups to cross-validate"}
 
     def cv(lam: float | None) -> float:
         errs = []
@@ -493,6 +512,7 @@ def refit_head(
     record: dict[str, Any] = {
         "images": len(x),
         "folds": HEAD_FOLDS,
+        "folds_by": "crop" if patients is None else "patient",
         "cv_logit_error_before": before,
         "cv_logit_error_after": scores[best],
         "lambda": best,
