@@ -167,15 +167,21 @@ def test_learned_scales_keep_bias_in_units_of_input_times_weight_scale(models, t
     assert np.abs(logit - got["logit"]).max() <= 1.01 * _step(path)
 
 
-def test_head_refit_follows_fp32_and_leaves_the_embeddings(tmp_path):
-    """The float head is refit on the INT8 embeddings where cross-validation says it helps:
-    the logits move toward FP32, the embeddings stay bit for bit, the record says why."""
+def _head_in_float(tmp_path):
+    """A tiny classifier, its INT8 export with the head (pool, Gemm) in float, 160 crops and
+    the FP32 outputs on them."""
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     onnx.save(tiny_classifier(seed=3), str(fp32))
     head_in_float = Int8Recipe(method="minmax", exclude_op_types=("GlobalAveragePool", "Gemm"))
     quantize_int8(fp32, int8, _images(64, seed=1), head_in_float)
     x = _images(160, seed=5)
-    ref = ort_run(ort_session(fp32, 1), x)
+    return fp32, int8, x, ort_run(ort_session(fp32, 1), x)
+
+
+def test_head_refit_follows_fp32_and_leaves_the_embeddings(tmp_path):
+    """The float head is refit on the INT8 embeddings where cross-validation says it helps:
+    the logits move toward FP32, the embeddings stay bit for bit, the record says why."""
+    fp32, int8, x, ref = _head_in_float(tmp_path)
     before = ort_run(ort_session(int8, 1), x)
     original = int8.read_bytes()
 
@@ -238,12 +244,7 @@ def test_head_refit_folds_keep_a_patient_together():
 
 
 def test_head_refit_by_patient_is_recorded_and_refuses_too_few_patients(tmp_path):
-    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
-    onnx.save(tiny_classifier(seed=3), str(fp32))
-    head_in_float = Int8Recipe(method="minmax", exclude_op_types=("GlobalAveragePool", "Gemm"))
-    quantize_int8(fp32, int8, _images(64, seed=1), head_in_float)
-    x = _images(160, seed=5)
-    ref = ort_run(ort_session(fp32, 1), x)
+    fp32, int8, x, ref = _head_in_float(tmp_path)
     original = int8.read_bytes()
 
     few = np.array([f"p{i % 3}" for i in range(len(x))])  # 3 patients: not 5 folds
