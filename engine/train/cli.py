@@ -102,7 +102,7 @@ def train_classifier(
         Path, typer.Option(help="Models directory holding the trained segmenter.json.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 80,
     seed: Seed = 0,
     arch: Annotated[
         str,
@@ -111,7 +111,13 @@ def train_classifier(
     max_steps: MaxSteps = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
-    patience: Annotated[int, typer.Option(help="Epochs without a better val ROC AUC.")] = 10,
+    patience: Annotated[
+        int,
+        typer.Option(
+            help="Stop after this many epochs without a better val ROC AUC (the default, 80, "
+            "runs the whole schedule; the best epoch is kept either way)."
+        ),
+    ] = 80,
     hflip: Annotated[
         bool, typer.Option(help="Random horizontal flips (off: anatomy is not symmetric).")
     ] = False,
