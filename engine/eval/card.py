@@ -280,6 +280,12 @@ def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
             "The w8 export ships beside it (the FP32 weights stored as per-channel INT8, "
             "computed in float32): TensorRT's fp16/fp32 plans build from it."
         )
+    elif precision == "int8":
+        first = (
+            "The int8 export is not shipped (the release's `--classifier int8` ships it, with "
+            "the float weights stored as w8 instead of float16 to stay within the size budget; "
+            "the README says why the default release does not)."
+        )
     else:
         first = f"The {precision} export is not shipped."
     where = par.get("inputs") or "the labelled images"
