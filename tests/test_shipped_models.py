@@ -66,6 +66,23 @@ def test_shipped_classifier_records_parity_with_fp32_within_the_bar():
     assert parity["embedding_cosine_mean"] >= 0.99
 
 
+def test_the_shipped_classifiers_int8_export_met_the_parity_bar():
+    """The record of the INT8 export that training wrote for the shipped classifier
+    (classifier.json keeps it when the release ships the float16 export; after a release with
+    --classifier int8 it is the shipped default, which the next test re-measures): same
+    decision on >= 99% of the 288 dev images, ROC AUC within 0.01, embedding cosine stated."""
+    clf = load_models(None).classifier
+    record = clf.card["int8"]
+    assert len(record["sha256"]) == 64
+    parity = record["parity"]
+    assert parity["images"] == 288 and parity["held_out_images"] == 90
+    assert parity["same_decision"] >= AUTO_MIN_SAME_DECISION
+    assert abs(parity["roc_auc_diff"]) <= AUTO_MAX_AUC_DIFF
+    assert 0.99 <= parity["embedding_cosine_min"] <= parity["embedding_cosine_mean"] <= 1.0
+    assert parity["calibration"]["images"] == 256
+    assert parity["calibration"]["tuning"]["head_refit"]["folds_by"] == "patient"
+
+
 def test_shipped_classifier_keeps_the_fp32_decisions_on_the_dev_images(tmp_path):
     """Parity re-measured, not read back: the shipped default (`--precision auto`, ONNX Runtime
     on the CPU) screens every labelled dev image, and its decisions and ROC AUC are compared
