@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,3 +108,163 @@ def augment_crops(crops01: torch.Tensor, aug: CropAugment, gen: torch.Generator)
         flip = torch.rand(n, generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
     return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class Acquisition:
+    """How the image was acquired and processed, randomised so that it stops being a cue.
+
+    The training sets' classes come from different sites (scanners, film digitisers, JPEG
+    pipelines, burned-in markers, resolutions), so the look of an image predicts its label there
+    and nowhere else. Each transform is applied to a crop with its probability p: tone curves
+    (a random monotone curve, histogram equalisation, histogram matching to a crop of another
+    source in the batch), resolution (downscale then upscale back, Gaussian blur), JPEG
+    re-encoding, film grain (Gaussian noise), and burned-in marks (bright or dark rectangles
+    near the border, a dark strip along one edge).
+    """
+
+    curve_p: float = 0.3
+    curve_amount: float = 0.12  # knots moved within +- amount
+    equalize_p: float = 0.1
+    match_p: float = 0.2
+    downscale_p: float = 0.5
+    downscale_min: float = 0.25  # smallest side, as a share of the crop's side
+    blur_p: float = 0.25
+    blur_sigma: float = 1.5  # pixels of the crop, at most
+    jpeg_p: float = 0.3
+    jpeg_quality: tuple[int, int] = (30, 95)
+    noise_p: float = 0.3
+    noise_sigma: float = 0.04
+    marker_p: float = 0.3
+    border_p: float = 0.15
+
+    @classmethod
+    def off(cls) -> Acquisition:
+        return cls(
+            curve_p=0.0,
+            equalize_p=0.0,
+            match_p=0.0,
+            downscale_p=0.0,
+            blur_p=0.0,
+            jpeg_p=0.0,
+            noise_p=0.0,
+            marker_p=0.0,
+            border_p=0.0,
+        )
+
+
+def _u(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
+    return float(lo + (hi - lo) * torch.rand(1, generator=gen))
+
+
+def _ranks01(x: torch.Tensor) -> torch.Tensor:
+    """Each value's rank in its image, in [0, 1] (the equalised image)."""
+    flat = x.reshape(-1)
+    ranks = torch.empty_like(flat)
+    ranks[flat.argsort()] = torch.linspace(0.0, 1.0, flat.numel())
+    return ranks.reshape(x.shape)
+
+
+def _tone(x: torch.Tensor, acq: Acquisition, gen: torch.Generator) -> torch.Tensor:
+    knots = torch.linspace(0.0, 1.0, 5)
+    ys = (knots + (torch.rand(5, generator=gen) * 2 - 1) * acq.curve_amount).clamp(0.0, 1.0)
+    ys = torch.cummax(ys, 0).values
+    pos = (x.clamp(0.0, 1.0) * 4).clamp(max=3.9999)
+    lo = pos.floor().long()
+    frac = pos - lo
+    return ys[lo] * (1 - frac) + ys[lo + 1] * frac
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.pad(x[None], (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(x.shape[1], 1, 1, -1), groups=x.shape[1])
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(x.shape[1], 1, -1, 1), groups=x.shape[1])
+    return x[0]
+
+
+def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    arr = (x[0].clamp(0.0, 1.0) * 255).round().to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        out = torch.from_numpy(np.asarray(im.convert("L"), np.float32) / 255.0)
+    return out[None].expand_as(x).clone()
+
+
+def _markers(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    _, h, w = x.shape
+    for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+        mh, mw = int(h * _u(gen, 0.03, 0.08)), int(w * _u(gen, 0.05, 0.15))
+        top = int(_u(gen, 0, 0.15) * h) if _u(gen) < 0.5 else h - mh - int(_u(gen, 0, 0.15) * h)
+        left = int(_u(gen) * (w - mw))
+        x[:, max(top, 0) : max(top, 0) + mh, left : left + mw] = 1.0 if _u(gen) < 0.8 else 0.0
+    return x
+
+
+def _border(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    _, h, w = x.shape
+    k = max(1, int(_u(gen, 0.02, 0.08) * min(h, w)))
+    side = int(torch.randint(0, 4, (1,), generator=gen))
+    if side == 0:
+        x[:, :k] = 0.0
+    elif side == 1:
+        x[:, -k:] = 0.0
+    elif side == 2:
+        x[:, :, :k] = 0.0
+    else:
+        x[:, :, -k:] = 0.0
+    return x
+
+
+def acquisition(
+    x: torch.Tensor, sources: np.ndarray, acq: Acquisition, gen: torch.Generator
+) -> torch.Tensor:
+    """(N, C, H, W) crops in [0, 1] -> the same crops with a random acquisition look; sources
+    (N,) name each crop's source (histogram matching takes a crop of another source)."""
+    out = x.clone()
+    n, _, h, w = x.shape
+    for i in range(n):
+        img = out[i]
+        if _u(gen) < acq.curve_p:
+            img = _tone(img, acq, gen)
+        if _u(gen) < acq.equalize_p:
+            a = _u(gen, 0.5, 1.0)
+            img = (1 - a) * img + a * _ranks01(img)
+        others = np.flatnonzero(sources != sources[i])
+        if len(others) and _u(gen) < acq.match_p:
+            j = int(others[int(torch.randint(0, len(others), (1,), generator=gen))])
+            ref = x[j].reshape(-1).sort().values
+            idx = (_ranks01(img) * (ref.numel() - 1)).round().long()
+            img = ref[idx.reshape(-1)].reshape(img.shape)
+        if _u(gen) < acq.downscale_p:
+            s = _u(gen, acq.downscale_min, 1.0)
+            small = F.interpolate(
+                img[None],
+                size=(max(8, round(h * s)), max(8, round(w * s))),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+            img = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if _u(gen) < acq.blur_p:
+            img = _gaussian_blur(img, _u(gen, 0.3, acq.blur_sigma))
+        if _u(gen) < acq.jpeg_p:
+            lo, hi = acq.jpeg_quality
+            img = _jpeg(img, int(torch.randint(lo, hi + 1, (1,), generator=gen)))
+        if _u(gen) < acq.noise_p:
+            img = img + torch.randn(img.shape, generator=gen) * _u(gen, 0.0, acq.noise_sigma)
+        if _u(gen) < acq.marker_p:
+            img = _markers(img.clone(), gen)
+        if _u(gen) < acq.border_p:
+            img = _border(img.clone(), gen)
+        out[i] = img.clamp(0.0, 1.0)
+    return out

@@ -19,12 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.errors import ConfigError, ModelError
 from engine.models import (
     Manifest,
-    ModelSet,
     Variant,
     export_model,
     load_manifest,
@@ -32,21 +30,12 @@ from engine.models import (
     save_manifest,
     sha256_file,
 )
-from engine.runtime.onnxrt import OnnxRuntimeBackend
-from engine.stages.crop import lung_crops
-from engine.stages.segment import segment
 from engine.train import loop
-from engine.train.augment import CropAugment, augment_crops
-from engine.train.data import (
-    LabelledImage,
-    crops01,
-    decode_all,
-    jitter_boxes,
-    labels_split,
-    log,
-    normalise,
-    read_labels,
-)
+from engine.train.augment import Acquisition, CropAugment
+from engine.train.cache import open_or_build
+from engine.train.classifier_fit import CropData, fit, train_batch
+from engine.train.data import log
+from engine.train.datasets import HOLDOUT, UNSEEN, LabelSet, load_sets, parse_group
 from engine.train.export import (
     PARITY_INPUTS,
     Int8Recipe,
@@ -59,10 +48,9 @@ from engine.train.export import (
 )
 from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
 from engine.train.metrics import THRESHOLD_RULE, binary_metrics, youden_threshold
-from engine.train.resnet import build_classifier
 from engine.train.segmenter import SPLITS_FILE as SEGMENTER_SPLITS
 from engine.train.specs import CLASSIFIER_ARCHS, classifier_manifest
-from engine.train.splits import SPLITS, fallback_split
+from engine.train.splits import SPLITS
 
 SPLITS_FILE = "splits.csv"
 INITIALISATION = {
@@ -85,6 +73,7 @@ METRICS_NOTE = (
     "ONNX Runtime FP32 on the unaugmented served crops; labels are confounded with the source "
     "(every positive is ieee8023), so read the per-source rows"
 )
+PARTS = (*SPLITS, HOLDOUT, UNSEEN)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,10 +98,29 @@ class ClassifierTrainConfig:
     int8_tune_epochs: int = 12  # 0: calibration only
     threads: int = 2
     precision: str = "auto"
+    # Further labelled sets (training data; a seeded slice per source held out), see datasets.py
+    extra: tuple[LabelSet, ...] = ()
+    holdout: float = 0.05
+    exclude: tuple[str, ...] = ()  # SOURCE:LABEL groups never trained on (leave-one-source-out)
+    cache: Path | None = None  # crop cache folder (default: OUT/crop-cache)
+    epoch_images: int | None = None  # draws per epoch (default: the training images)
+    source_balance: float = 0.5  # 0: sources as in the data, 1: equal per source, per class
+    select_source: str | None = None  # choose the epoch on this source's validation images
+    acquisition: bool = True  # randomise the acquisition look (augment.Acquisition)
+    standardize: bool = True  # per-image standardisation inside the network
+    resume: bool = False
 
     @property
     def augment(self) -> CropAugment:
         return CropAugment(hflip=self.hflip)
+
+    @property
+    def sets(self) -> tuple[LabelSet, ...]:
+        return (LabelSet(self.labels, self.images), *self.extra)
+
+    @property
+    def excluded(self) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_group(g) for g in self.exclude)
 
     def __post_init__(self) -> None:
         loop.check_common(
@@ -129,17 +137,14 @@ class ClassifierTrainConfig:
             )
         if self.int8_tune_epochs < 0:
             raise ConfigError(f"--int8-tune-epochs must be 0 or more, not {self.int8_tune_epochs}")
-
-
-@dataclass(frozen=True, slots=True)
-class CropData:
-    images: list[LabelledImage]
-    split: np.ndarray  # (n,) "train" | "val" | "test"
-    labels: np.ndarray  # (n,) 0/1
-    work: np.ndarray  # (n, S, S) [0, 1] work images
-    boxes: np.ndarray  # (n, 4) lung boxes with margin (normalised)
-    inputs: np.ndarray  # (n, C, h, w) unaugmented classifier inputs (the served ones)
-    lung_fraction: np.ndarray  # (n,)
+        if self.epoch_images is not None and self.epoch_images < self.batch_size:
+            raise ConfigError(
+                f"--epoch-images must be at least --batch-size ({self.batch_size}), "
+                f"not {self.epoch_images}"
+            )
+        if not 0.0 <= self.source_balance <= 1.0:
+            raise ConfigError(f"--source-balance must be in [0, 1], not {self.source_balance}")
+        _ = self.excluded  # parse now: a typo fails before hours of decoding
 
 
 def load_segmenter(directory: Path) -> Manifest:
@@ -173,31 +178,47 @@ def check_segmenter_split(directory: Path, split: dict[str, str], labels: Path, 
 
 
 def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict[str, str]]:
-    images = read_labels(cfg.labels, cfg.images)
-    shared = labels_split(cfg.labels, cfg.seed)
+    """Every labelled image of every set, decoded, segmented and cropped once (the crop cache),
+    with its part of the split; images that cannot be decoded are left out and listed."""
+    sel = load_sets(cfg.sets, cfg.seed, holdout=cfg.holdout, exclude=cfg.excluded)
+    shared = {
+        im.patient_id: str(part)
+        for im, part, k in zip(sel.images, sel.split, sel.dataset, strict=True)
+        if k == 0
+    }
     check_segmenter_split(cfg.segmenter, shared, cfg.labels, cfg.seed)
     clf = classifier_manifest(cfg.arch, trained=False)
-    models = ModelSet(segmenter=seg, classifier=clf)
-    log(f"decoding {len(images)} images through the engine pipeline")
-    decoded = decode_all([im.path for im in images], models, threads=cfg.threads)
-    kept = [images[i] for i in decoded.ok]
-    log(f"segmenting {len(kept)} images with {seg.onnx_path}")
-    with OnnxRuntimeBackend(seg, threads=cfg.threads) as backend:
-        logits = np.concatenate(
-            [segment(backend, seg, decoded.seg_input[s : s + 16]) for s in range(0, len(kept), 16)]
+    cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "crop-cache"
+    parts: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for k, label_set in enumerate(cfg.sets):
+        rows = np.flatnonzero(sel.dataset == k)
+        images = [sel.images[i] for i in rows]
+        log(f"{label_set.labels}: {len(images)} images; crop cache under {cache_dir}")
+        cached = open_or_build(cache_dir, label_set, images, seg, clf, threads=cfg.threads)
+        skipped |= {str(images[i].path): msg for i, msg in cached.errors.items()}
+        ok = np.flatnonzero(cached.ok)
+        parts.append(
+            {
+                "images": [images[i] for i in ok],
+                "split": sel.split[rows][ok],
+                "work": np.asarray(cached.work[ok]),
+                "boxes": cached.boxes[ok],
+                "inputs": np.asarray(cached.inputs[ok]),
+                "fraction": cached.fraction[ok],
+                "dataset": np.full(len(ok), k),
+            }
         )
-    crops = lung_crops(decoded.work, logits, seg, clf)
-    split = np.array(
-        [shared.get(im.patient_id) or fallback_split(im.patient_id, cfg.seed) for im in kept]
-    )
+    kept = [im for p in parts for im in p["images"]]
     data = CropData(
         kept,
-        split,
+        np.concatenate([p["split"] for p in parts]),
         np.array([im.label for im in kept]),
-        decoded.work,
-        crops.boxes,
-        crops.classifier_input,
-        crops.fraction,
+        np.concatenate([p["work"] for p in parts]),
+        np.concatenate([p["boxes"] for p in parts]),
+        np.concatenate([p["inputs"] for p in parts]),
+        np.concatenate([p["fraction"] for p in parts]),
+        np.concatenate([p["dataset"] for p in parts]),
     )
     for name in SPLITS:
         if len(set(data.labels[data.split == name].tolist())) < (2 if name != "test" else 1):
@@ -205,100 +226,17 @@ def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict
                 f"{cfg.labels}: the {name} part has images of one class only after the patient "
                 "split; more labelled patients of both classes are needed"
             )
-    return data, {str(images[i].path): msg for i, msg in decoded.errors.items()}
-
-
-def train_batch(
-    data: CropData,
-    idx: np.ndarray,
-    clf: Manifest,
-    aug: CropAugment,
-    rng: np.random.Generator,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """Classifier input for a training batch: box jitter -> the serving crop code (in [0, 1])
-    -> torch augmentation -> the manifest's (x - mean) / std."""
-    boxes = jitter_boxes(data.boxes[idx], rng, scale=aug.box_scale, shift=aug.box_shift)
-    x = augment_crops(torch.from_numpy(crops01(data.work[idx], boxes, clf)), aug, gen)
-    return torch.from_numpy(normalise(x.numpy(), clf))
-
-
-def predict(model: torch.nn.Module, x: np.ndarray, precision: str) -> np.ndarray:
-    model.eval()
-    logits = []
-    with torch.no_grad(), loop.autocast(precision):
-        for s in range(0, len(x), 32):
-            xb = torch.from_numpy(x[s : s + 32]).contiguous(memory_format=torch.channels_last)
-            logits.append(model(xb)[0].float().reshape(-1).numpy())
-    return np.concatenate(logits)
-
-
-def validate(
-    model: torch.nn.Module, data: CropData, idx: np.ndarray, precision: str
-) -> tuple[float, float | None]:
-    """Validation BCE loss and ROC AUC on the unaugmented (served) crops."""
-    logit = predict(model, data.inputs[idx], precision)
-    y = data.labels[idx]
-    loss = F.binary_cross_entropy_with_logits(
-        torch.from_numpy(logit), torch.from_numpy(y.astype(np.float32))
-    )
-    return float(loss), binary_metrics(1 / (1 + np.exp(-logit)), y, 0.5)["roc_auc"]
-
-
-def fit(
-    cfg: ClassifierTrainConfig, data: CropData, clf: Manifest, precision: str
-) -> tuple[torch.nn.Module, loop.EarlyStopping, list[dict[str, Any]], float]:
-    rng, gen = loop.seed_everything(cfg.seed, cfg.threads)
-    dim = int(clf.output("embedding").shape[-1])
-    model = build_classifier(cfg.arch, dim).to(memory_format=torch.channels_last)
-    train_idx, val_idx = np.flatnonzero(data.split == "train"), np.flatnonzero(data.split == "val")
-    y = torch.from_numpy(data.labels.astype(np.float32))
-    n_pos = int(data.labels[train_idx].sum())
-    pos_weight = torch.tensor([(len(train_idx) - n_pos) / max(n_pos, 1)])  # class balance
-    total = min(cfg.max_steps or 10**9, max(1, len(train_idx) // cfg.batch_size) * cfg.epochs)
-    opt, sched = loop.optimiser(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total)
-
-    def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        xb = train_batch(data, idx, clf, cfg.augment, rng, gen)
-        with loop.autocast(precision):
-            logit = model(xb.contiguous(memory_format=torch.channels_last))[0]
-        return F.binary_cross_entropy_with_logits(
-            logit.float().reshape(-1), y[idx], pos_weight=pos_weight
-        )
-
-    stopper, history, step = loop.EarlyStopping(cfg.patience), [], 0
-    for epoch in range(1, cfg.epochs + 1):
-        batches = loop.batches(train_idx, cfg.batch_size, rng)
-        stats = loop.train_epoch(model, opt, sched, batches, batch_loss, total - step)
-        step += stats.steps
-        val_loss, auc = validate(model, data, val_idx, precision)
-        stopper.update(epoch, auc if auc is not None else -val_loss, val_loss, model)
-        history.append(
-            {
-                "epoch": epoch,
-                **stats.as_dict(),
-                "val_loss": val_loss,
-                "val_roc_auc": auc,
-                "steps": step,
-            }
-        )
-        shown = "n/a" if auc is None else f"{auc:.4f}"
-        log(
-            f"classifier epoch {epoch}/{cfg.epochs}  loss {stats.loss:.4f}  val loss "
-            f"{val_loss:.4f}  val AUC {shown}  {stats.img_per_s:.1f} img/s"
-        )
-        if stopper.should_stop or step >= total:
-            break
-    stopper.restore(model)
-    return model, stopper, history, float(pos_weight)
+    return data, skipped
 
 
 def evaluate(probs: np.ndarray, data: CropData, threshold: float) -> dict[str, Any]:
     """Metrics per split, overall and per source (labels are confounded with the source)."""
     out: dict[str, Any] = {}
-    sources = np.array([im.source for im in data.images])
-    for name in SPLITS:
+    sources = data.sources
+    for name in PARTS:
         sel = data.split == name
+        if not sel.any():
+            continue
         out[name] = {"all": binary_metrics(probs[sel], data.labels[sel], threshold)}
         for src in sorted(set(sources[sel].tolist())):
             s = sel & (sources == src)
@@ -308,8 +246,10 @@ def evaluate(probs: np.ndarray, data: CropData, threshold: float) -> dict[str, A
 
 def split_counts(data: CropData) -> dict[str, Any]:
     out = {}
-    for name in SPLITS:
+    for name in PARTS:
         sel = [i for i in np.flatnonzero(data.split == name)]
+        if not sel:
+            continue
         ims = [data.images[i] for i in sel]
         out[name] = {
             "images": len(ims),
@@ -349,7 +289,7 @@ def export_all(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = f"trained {cfg.arch} COVID-19 classifier"
-    example = torch.from_numpy(data.inputs[:2])
+    example = torch.from_numpy(np.asarray(data.inputs[:2]))
     proto = to_onnx(
         model, example, output_names=["logit", "embedding"], architecture=cfg.arch, doc=doc
     )
@@ -384,14 +324,17 @@ def int8_variant(
             log(f"warning: INT8 tuning skipped ({exc}); the export is calibrated only")
             tuned = {"epochs": 0, "skipped": str(exc)}
         tuned["head_refit"] = refit_head(path, calib, teacher, cfg.threads, patients=patients)
+    # The parity bar is defined on the primary (dev) set: its labelled images, its held-out
+    # patients; the further sets are training data.
+    primary = data.dataset == 0
     parity = export_parity(
-        fp32,
+        {k: v[primary] for k, v in fp32.items()},
         path,
-        data.inputs,
-        data.labels,
+        data.inputs[primary],
+        data.labels[primary],
         threshold,
         cfg.threads,
-        held_out=data.split != "train",
+        held_out=data.split[primary] != "train",
     )
     parity["inputs"] = PARITY_INPUTS
     parity["calibration"] = {"images": len(calib), **INT8_RECIPE.describe(), "tuning": tuned}
@@ -411,9 +354,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
     data, skipped = load_data(cfg, seg)
     started = time.perf_counter()
     clf = classifier_manifest(cfg.arch, trained=False, card={"status": INCOMPLETE})
-    model, stopper, history, pos_weight = fit(cfg, data, clf, precision)
+    model, stopper, history, _ = fit(cfg, data, clf, precision)
     training = _training_card(cfg, stopper, history, time.perf_counter() - started, precision)
-    training["loss"] = f"BCE with logits, pos_weight {pos_weight:.3f} (n_neg / n_pos of train)"
+    training["loss"] = "BCE with logits; classes balanced by the sampler (half of each epoch each)"
     manifest, fp32, parity = export_all(cfg, model, data, clf)
     probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
     val = data.split == "val"
@@ -510,9 +453,14 @@ def _check_same_split(path: Path, data: CropData) -> None:
     if not path.is_file():
         raise ConfigError(f"{path}: missing; it records the split the classifier was trained on")
     with open(path, newline="") as f:
-        recorded = {row["path"]: row["split"] for row in csv.DictReader(f)}
-    now = {im.rel: str(s) for im, s in zip(data.images, data.split, strict=True)}
-    differ = [p for p, s in now.items() if recorded.get(p, s) != s]
+        recorded = {
+            (row.get("dataset", "0"), row["path"]): row["split"] for row in csv.DictReader(f)
+        }
+    now = {
+        (str(int(k)), im.rel): str(s)
+        for im, s, k in zip(data.images, data.split, data.dataset, strict=True)
+    }
+    differ = [key[1] for key, s in now.items() if recorded.get(key, s) != s]
     if differ:
         raise ConfigError(
             f"{path}: {len(differ)} images (e.g. {differ[0]}) fall in another split than the "
@@ -538,6 +486,17 @@ def _card(
             "images": str(cfg.images),
             "used": len(data.images),
             "skipped": skipped,
+            "sets": [
+                {"labels": str(s.labels), "images": str(s.images), "name": s.name} for s in cfg.sets
+            ],
+            "holdout": {
+                "fraction": cfg.holdout,
+                "rule": "per source of every set but the first: patients with "
+                "hash_unit(f'{source}|{patient_id}', seed) < fraction",
+                "counts": group_counts_of(data, HOLDOUT),
+            },
+            "excluded_from_training": list(cfg.exclude),
+            "train_counts": group_counts_of(data, "train"),
         },
         "segmenter": {
             "directory": str(cfg.segmenter),
@@ -577,7 +536,13 @@ def _training_card(
         "batch_size": cfg.batch_size,
         "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
         "early_stopping": f"validation ROC AUC, patience {cfg.patience}",
+        "selection": "validation ROC AUC"
+        + (f" of source {cfg.select_source} only" if cfg.select_source else ""),
+        "sampling": f"source-balanced, balance {cfg.source_balance}, "
+        f"{cfg.epoch_images or 'all training'} images per epoch, with replacement",
         "augmentation": asdict(cfg.augment),
+        "acquisition": asdict(Acquisition()) if cfg.acquisition else None,
+        "input_standardization": cfg.standardize,
         "precision": precision,
         "seconds": round(seconds, 1),
         "train_img_per_s": float(np.median(rates)) if rates else None,
@@ -585,12 +550,20 @@ def _training_card(
     }
 
 
+def group_counts_of(data: CropData, part: str) -> dict[str, int]:
+    """'source:label' -> images of one part."""
+    idx = np.flatnonzero(data.split == part)
+    return dict(
+        sorted(Counter(f"{data.images[i].source}:{data.images[i].label}" for i in idx).items())
+    )
+
+
 def _write_splits(path: Path, data: CropData) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "patient_id", "label", "source", "split"])
-        for im, s in zip(data.images, data.split, strict=True):
-            w.writerow([im.rel, im.patient_id, im.label, im.source, s])
+        w.writerow(["path", "patient_id", "label", "source", "split", "dataset"])
+        for im, s, k in zip(data.images, data.split, data.dataset, strict=True):
+            w.writerow([im.rel, im.patient_id, im.label, im.source, s, int(k)])
 
 
 def _copy_segmenter(seg: Manifest, out: Path) -> None:

@@ -96,12 +96,25 @@ def train_segmenter(
 
 
 def train_classifier(
-    labels: Annotated[Path, typer.Option(help="Labels CSV (path, label, patient_id[, source]).")],
-    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    labels: Annotated[
+        list[Path],
+        typer.Option(
+            help="Labels CSV (path, label, patient_id[, source]). Give it again for more sets: "
+            "the first set's patient split chooses the epoch and threshold and holds the test "
+            "patients; the others are training data (a slice per source held out)."
+        ),
+    ],
     segmenter: Annotated[
         Path, typer.Option(help="Models directory holding the trained segmenter.json.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
+    images: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder each --labels CSV's 'path' column is relative to, one per --labels in "
+            "the same order (default: each CSV's own folder)."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 80,
     seed: Seed = 0,
     arch: Annotated[
@@ -121,6 +134,49 @@ def train_classifier(
     hflip: Annotated[
         bool, typer.Option(help="Random horizontal flips (off: anatomy is not symmetric).")
     ] = False,
+    epoch_images: Annotated[
+        int | None,
+        typer.Option(help="Images drawn per epoch (default: as many as there are to train on)."),
+    ] = None,
+    source_balance: Annotated[
+        float,
+        typer.Option(
+            help="Within each class, each source's share of an epoch ~ its size ** this "
+            "(0: as in the data, 1: equal per source)."
+        ),
+    ] = 0.5,
+    select_source: Annotated[
+        str | None,
+        typer.Option(
+            help="Choose the epoch on the validation images of this source only (e.g. "
+            "ieee8023: COVID-19 vs other pneumonias of one collection)."
+        ),
+    ] = None,
+    exclude_from_training: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SOURCE:LABEL never trained on (leave-one-source-out check; scored at the end "
+            "as unseen images), e.g. nih-chestxray14:0. Repeatable."
+        ),
+    ] = None,
+    holdout: Annotated[
+        float,
+        typer.Option(help="Share of each further set's sources held out as a second check."),
+    ] = 0.05,
+    acquisition: Annotated[
+        bool, typer.Option(help="Randomise the acquisition look (tone, resolution, JPEG, noise).")
+    ] = True,
+    standardize: Annotated[
+        bool, typer.Option(help="Standardise each image (mean 0, std 1) inside the network.")
+    ] = True,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Crop cache folder, shared between runs (default: OUT/crop-cache)."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run whose checkpoint is in OUT (same options)."),
+    ] = False,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
     threads: Threads = None,
@@ -133,11 +189,14 @@ def train_classifier(
         _require_torch()
         from engine.train.classifier import ClassifierTrainConfig
         from engine.train.classifier import train_classifier as run
+        from engine.train.datasets import pair_sets
 
+        sets = pair_sets(labels, images or [])
         run(
             ClassifierTrainConfig(
-                labels=labels,
-                images=images,
+                labels=sets[0].labels,
+                images=sets[0].images,
+                extra=sets[1:],
                 segmenter=segmenter,
                 out=out,
                 epochs=epochs,
@@ -148,6 +207,15 @@ def train_classifier(
                 lr=lr,
                 patience=patience,
                 hflip=hflip,
+                epoch_images=epoch_images,
+                source_balance=source_balance,
+                select_source=select_source,
+                exclude=tuple(exclude_from_training or ()),
+                holdout=holdout,
+                acquisition=acquisition,
+                standardize=standardize,
+                cache=cache,
+                resume=resume,
                 calibration_images=calibration_images,
                 int8_tune_epochs=int8_tune_epochs,
                 threads=_threads(threads),

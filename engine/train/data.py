@@ -158,10 +158,17 @@ class Decoded:
 
 
 def decode_all(
-    paths: Sequence[Path], models: ModelSet, *, threads: int, batch_size: int = 16
+    paths: Sequence[Path],
+    models: ModelSet,
+    *,
+    threads: int,
+    batch_size: int = 16,
+    pre: Preprocessor | None = None,
+    require_any: bool = True,
 ) -> Decoded:
-    """Every image once through the engine's Preprocessor; unreadable images are listed."""
-    pre = Preprocessor(models, device="cpu", batch_size=batch_size, threads=threads)
+    """Every image once through the engine's Preprocessor; unreadable images are listed.
+    require_any=False: a part where nothing decodes gives empty arrays instead of an error."""
+    pre = pre or Preprocessor(models, device="cpu", batch_size=batch_size, threads=threads)
     ok: list[int] = []
     works, segs, errors = [], [], {}
     for start in range(0, len(paths), batch_size):
@@ -182,7 +189,11 @@ def decode_all(
     for i, msg in errors.items():
         log(f"warning: {paths[i]}: skipped: {msg}")
     if not ok:
-        raise ConfigError(f"none of the {len(paths)} images could be decoded (see warnings above)")
+        if require_any:
+            raise ConfigError(
+                f"none of the {len(paths)} images could be decoded (see warnings above)"
+            )
+        return Decoded([], np.empty((0, 0, 0), np.float32), np.empty((0, 1, 0, 0)), errors)
     return Decoded(ok, np.concatenate(works), np.concatenate(segs), errors)
 
 

@@ -53,6 +53,13 @@ MIRRORED_OPS = (
     "GlobalAveragePool",
     "Flatten",
     "Gemm",
+    # the per-image standardisation in front of the network (engine.train.resnet.Standardized)
+    "ReduceMean",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sqrt",
+    "Constant",
 )
 
 
@@ -184,6 +191,8 @@ class QDQMirror(torch.nn.Module):
 
     def _run(self, node: onnx.NodeProto, ins: list[torch.Tensor | None]) -> torch.Tensor:
         a, t = _attrs(node), node.op_type
+        if t == "Constant":
+            return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
         x = ins[0]
         assert x is not None
         if t in ("QuantizeLinear", "DequantizeLinear"):
@@ -227,9 +236,20 @@ class QDQMirror(torch.nn.Module):
                 None if lo_t is None else float(lo_t),
                 None if hi_t is None else float(hi_t),
             )
-        if t == "Add":
+        if t in ("Add", "Sub", "Mul", "Div"):
             assert ins[1] is not None
-            return x + ins[1]
+            other = ins[1]
+            if t == "Add":
+                return x + other
+            return x - other if t == "Sub" else x * other if t == "Mul" else x / other
+        if t == "Sqrt":
+            return torch.sqrt(x)
+
+        if t == "ReduceMean":
+            axes_t = ins[1] if len(ins) > 1 else None
+            axes = a.get("axes") if axes_t is None else [int(v) for v in axes_t.reshape(-1)]
+            dims = tuple(range(x.ndim)) if not axes else tuple(int(v) for v in axes)
+            return x.mean(dim=dims, keepdim=bool(a.get("keepdims", 1)))
         if t == "MaxPool":
             pads = a.get("pads", [0] * (2 * (x.ndim - 2)))
             return F.max_pool2d(

@@ -100,6 +100,15 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.bad_epochs >= self.patience
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything update() reads, for an epoch checkpoint."""
+        keys = ("best_score", "best_loss", "best_epoch", "best_state", "bad_epochs")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
     def restore(self, model: torch.nn.Module) -> None:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)

@@ -57,11 +57,35 @@ class TinyClassifier(nn.Module):
         return self.fc(embedding), embedding
 
 
-def build_classifier(architecture: str, embedding_dim: int) -> nn.Module:
+class Standardized(nn.Module):
+    """Each image standardised to mean 0, std 1 over its own pixels before the network.
+
+    The engine stretches every image to its own intensity range, but the crop's brightness and
+    contrast still differ by site and film; standardising inside the model removes that cue
+    without touching the served preprocessing (it travels in the ONNX graph)."""
+
+    def __init__(self, model: nn.Module, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.model = model
+        self.eps = eps
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = image.mean(dim=(1, 2, 3), keepdim=True)
+        centred = image - mean
+        std = torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + self.eps)
+        return self.model(centred / std)
+
+
+def build_classifier(
+    architecture: str, embedding_dim: int, *, standardize: bool = False
+) -> nn.Module:
+    model: nn.Module
     if architecture == "resnet50":
-        return ResNet50Classifier()
-    if architecture == "efficientnet-lite0":
+        model = ResNet50Classifier()
+    elif architecture == "efficientnet-lite0":
         from engine.train.efficientnet import EfficientNetLite0Classifier
 
-        return EfficientNetLite0Classifier()
-    return TinyClassifier(embedding_dim=embedding_dim)
+        model = EfficientNetLite0Classifier()
+    else:
+        model = TinyClassifier(embedding_dim=embedding_dim)
+    return Standardized(model) if standardize else model
