@@ -141,7 +141,7 @@ def train_classifier(
     source_balance: Annotated[
         float,
         typer.Option(
-            help="Within each class, each source's share of an epoch ~ its size ** this "
+            help="Within each class, each source's share of an epoch ~ its size ** (1 - this) "
             "(0: as in the data, 1: equal per source)."
         ),
     ] = 0.5,

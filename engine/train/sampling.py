@@ -1,7 +1,7 @@
 """Which training images an epoch sees, and in which order: seeded by (seed, epoch) alone.
 
 Source-balanced sampling: the two classes get half of every epoch each; within a class, each
-source's share grows with its size to the power `balance` (0: as in the data, 1: equal per
+source's share grows with its size to the power 1 - `balance` (0: as in the data, 1: equal per
 source), so a source with thousands of images cannot make its look the class's look, while a
 small source is not repeated so often that it is memorised. Images are drawn with replacement.
 
@@ -29,7 +29,7 @@ def sample_weights(labels: np.ndarray, sources: np.ndarray, balance: float) -> n
     w = np.zeros(len(labels), np.float64)
     for y in classes:
         members = {s: idx for (yy, s), idx in groups.items() if yy == y}
-        mass = {s: len(idx) ** balance for s, idx in members.items()}
+        mass = {s: len(idx) ** (1.0 - balance) for s, idx in members.items()}
         total = sum(mass.values())
         for s, idx in members.items():
             w[idx] = (1.0 / len(classes)) * (mass[s] / total) / len(idx)
