@@ -173,6 +173,7 @@ def fit(
     opt, sched = loop.optimiser(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total)
     acq = Acquisition() if cfg.acquisition else None
     stopper, history, step, first = loop.EarlyStopping(cfg.patience), [], 0, 1
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     ckpt, fingerprint = Path(cfg.out) / CHECKPOINT, _fingerprint(cfg, len(train_idx))
     if cfg.resume:
         state = load_checkpoint(ckpt, fingerprint)

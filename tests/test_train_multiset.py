@@ -1,0 +1,374 @@
+"""cxr train classifier at scale: several labelled sets, the crop cache, source-balanced
+sampling, acquisition augmentation, bf16 detection, resume equivalence, and the two
+measurements of issue 14 (source probe, downscale agreement).
+
+Real images from ../shared/data/cxr-dev, the shipped segmenter, the tiny classifier; all
+output under tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="training needs the train extra (torch): pip install -e '.[train]'"
+)
+pytest.importorskip("torchvision", reason="training needs the train extra (torchvision)")
+
+from conftest import DATA  # noqa: E402
+
+from engine.errors import ConfigError  # noqa: E402
+
+DEV = DATA / "cxr-dev"
+SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "models"
+
+
+def _rows() -> list[dict[str, str]]:
+    if not (DEV / "labels.csv").is_file():
+        pytest.skip(f"real data not found at {DEV}: check out shared/ beside the repository")
+    with open(DEV / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path: Path, rows: list[dict[str, str]], drop: tuple[str, ...] = ()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in rows[0] if k not in drop]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _pick(rows, source, label, n, skip=frozenset()):
+    out, seen = [], set(skip)
+    for r in rows:
+        if r["source"] == source and r["label"] == label and r["patient_id"] not in seen:
+            seen.add(r["patient_id"])
+            out.append(r)
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    """A primary set of 16 dev images (8 positive, 4+4 negative, distinct patients) and a
+    second set of 8 others whose CSV has no source column and paths relative to images/."""
+    rows = _rows()
+    primary = _pick(rows, "ieee8023", "1", 8)
+    primary += _pick(rows, "ieee8023", "0", 4) + _pick(rows, "nih-chestxray14", "0", 4)
+    used = {r["patient_id"] for r in primary}
+    second = _pick(rows, "ieee8023", "1", 4, used) + _pick(rows, "nih-chestxray14", "0", 4, used)
+    second = [{**r, "path": r["path"].removeprefix("images/")} for r in second]
+    tmp = tmp_path_factory.mktemp("sets")
+    return {
+        "primary": _write(tmp / "dev" / "labels.csv", primary),
+        "second": _write(tmp / "extra-set" / "labels.csv", second, drop=("source",)),
+        "primary_rows": primary,  # type: ignore[dict-item]
+    }
+
+
+def _config(sets, tmp: Path, **kw):
+    from engine.train.classifier import ClassifierTrainConfig
+    from engine.train.datasets import LabelSet
+
+    base = dict(
+        labels=sets["primary"],
+        images=DEV,
+        extra=(LabelSet(sets["second"], DEV / "images"),),
+        segmenter=SHIPPED,
+        out=tmp / "out",
+        cache=tmp / "cache",
+        arch="tiny-classifier",
+        batch_size=4,
+        epochs=3,
+        epoch_images=8,
+        holdout=0.3,
+        threads=1,
+        precision="fp32",
+    )
+    return ClassifierTrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def loaded(sets, tmp_path_factory):
+    from engine.train.classifier import load_data, load_segmenter
+
+    tmp = tmp_path_factory.mktemp("loaded")
+    cfg = _config(sets, tmp)
+    data, skipped = load_data(cfg, load_segmenter(SHIPPED))
+    return cfg, data, skipped
+
+
+# --- several labelled sets -----------------------------------------------------------------
+
+
+def test_sets_keep_their_roots_sources_and_parts(loaded):
+    cfg, data, skipped = loaded
+    assert skipped == {} and len(data.images) == 24
+    first, second = data.dataset == 0, data.dataset == 1
+    assert first.sum() == 16 and second.sum() == 8
+    # each set's images resolve under its own root
+    assert all(im.path.is_relative_to(DEV) for im in data.images)
+    rels = [(im.rel, int(k)) for im, k in zip(data.images, data.dataset, strict=True)]
+    assert all(rel.startswith("images/") for rel, k in rels if k == 0)
+    assert not any(rel.startswith("images/") for rel, k in rels if k == 1)
+    # the primary set's sources come from its column; the other's from its folder name
+    assert set(data.sources[first]) == {"ieee8023", "nih-chestxray14"}
+    assert set(data.sources[second]) == {"extra-set"}
+    # val/test only in the primary set; the second set is training data plus a holdout slice
+    assert set(data.split[first]) <= {"train", "val", "test"} and "val" in data.split[first]
+    assert set(data.split[second]) <= {"train", "holdout"}
+
+
+def test_holdout_is_seeded_and_per_patient(sets, tmp_path):
+    from engine.train.datasets import LabelSet, load_sets
+
+    both = (LabelSet(sets["primary"], DEV), LabelSet(sets["second"], DEV / "images"))
+    a = load_sets(both, seed=0, holdout=0.5)
+    b = load_sets(both, seed=0, holdout=0.5)
+    c = load_sets(both, seed=1, holdout=0.5)
+    assert (a.split == b.split).all()
+    assert 0 < (a.split == "holdout").sum() < 8
+    assert (a.split != c.split).any() or (a.split == "holdout").sum() in (0, 8)
+
+
+def test_duplicate_image_across_sets_is_refused(sets, tmp_path):
+    from engine.train.datasets import LabelSet, load_sets
+
+    again = _write(tmp_path / "again" / "labels.csv", sets["primary_rows"][:2])
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_sets((LabelSet(sets["primary"], DEV), LabelSet(again, DEV)), seed=0)
+
+
+def test_images_must_pair_with_labels():
+    from engine.train.datasets import pair_sets
+
+    with pytest.raises(ConfigError, match="one --images per --labels"):
+        pair_sets([Path("a.csv"), Path("b.csv")], [Path("x")])
+    default = pair_sets([Path("d/a.csv")], [])
+    assert default[0].images == Path("d")
+
+
+def test_excluded_group_is_never_trained_on(sets):
+    from engine.train.datasets import LabelSet, load_sets, parse_group
+
+    both = (LabelSet(sets["primary"], DEV), LabelSet(sets["second"], DEV / "images"))
+    sel = load_sets(both, seed=0, exclude=[parse_group("nih-chestxray14:0")])
+    nih = np.array([im.source == "nih-chestxray14" for im in sel.images])
+    assert not ((sel.split == "train") & nih).any()
+    assert ((sel.split == "unseen") & nih).any()
+    with pytest.raises(ConfigError, match="SOURCE:LABEL"):
+        parse_group("nih-chestxray14")
+    with pytest.raises(ConfigError, match="no image has source"):
+        load_sets(both, seed=0, exclude=[("nowhere", 0)])
+
+
+# --- crop cache ----------------------------------------------------------------------------
+
+
+def test_cache_is_reused_and_resumes_to_the_same_arrays(sets, loaded, tmp_path, monkeypatch):
+    from engine.train import cache as cache_mod
+    from engine.train.classifier import load_segmenter
+    from engine.train.datasets import LabelSet, load_sets
+    from engine.train.specs import classifier_manifest
+
+    cfg, data, _ = loaded
+    seg, clf = load_segmenter(SHIPPED), classifier_manifest("tiny-classifier", trained=False)
+    label_set = LabelSet(sets["primary"], DEV)
+    images = load_sets((label_set,), seed=0).images
+    built = cache_mod.open_or_build(cfg.cache, label_set, images, seg, clf, threads=1)
+    np.testing.assert_array_equal(built.inputs, data.inputs[data.dataset == 0])
+
+    # a complete entry is opened, not rebuilt
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_mod, "decode_all", no_decode)
+        again = cache_mod.open_or_build(cfg.cache, label_set, images, seg, clf, threads=1)
+    np.testing.assert_array_equal(again.work, built.work)
+
+    # a build killed after its first chunk resumes there and ends with the same arrays
+    monkeypatch.setattr(cache_mod, "CHUNK", 5)
+    real = cache_mod.decode_all
+    calls = {"n": 0}
+
+    def dies_after_one_chunk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "decode_all", dies_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        cache_mod.open_or_build(tmp_path, label_set, images, seg, clf, threads=1)
+    monkeypatch.setattr(cache_mod, "decode_all", real)
+    resumed = cache_mod.open_or_build(tmp_path, label_set, images, seg, clf, threads=1)
+    np.testing.assert_array_equal(resumed.work, built.work)
+    np.testing.assert_array_equal(resumed.inputs, built.inputs)
+    np.testing.assert_array_equal(resumed.boxes, built.boxes)
+
+    # other labels -> another entry
+    other = _write(tmp_path / "dev" / "labels.csv", sets["primary_rows"][:12])
+    assert cache_mod.entry_key(LabelSet(other, DEV), seg, clf) != cache_mod.entry_key(
+        label_set, seg, clf
+    )
+
+
+# --- sampling, augmentation, precision ------------------------------------------------------
+
+
+def test_source_balanced_weights():
+    from engine.train.sampling import sample_weights
+
+    labels = np.array([1] * 90 + [1] * 10 + [0] * 100)
+    sources = np.array(["big"] * 90 + ["small"] * 10 + ["neg"] * 100)
+    for balance in (0.0, 0.5, 1.0):
+        w = sample_weights(labels, sources, balance)
+        assert w.sum() == pytest.approx(1.0)
+        assert w[labels == 1].sum() == pytest.approx(0.5)  # each class half the epoch
+    natural, equal = sample_weights(labels, sources, 0.0), sample_weights(labels, sources, 1.0)
+    assert natural[:90].sum() == pytest.approx(0.45)  # as in the data
+    assert equal[:90].sum() == pytest.approx(0.25) == equal[90:100].sum()  # equal per source
+    half = sample_weights(labels, sources, 0.5)[:90].sum()
+    assert 0.25 < half < 0.45
+
+
+def test_epoch_draws_depend_on_seed_and_epoch_only():
+    from engine.train.sampling import epoch_batches, epoch_rngs, sample_weights
+
+    idx = np.arange(50)
+    w = sample_weights(np.arange(50) % 2, np.array(["a"] * 50), 0.5)
+    a = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 3)[0])
+    b = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 3)[0])
+    c = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 4)[0])
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any((x != y).any() for x, y in zip(a, c, strict=True))
+
+
+def test_acquisition_is_seeded_bounded_and_off_is_identity():
+    from engine.train.augment import Acquisition, acquisition
+
+    x = torch.rand(6, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    src = np.array(["a", "a", "b", "b", "c", "c"])
+    on = Acquisition(**{f: 1.0 for f in Acquisition.__dataclass_fields__ if f.endswith("_p")})
+    y1 = acquisition(x, src, on, torch.Generator().manual_seed(1))
+    y2 = acquisition(x, src, on, torch.Generator().manual_seed(1))
+    assert torch.equal(y1, y2) and y1.min() >= 0 and y1.max() <= 1
+    assert (y1 - x).abs().mean() > 0.02
+    off = acquisition(x, src, Acquisition.off(), torch.Generator().manual_seed(1))
+    assert torch.equal(off, x)
+
+
+def test_bf16_only_where_the_cpu_has_it():
+    from engine.train.loop import cpu_has_fast_bf16, resolve_precision
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    zen4 = "flags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
+    sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+    assert not cpu_has_fast_bf16(avx2)
+    assert cpu_has_fast_bf16(zen4) and cpu_has_fast_bf16(sapphire)
+    assert resolve_precision("auto", avx2) == "fp32"
+    assert resolve_precision("auto", zen4) == "bf16"
+    assert resolve_precision("fp32", zen4) == "fp32"  # asked for, not overridden
+    # a name that merely contains the flag elsewhere on the line does not count
+    assert not cpu_has_fast_bf16("model name\t: not avx512_bf16\nflags\t\t: avx2\n")
+    assert not cpu_has_fast_bf16("")
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+
+def test_killed_and_resumed_run_equals_the_unbroken_one(loaded, tmp_path, monkeypatch):
+    """A run killed after its epoch-2 checkpoint and resumed with --resume ends with the same
+    weights, optimiser state and history as the run that was never interrupted."""
+    from dataclasses import replace
+
+    from engine.train import classifier_fit
+    from engine.train.specs import classifier_manifest
+
+    cfg, data, _ = loaded
+    clf = classifier_manifest("tiny-classifier", trained=False)
+    unbroken, stop_a, hist_a, _ = classifier_fit.fit(
+        replace(cfg, out=tmp_path / "a"), data, clf, "fp32"
+    )
+    real_save = classifier_fit.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(classifier_fit, "save_checkpoint", save_then_die)
+    b = replace(cfg, out=tmp_path / "b")
+    with pytest.raises(Killed):
+        classifier_fit.fit(b, data, clf, "fp32")
+    monkeypatch.setattr(classifier_fit, "save_checkpoint", real_save)
+    resumed, stop_b, hist_b, _ = classifier_fit.fit(replace(b, resume=True), data, clf, "fp32")
+
+    for k, v in unbroken.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert stop_a.best_epoch == stop_b.best_epoch
+    timing = ("img_per_s", "train_s")
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in hist_a]
+    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in hist_b]
+    # other options cannot resume this checkpoint
+    with pytest.raises(ConfigError, match="other options"):
+        classifier_fit.fit(replace(b, resume=True, lr=1e-2), data, clf, "fp32")
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def test_source_probe_finds_a_planted_source_and_not_a_random_one():
+    from engine.eval.source_probe import source_probe
+
+    rng = np.random.default_rng(0)
+    n = 240
+    latent = rng.normal(size=(n, 8))
+    sources = np.array(["a", "b"])[np.arange(n) % 2]
+    labels = (np.arange(n) // 2) % 2
+    mix = rng.normal(size=(8, 256))
+    clean = latent @ mix + 0.1 * rng.normal(size=(n, 256))
+    planted = latent.copy()
+    planted[sources == "a", 0] += 2.5  # source a is shifted along one latent direction
+    leaky = planted @ mix + 0.1 * rng.normal(size=(n, 256))
+    none = source_probe(clean, sources, labels, seed=0)
+    some = source_probe(leaky, sources, labels, seed=0)
+    for y in (0, 1):
+        assert abs(none[f"label={y}"]["roc_auc"] - 0.5) < 0.15
+        assert some[f"label={y}"]["roc_auc"] > 0.9
+        assert some[f"label={y}"]["images"] == {"a": 60, "b": 60}
+    # a class from one source only is not probed
+    one = source_probe(leaky, np.where(labels == 1, "a", sources), labels)
+    assert "label=1" not in one and "label=0" in one
+
+
+def test_downscale_agreement_on_a_few_images(sets, tmp_path):
+    from engine.eval.resolution import downscale, downscale_agreement
+
+    rows = sets["primary_rows"][:3] + sets["primary_rows"][-3:]
+    paths = [DEV / r["path"] for r in rows]
+    labels = np.array([int(r["label"]) for r in rows])
+    small = tmp_path / "s.png"
+    downscale(paths[0], small, 224)
+    from PIL import Image
+
+    with Image.open(small) as im, Image.open(paths[0]) as big:
+        assert max(im.size) == 224 and max(big.size) > 224
+    r = downscale_agreement(None, paths, labels, side=224, threads=1)
+    assert r["images"] == 6 and r["failed"] == 0
+    assert 0.0 <= r["same_decision"] <= 1.0 and r["mean_abs_prob_diff"] >= 0.0
+    assert r["roc_auc_full"] is not None and r["roc_auc_downscaled"] is not None
+    # an image already at or below the side is left as it is: same decision on itself
+    same = downscale_agreement(None, [small] * 2, np.array([0, 1]), side=224, threads=1)
+    assert same["same_decision"] == 1.0 and same["mean_abs_prob_diff"] < 1e-6
