@@ -28,10 +28,8 @@ def downscale(src: Path, dst: Path, side: int) -> None:
     """src -> dst (PNG) with its long side `side` px (never upscaled), 8-bit grey or 16-bit."""
     from PIL import Image
 
-    with Image.open(src) as im:
-        im.load()
-        if im.mode not in ("L", "I", "I;16"):
-            im = im.convert("L")
+    with Image.open(src) as opened:
+        im: Image.Image = opened.convert("L") if opened.mode not in ("L", "I", "I;16") else opened
         scale = side / max(im.size)
         if scale < 1:
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
