@@ -512,3 +512,16 @@ def test_mask_folder_without_pairs_is_a_clear_error(tmp_path):
     (tmp_path / "images").mkdir()
     code, out = run_train("segmenter", "--masks", tmp_path, "--out", tmp_path / "o")
     assert code == 1 and "no image/mask pairs found" in out
+
+
+def test_card_records_the_source_probe_and_downscale_agreement(trained):
+    from engine.models import load_manifest
+
+    card = load_manifest(trained["classifier"] / "classifier.json").card
+    probe = card["source_probe"]
+    # the subset's negatives come from two sources (ieee8023, NIH): the probe runs on them
+    assert "label=0" in probe and 0.0 <= probe["label=0"]["roc_auc"] <= 1.0
+    down = card["downscale_agreement"]
+    test_images = card["splits"]["counts"]["test"]["images"]
+    assert down["side"] == 224 and down["images"] + down["failed"] == test_images
+    assert 0.0 <= down["same_decision"] <= 1.0

@@ -371,6 +371,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
     save_manifest(manifest, manifest.directory)
     _write_splits(manifest.directory / SPLITS_FILE, data)
     _copy_segmenter(seg, manifest.directory)
+    manifest = replace(
+        manifest, card=manifest.card | generalisation(manifest.directory, data, fp32, cfg.threads)
+    )
+    save_manifest(manifest, manifest.directory)
     log_json: dict[str, Any] = {"config": asdict(cfg), "precision": precision, "history": history}
     log_json |= {"best_epoch": stopper.best_epoch, "threshold": threshold, "metrics": metrics}
     loop.write_json(manifest.directory / LOG_FILE, log_json | {"int8": int8})
@@ -379,6 +383,29 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
         f"{metrics['val']['all']['roc_auc']}, threshold {threshold:.4f} -> {manifest.onnx_path}"
     )
     return manifest
+
+
+def generalisation(
+    directory: Path, data: CropData, fp32: dict[str, np.ndarray], threads: int
+) -> dict[str, Any]:
+    """Two shortcut measurements for the card: the source probe on the embeddings of every
+    image not trained on, and the primary set's test images screened at full size and
+    downscaled to 224 px (cxr-train's resolution)."""
+    from engine.eval.resolution import downscale_agreement
+    from engine.eval.source_probe import source_probe
+
+    held = data.split != "train"
+    patients = np.array([im.patient_id for im in data.images])
+    probe = source_probe(
+        fp32["embedding"][held], data.sources[held], data.labels[held], patients[held]
+    )
+    probe["images"] = "every image not trained on (val, test, holdout, unseen)"
+    test = np.flatnonzero((data.split == "test") & (data.dataset == 0))
+    log(f"downscale agreement on {len(test)} test images")
+    res = downscale_agreement(
+        directory, [data.images[i].path for i in test], data.labels[test], threads=threads
+    )
+    return {"source_probe": probe, "downscale_agreement": res}
 
 
 def requantize_int8(
