@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,6 +131,18 @@ def holdout_report(
     return out
 
 
+def _with_progress(batches: list[np.ndarray], epoch: int, every: int = 32) -> Iterator[np.ndarray]:
+    """The batches, with a progress line every `every` of them (an epoch takes minutes)."""
+    t0 = time.perf_counter()
+    seen = 0
+    for i, b in enumerate(batches, 1):
+        yield b
+        seen += len(b)
+        if i % every == 0 and i < len(batches):
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            log(f"  epoch {epoch}: batch {i}/{len(batches)}, {rate:.1f} img/s")
+
+
 def _fingerprint(cfg: ClassifierTrainConfig, n_train: int) -> str:
     """What a checkpoint must agree with to be resumed (threads and --resume may differ)."""
     spec = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "resume")}
@@ -198,7 +212,9 @@ def fit(
                 logit = model(xb.contiguous(memory_format=torch.channels_last))[0]
             return F.binary_cross_entropy_with_logits(logit.float().reshape(-1), y[idx])
 
-        stats = loop.train_epoch(model, opt, sched, batches, batch_loss, total - step)
+        stats = loop.train_epoch(
+            model, opt, sched, _with_progress(batches, epoch), batch_loss, total - step
+        )
         step += stats.steps
         val_loss, auc, score = validate(model, data, val_idx, precision, cfg.select_source)
         stopper.update(epoch, score if score is not None else -val_loss, val_loss, model)
