@@ -162,7 +162,12 @@ def create_app(
     @app.get("/api/image/{key}")
     def image(key: str) -> Response:
         row = known_row(key)
-        png = images.render_png(images.read_recorded(row), max_pixels=max_pixels)
+        if row.get("status") != "ok":
+            # what the run refused (a bomb, a fake) is never read or decoded again
+            why = row.get("error") or "no reason recorded"
+            raise HTTPException(422, f"the run could not screen this image: {why}")
+        data = images.read_recorded(row, max_pixels=max_pixels)
+        png = images.render_png(data, max_pixels=max_pixels)
         return Response(png, media_type="image/png", headers=_IMMUTABLE)
 
     def previews(key: str) -> tuple[bytes, bytes]:

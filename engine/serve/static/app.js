@@ -279,12 +279,13 @@ async function renderCase(key) {
   mask.hidden = true;
   box.hidden = true;
   noimage.hidden = true;
-  $("stage").hidden = !row.sha256;
-  if (!row.sha256) {
-    noimage.textContent = "No image: the engine could not read this file.";
+  // what the run refused (unreadable, a bomb, too small) is not fetched: the server refuses it
+  $("stage").hidden = row.status !== "ok";
+  if (row.status !== "ok") {
+    noimage.textContent = `No image: the engine could not screen this file${row.error ? `: ${row.error}` : "."}`;
     noimage.hidden = false;
   } else {
-    if (row.status === "ok") image.src = `/api/thumb/${row.key}`; // at once, then the full image
+    image.src = `/api/thumb/${row.key}`; // at once, then the full image
     const full = new Image();
     full.onload = () => { image.src = full.src; image.dataset.loaded = "full"; };
     full.onerror = async () => {
