@@ -15,6 +15,10 @@ JSON API (keys are strings in JSON: JavaScript numbers cannot hold a uint64):
     GET  /api/summary                   counts, score histogram, evaluation metrics if any
     GET  /api/report/{name}             report.html, roc.png, pr.png, reliability.png, metrics.json
 
+Errors are JSON {"detail": "a message"}: 400 for a parameter of the wrong type or out of range,
+404, 405, 409 (a source changed since screening), 413, 415, 422 (an image that cannot be shown)
+and 500 alike; every response, errors included, carries SECURITY_HEADERS.
+
 Images are read only from the `source`/`member` recorded in the run's rows, by key; no endpoint
 takes a path. The page itself is static HTML/JS/CSS served from engine/serve/static (no build
 step, nothing from a CDN).
@@ -34,14 +38,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import ConfigError, EngineError
 from engine.io.probe import sniff_format
 from engine.serve import images
-from engine.serve.store import Filters, RunStore, display_name, parse_key, row_json
+from engine.serve.store import MAX_OFFSET, Filters, RunStore, display_name, parse_key, row_json
 
 STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 64 << 20
@@ -55,6 +62,11 @@ _CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": _CSP,
+}
 
 
 def create_app(
@@ -76,17 +88,22 @@ def create_app(
     if page.count(_TOKEN_SLOT) != 1:
         raise EngineError(f"{STATIC / 'index.html'}: no single {_TOKEN_SLOT} slot for the token")
     page = page.replace(_TOKEN_SLOT, token)
-    allowed = {h.lower() for h in allowed_hosts} if allowed_hosts else None
+    allowed = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+    app.add_middleware(Guard, allowed_hosts=allowed)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        if allowed is not None and host_name(request.headers.get("host", "")) not in allowed:
-            return JSONResponse({"detail": "unknown Host header"}, status_code=400)
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Content-Security-Policy", _CSP)
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette sends this from its outermost middleware, outside Guard: hence the headers.
+        # It re-raises `exc` afterwards, so the server still logs the traceback.
+        return JSONResponse(
+            {"detail": "internal error: see the server's log"},
+            status_code=500,
+            headers=SECURITY_HEADERS,
+        )
 
     @app.exception_handler(ConfigError)
     async def bad_request(request: Request, exc: ConfigError) -> JSONResponse:
@@ -133,7 +150,7 @@ def create_app(
 
     @app.get("/api/images")
     def table(
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         sort: str = "key",
         desc: bool = False,
@@ -226,6 +243,44 @@ def create_app(
         return FileResponse(path, media_type=store.REPORT_FILES[name])
 
     return app
+
+
+class Guard:
+    """The Host check (against DNS rebinding) and the security headers, on every response the
+    routes and exception handlers send. A plain ASGI middleware: it also sees the responses
+    BaseHTTPMiddleware's call_next would turn into exceptions."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        host = host_name(Headers(scope=scope).get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            refused = JSONResponse({"detail": "unknown Host header"}, status_code=400)
+            await refused(scope, receive, secured)
+            return
+        await self.app(scope, receive, secured)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: "offset: Input should be ..."."""
+    parts = []
+    for error in exc.errors():
+        where = [str(x) for x in error.get("loc", ()) if x not in ("query", "path", "body")]
+        parts.append(f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request"
 
 
 def host_name(header: str) -> str:
