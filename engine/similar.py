@@ -16,7 +16,8 @@ import polars as pl
 
 from engine.errors import ConfigError, EngineError
 from engine.io import parquet, vectors
-from engine.io.archive import ImageRef, Item, image_key
+from engine.io.archive import DEFAULT_MAX_FILE_BYTES, ImageRef, Item, image_key
+from engine.io.files import NotRegularFile, open_regular
 from engine.io.outdir import read_run_json
 from engine.models import load_models
 
@@ -130,6 +131,7 @@ def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
 def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     from engine.runner import Screener, location, prepare
 
+    data = _read_query(path)
     run = read_run_json(out) or {}
     recorded = run.get("models", {})
     directory = models_dir or (Path(recorded["directory"]) if recorded.get("directory") else None)
@@ -142,10 +144,6 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
             "pass --models with the run's models"
         )
     source = os.path.abspath(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
     item = Item(
         ref=ImageRef(key=image_key(source, None), source=source, member=None), data=data, error=None
     )
@@ -171,3 +169,19 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     finally:
         screener.close()
     return emb / max(float(np.linalg.norm(emb)), 1e-12)
+
+
+def _read_query(path: Path) -> bytes:
+    """The query file's bytes, with the byte limit of `cxr screen`; never waits on a FIFO."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(DEFAULT_MAX_FILE_BYTES + 1)
+    except NotRegularFile:
+        raise EngineError(
+            f"{path}: not a regular file (a directory, FIFO or device cannot be a query)"
+        ) from None
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > DEFAULT_MAX_FILE_BYTES:
+        raise EngineError(f"{path}: larger than {DEFAULT_MAX_FILE_BYTES} bytes, as in cxr screen")
+    return data

@@ -32,6 +32,7 @@ import numpy as np
 from engine.errors import ImageError
 from engine.io.archive import DEFAULT_MAX_FILE_BYTES as DEFAULT_MAX_BYTES
 from engine.io.dicom import decode_dicom
+from engine.io.files import NotRegularFile, open_regular
 from engine.io.probe import DEFAULT_MAX_PIXELS, check_limits, probe, sniff_format
 
 # Read first and checked against the row before the rest: holds the PNG and JPEG headers of
@@ -101,17 +102,25 @@ def _check_header(head: bytes, row: dict[str, Any], max_pixels: int) -> None:
 @contextmanager
 def _open_recorded(source: str, member: str | None, max_bytes: int) -> Iterator[IO[bytes]]:
     """A stream of the recorded file or archive member, refused where `cxr screen` refuses."""
-    if member is None:
-        with open(source, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise Unavailable("the recorded source is not a regular file")
-            if st.st_size > max_bytes:
+    try:
+        f = open_regular(source)  # a FIFO put at the recorded path would block a server thread
+    except NotRegularFile:
+        raise Unavailable("the recorded source is not a regular file") from None
+    with f:
+        if member is None:
+            if os.fstat(f.fileno()).st_size > max_bytes:
                 raise Unavailable(f"the recorded file is larger than {max_bytes} bytes", 413)
             yield f
-        return
+        else:
+            with _open_member(f, source, member, max_bytes) as stream:
+                yield stream
+
+
+@contextmanager
+def _open_member(f: IO[bytes], source: str, member: str, max_bytes: int) -> Iterator[IO[bytes]]:
+    """A stream of `member` of the archive open as `f` (zip by its name, else any tar)."""
     if source.lower().endswith(".zip"):
-        with zipfile.ZipFile(source) as z:
+        with zipfile.ZipFile(f) as z:
             try:
                 zinfo = z.getinfo(member)
             except KeyError:
@@ -124,7 +133,7 @@ def _open_recorded(source: str, member: str | None, max_bytes: int) -> Iterator[
                 yield stream
         return
     # one sequential pass, as the screening read it (a .tar.gz cannot be seeked in)
-    with tarfile.open(source, mode="r|*") as tar:
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:
             if info.name != member:
                 tar.members.clear()  # type: ignore[attr-defined]  # keep memory flat
