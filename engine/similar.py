@@ -78,7 +78,7 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         query_key = image_key(os.path.abspath(query), None)
         exclude = None
     elif query.isascii() and query.isdigit():
-        raise EngineError(f"key {query} is not in {vectors.index_path(out)}")
+        raise EngineError(_not_indexed(out, query))
     else:
         raise ConfigError(
             f"QUERY {query!r} is neither an existing image file nor a key (an integer)"
@@ -102,6 +102,24 @@ def _stored_vector(index, query: str) -> np.ndarray | None:
         return None  # keys are uint64 (np.uint64 would raise OverflowError)
     got = index.get(np.uint64(int(query)))
     return None if got is None else np.asarray(got, np.float32).reshape(-1)
+
+
+def _not_indexed(out: Path, query: str) -> str:
+    """Why the key `query` has no vector: its image failed, or it is no image of the run."""
+    index = vectors.index_path(out)
+    parts = [p for _, p in parquet.list_parts(out)]
+    if int(query) < 2**64 and parts:
+        key = pl.lit(int(query), dtype=pl.UInt64())
+        rows = pl.scan_parquet(parts).filter(pl.col("key") == key).select("status", "error")
+        found = rows.collect()
+        if found.height and found["status"][0] == "error":
+            return f"key {query}: this image failed: {found['error'][0]}"
+        if found.height:
+            return (
+                f"key {query} is screened but not in {index} yet: rerun `cxr screen` with the "
+                "same --out to finish the index"
+            )
+    return f"key {query} is not in {index}"
 
 
 def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import dev_images
+from conftest import dev_images, plain, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120  # a child loads the engine and the models in a few seconds
@@ -80,3 +80,36 @@ def test_a_fifo_as_the_query_file_is_refused_not_waited_on(screened):
         fifo.unlink()
     assert done.returncode == 1, done.stdout + done.stderr
     assert "not a regular file" in " ".join(done.stderr.split())
+
+
+def test_the_key_of_an_error_row_says_why_it_has_no_neighbours(screened):
+    """issue 16 (similar): the key of an error row said "not in index.usearch", not the failure."""
+    from engine.errors import EngineError
+    from engine.similar import similar
+
+    row = screened["rows"][str(screened["broken"])]
+    assert row["status"] == "error" and row["error"]
+    key = str(row["key"])
+    with pytest.raises(EngineError) as caught:
+        similar(screened["out"], key)
+    message = str(caught.value)
+    assert "this image failed" in message and row["error"] in message, message
+    assert "index.usearch" not in message
+    code, _, stderr = run_cli(["similar", key, "--out", screened["out"]])
+    assert code == 1 and "this image failed" in plain(stderr), stderr
+    # a key that is no image of the run at all keeps its message
+    code, _, stderr = run_cli(["similar", "12345", "--out", screened["out"]])
+    assert code == 1 and "is not in" in plain(stderr) and "failed" not in plain(stderr)
+
+
+def test_serve_answers_the_failure_for_the_key_of_an_error_row(screened):
+    """issue 16 (similar): GET /api/similar/<error key> passes the failure on (422)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
+    from fastapi.testclient import TestClient
+
+    from engine.serve.app import create_app
+
+    row = screened["rows"][str(screened["broken"])]
+    r = TestClient(create_app(screened["out"])).get(f"/api/similar/{row['key']}")
+    assert r.status_code == 422 and "this image failed" in r.json()["detail"], r.text
