@@ -83,17 +83,33 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         raise ConfigError(
             f"QUERY {query!r} is neither an existing image file nor a key (an integer)"
         )
-    count = min(len(index), k + (exclude is not None))
-    exact = len(index) <= EXACT_SEARCH_UP_TO
-    if not exact:
-        index.expansion_search = max(EXPANSION_SEARCH, count)
-    matches = index.search(vector, count, exact=exact)
-    pairs = [
-        (int(key), 1.0 - float(dist))
-        for key, dist in zip(matches.keys, matches.distances, strict=True)
-        if int(key) != exclude
-    ][:k]
+    pairs = _nearest(index, vector, k, exclude=exclude, first=query_key)
     return SimilarResult(query=query, query_key=query_key, neighbours=_join_rows(out, pairs))
+
+
+def _nearest(
+    index, vector: np.ndarray, k: int, *, exclude: int | None, first: int | None
+) -> list[tuple[int, float]]:
+    """The k nearest (key, similarity) pairs, `exclude` left out. Equal similarities (an image
+    and its byte-identical copies) go to `first`, the query's own key, then by key: the order
+    usearch returns ties in is its own, and a copy must not outrank the image itself."""
+    exact = len(index) <= EXACT_SEARCH_UP_TO
+    # one more than asked shows whether a tie runs past the k-th; fetch more until none does
+    count = min(len(index), k + 1 + (exclude is not None))
+    while True:
+        if not exact:
+            index.expansion_search = max(EXPANSION_SEARCH, count)
+        matches = index.search(vector, count, exact=exact)
+        pairs = [
+            (int(key), 1.0 - float(dist))
+            for key, dist in zip(matches.keys, matches.distances, strict=True)
+            if int(key) != exclude
+        ]
+        if count >= len(index) or len(pairs) <= k or pairs[-1][1] < pairs[k - 1][1]:
+            break
+        count = min(len(index), 2 * count)
+    pairs.sort(key=lambda pair: (-pair[1], pair[0] != first, pair[0]))
+    return pairs[:k]
 
 
 def _stored_vector(index, query: str) -> np.ndarray | None:

@@ -113,3 +113,27 @@ def test_serve_answers_the_failure_for_the_key_of_an_error_row(screened):
     row = screened["rows"][str(screened["broken"])]
     r = TestClient(create_app(screened["out"])).get(f"/api/similar/{row['key']}")
     assert r.status_code == 422 and "this image failed" in r.json()["detail"], r.text
+
+
+def test_an_image_ranks_above_its_byte_identical_copy(screened):
+    """issue 16 (similar): with an identical copy in the index, the copy could rank above the
+    query image itself, against the README's "finds itself first"; ties go to the query's key."""
+    from engine.similar import similar
+
+    rows = screened["rows"]
+    original, copy = rows[str(screened["original"])], rows[str(screened["copy"])]
+    for path, own, twin in (
+        (screened["original"], original, copy),
+        (screened["copy"], copy, original),
+    ):
+        for k in (1, 2, 4):
+            result = similar(screened["out"], str(path), k=k)
+            keys = [n.key for n in result.neighbours]
+            sims = [n.similarity for n in result.neighbours]
+            assert result.query_key == own["key"]
+            assert keys[0] == own["key"], (path.name, k, keys)
+            if k > 1:  # the copy ties exactly, and comes next
+                assert keys[1] == twin["key"] and sims[1] == sims[0], (keys, sims)
+        # asked by key, the image is left out and its copy is the nearest
+        by_key = similar(screened["out"], str(own["key"]), k=1).neighbours
+        assert [n.key for n in by_key] == [twin["key"]]
