@@ -16,7 +16,8 @@ import polars as pl
 
 from engine.errors import ConfigError, EngineError
 from engine.io import parquet, vectors
-from engine.io.archive import ImageRef, Item, image_key
+from engine.io.archive import DEFAULT_MAX_FILE_BYTES, ImageRef, Item, image_key
+from engine.io.files import NotRegularFile, open_regular
 from engine.io.outdir import read_run_json
 from engine.models import load_models
 
@@ -77,22 +78,38 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
         query_key = image_key(os.path.abspath(query), None)
         exclude = None
     elif query.isascii() and query.isdigit():
-        raise EngineError(f"key {query} is not in {vectors.index_path(out)}")
+        raise EngineError(_not_indexed(out, query))
     else:
         raise ConfigError(
             f"QUERY {query!r} is neither an existing image file nor a key (an integer)"
         )
-    count = min(len(index), k + (exclude is not None))
-    exact = len(index) <= EXACT_SEARCH_UP_TO
-    if not exact:
-        index.expansion_search = max(EXPANSION_SEARCH, count)
-    matches = index.search(vector, count, exact=exact)
-    pairs = [
-        (int(key), 1.0 - float(dist))
-        for key, dist in zip(matches.keys, matches.distances, strict=True)
-        if int(key) != exclude
-    ][:k]
+    pairs = _nearest(index, vector, k, exclude=exclude, first=query_key)
     return SimilarResult(query=query, query_key=query_key, neighbours=_join_rows(out, pairs))
+
+
+def _nearest(
+    index, vector: np.ndarray, k: int, *, exclude: int | None, first: int | None
+) -> list[tuple[int, float]]:
+    """The k nearest (key, similarity) pairs, `exclude` left out. Equal similarities (an image
+    and its byte-identical copies) go to `first`, the query's own key, then by key: the order
+    usearch returns ties in is its own, and a copy must not outrank the image itself."""
+    exact = len(index) <= EXACT_SEARCH_UP_TO
+    # one more than asked shows whether a tie runs past the k-th; fetch more until none does
+    count = min(len(index), k + 1 + (exclude is not None))
+    while True:
+        if not exact:
+            index.expansion_search = max(EXPANSION_SEARCH, count)
+        matches = index.search(vector, count, exact=exact)
+        pairs = [
+            (int(key), 1.0 - float(dist))
+            for key, dist in zip(matches.keys, matches.distances, strict=True)
+            if int(key) != exclude
+        ]
+        if count >= len(index) or len(pairs) <= k or pairs[-1][1] < pairs[k - 1][1]:
+            break
+        count = min(len(index), 2 * count)
+    pairs.sort(key=lambda pair: (-pair[1], pair[0] != first, pair[0]))
+    return pairs[:k]
 
 
 def _stored_vector(index, query: str) -> np.ndarray | None:
@@ -101,6 +118,24 @@ def _stored_vector(index, query: str) -> np.ndarray | None:
         return None  # keys are uint64 (np.uint64 would raise OverflowError)
     got = index.get(np.uint64(int(query)))
     return None if got is None else np.asarray(got, np.float32).reshape(-1)
+
+
+def _not_indexed(out: Path, query: str) -> str:
+    """Why the key `query` has no vector: its image failed, or it is no image of the run."""
+    index = vectors.index_path(out)
+    parts = [p for _, p in parquet.list_parts(out)]
+    if int(query) < 2**64 and parts:
+        key = pl.lit(int(query), dtype=pl.UInt64())
+        rows = pl.scan_parquet(parts).filter(pl.col("key") == key).select("status", "error")
+        found = rows.collect()
+        if found.height and found["status"][0] == "error":
+            return f"key {query}: this image failed: {found['error'][0]}"
+        if found.height:
+            return (
+                f"key {query} is screened but not in {index} yet: rerun `cxr screen` with the "
+                "same --out to finish the index"
+            )
+    return f"key {query} is not in {index}"
 
 
 def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
@@ -130,6 +165,7 @@ def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
 def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     from engine.runner import Screener, location, prepare
 
+    data = _read_query(path)
     run = read_run_json(out) or {}
     recorded = run.get("models", {})
     directory = models_dir or (Path(recorded["directory"]) if recorded.get("directory") else None)
@@ -142,10 +178,6 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
             "pass --models with the run's models"
         )
     source = os.path.abspath(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
     item = Item(
         ref=ImageRef(key=image_key(source, None), source=source, member=None), data=data, error=None
     )
@@ -171,3 +203,19 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
     finally:
         screener.close()
     return emb / max(float(np.linalg.norm(emb)), 1e-12)
+
+
+def _read_query(path: Path) -> bytes:
+    """The query file's bytes, with the byte limit of `cxr screen`; never waits on a FIFO."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(DEFAULT_MAX_FILE_BYTES + 1)
+    except NotRegularFile:
+        raise EngineError(
+            f"{path}: not a regular file (a directory, FIFO or device cannot be a query)"
+        ) from None
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > DEFAULT_MAX_FILE_BYTES:
+        raise EngineError(f"{path}: larger than {DEFAULT_MAX_FILE_BYTES} bytes, as in cxr screen")
+    return data

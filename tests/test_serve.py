@@ -387,9 +387,15 @@ def test_similar_of_unknown_or_error_keys(client, run):
     assert client.get(f"/api/similar/{broken}").status_code == 422  # no embedding
 
 
+def upload(client: TestClient, data: bytes, **params: Any):
+    """POST an image as the page does: octet-stream, with the token of the page it served."""
+    headers = {"Content-Type": "application/octet-stream", "X-CXR-Token": client.app.state.token}
+    return client.post("/api/query", params=params, content=data, headers=headers)
+
+
 def test_upload_runs_the_pipeline_and_finds_the_same_image_first(client, run):
     query = run["files"]["query"]  # a real CXR that was also screened (a copy in in/)
-    r = client.post("/api/query", params={"k": 3}, content=query.read_bytes())
+    r = upload(client, query.read_bytes(), k=3)
     assert r.status_code == 200, r.text
     got = r.json()["neighbours"]
     assert len(got) == 3
@@ -402,23 +408,10 @@ def test_upload_refusals(run):
 
     small = TestClient(create_app(run["out"], max_upload_bytes=1000))
     image = run["files"]["query"].read_bytes()
-    assert small.post("/api/query", content=image).status_code == 413
-    assert small.post("/api/query", content=b"").status_code == 400
-    r = small.post("/api/query", content=b"not an image at all")
+    assert upload(small, image).status_code == 413
+    assert upload(small, b"").status_code == 400
+    r = upload(small, b"not an image at all")
     assert r.status_code == 422 and "cannot screen" in r.json()["detail"]
-
-
-def test_query_by_path_only_on_loopback(run):
-    from engine.serve.app import create_app
-
-    query = str(run["files"]["query"])
-    open_app = TestClient(create_app(run["out"], allow_path_queries=True))
-    r = open_app.post("/api/query-path", json={"path": query, "k": 2})
-    assert r.status_code == 200 and len(r.json()["neighbours"]) == 2
-    assert open_app.post("/api/query-path", json={"path": "/no/such.png"}).status_code == 404
-    assert open_app.post("/api/query-path", json={"path": "/etc"}).status_code == 404
-    closed = TestClient(create_app(run["out"], allow_path_queries=False))
-    assert closed.post("/api/query-path", json={"path": query}).status_code == 403
 
 
 # --------------------------------------------------------------------------------- security
@@ -555,13 +548,14 @@ def test_cli_serve_checks_and_builds_the_app(run, tmp_path):
         run["out"], models=None, report=None, host="127.0.0.1", port=8000, max_upload_mb=1
     )
     local = TestClient(built, base_url="http://127.0.0.1:8000")
-    assert local.get("/api/run").json()["path_queries"] is True
+    assert local.get("/api/run").json()["max_upload_bytes"] == 1 << 20
     assert serve_cli.is_loopback("::1") and not serve_cli.is_loopback("0.0.0.0")
     exposed = serve_cli.build_app(
         run["out"], models=None, report=None, host="0.0.0.0", port=8000, max_upload_mb=1
     )
     remote = TestClient(exposed, base_url="http://192.0.2.7:8000")
-    assert remote.get("/api/run").json()["path_queries"] is False
+    assert remote.get("/api/run").status_code == 200  # no Host check off loopback
+    assert TestClient(built, base_url="http://evil.example").get("/api/run").status_code == 400
 
 
 # ------------------------------------------------------------------- reading recorded images

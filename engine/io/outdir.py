@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import EngineError, OutputLocked
+from engine.io.files import open_regular
 
 LOCK = ".lock"
 RUN_JSON = "run.json"
@@ -56,10 +57,11 @@ class OutputLock:
 
 def read_run_json(out: Path) -> dict[str, Any] | None:
     path = Path(out) / RUN_JSON
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
+        with open_regular(path) as f:  # a FIFO in its place would block the reader
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         raise EngineError(f"{path}: cannot read ({exc}); it is rewritten by the next run") from None
 

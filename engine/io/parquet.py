@@ -56,15 +56,17 @@ def part_path(out: Path, number: int) -> Path:
 
 
 def list_parts(out: Path) -> list[tuple[int, Path]]:
-    """Committed parts, by number. Temporary files of an interrupted write are not parts."""
+    """Committed parts, by number. Temporary files of an interrupted write are not parts, nor is
+    anything but a regular file (a FIFO under a part's name would block every reader)."""
     d = parts_dir(out)
     if not d.is_dir():
         return []
     found = []
-    for p in d.iterdir():
-        m = PART_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
+    with os.scandir(d) as entries:
+        for entry in entries:
+            m = PART_RE.match(entry.name)
+            if m and entry.is_file():
+                found.append((int(m.group(1)), Path(entry.path)))
     return sorted(found)
 
 

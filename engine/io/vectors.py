@@ -77,6 +77,8 @@ def load_index(out: Path, *, view: bool = False):
     path = index_path(out)
     if not path.exists():
         return None
+    if not path.is_file():  # usearch would block on a FIFO, holding the GIL
+        raise EngineError(f"{path}: not a regular file; delete it and rerun cxr screen")
     try:
         index = _usearch_index_class().restore(str(path), view=view)
     except (ValueError, RuntimeError):  # usearch: "Not a dense USearch index!", truncated...

@@ -2,7 +2,7 @@
 
 JSON API (keys are strings in JSON: JavaScript numbers cannot hold a uint64):
 
-    GET  /api/run                       run.json facts, and whether path queries are allowed
+    GET  /api/run                       run.json facts and the upload limit
     GET  /api/images?offset&limit&sort&desc&decision&status&prob_min&prob_max&q
                                         one page of the table, and the filtered total
     GET  /api/case/{key}                the row of one image
@@ -12,41 +12,61 @@ JSON API (keys are strings in JSON: JavaScript numbers cannot hold a uint64):
     GET  /api/similar/{key}?k=8         the k most similar screened cases (the image excluded)
     POST /api/query?k=8                 body: an image file; runs the run's pipeline on it and
                                         answers its k most similar screened cases
-    POST /api/query-path                {"path": ..., "k": 8}: the same for a file on this machine
-                                        (only while the app listens on loopback)
     GET  /api/summary                   counts, score histogram, evaluation metrics if any
     GET  /api/report/{name}             report.html, roc.png, pr.png, reliability.png, metrics.json
 
-Images are read only from the `source`/`member` recorded in the run's rows, by key; there is no
-endpoint that takes a path to read an image back. The page itself is static HTML/JS/CSS served
-from engine/serve/static (no build step, nothing from a CDN).
+Errors are JSON {"detail": "a message"}: 400 for a parameter of the wrong type or out of range,
+404, 405, 409 (a source changed since screening), 413, 415, 422 (an image that cannot be shown)
+and 500 alike; every response, errors included, carries SECURITY_HEADERS.
+
+Images are read only from the `source`/`member` recorded in the run's rows, by key; no endpoint
+takes a path. The page itself is static HTML/JS/CSS served from engine/serve/static (no build
+step, nothing from a CDN).
+
+Cross-site requests: a page on another site can make the reviewer's browser send a POST that
+needs no CORS preflight (a form, or a fetch with a text/plain body) to this loopback server. So
+every POST needs a non-form content type (415 otherwise) and the header X-CXR-Token carrying the
+token of this process, which only the page this server served holds (403 otherwise); reading
+the page cross-origin is what the same-origin policy and the Host check forbid.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import ConfigError, EngineError
 from engine.io.probe import sniff_format
 from engine.serve import images
-from engine.serve.store import Filters, RunStore, display_name, parse_key, row_json
+from engine.serve.store import MAX_OFFSET, Filters, RunStore, display_name, parse_key, row_json
 
 STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 64 << 20
 _IMMUTABLE = {"Cache-Control": "private, max-age=86400"}  # a key's bytes never change (sha256)
+TOKEN_HEADER = "X-CXR-Token"
+_TOKEN_SLOT = "__CXR_TOKEN__"  # in static/index.html, replaced by the process's token
+# What an image upload may be sent as; none is a CORS "simple" type, so a cross-site fetch
+# needs a preflight this app never grants.
+UPLOAD_TYPES = ("application/octet-stream", "image/png", "image/jpeg", "application/dicom")
 _CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": _CSP,
+}
 
 
 def create_app(
@@ -55,7 +75,6 @@ def create_app(
     models_dir: Path | None = None,
     report_dir: Path | None = None,
     allowed_hosts: list[str] | None = None,
-    allow_path_queries: bool = True,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
 ) -> FastAPI:
     """The app over `out`. `allowed_hosts` guards against DNS rebinding (None: any Host)."""
@@ -63,17 +82,28 @@ def create_app(
     max_pixels = int(store.run_info().get("max_pixels") or 100_000_000)
     app = FastAPI(title="cxr serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    allowed = {h.lower() for h in allowed_hosts} if allowed_hosts else None
+    token = secrets.token_urlsafe(32)
+    app.state.token = token
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    if page.count(_TOKEN_SLOT) != 1:
+        raise EngineError(f"{STATIC / 'index.html'}: no single {_TOKEN_SLOT} slot for the token")
+    page = page.replace(_TOKEN_SLOT, token)
+    allowed = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+    app.add_middleware(Guard, allowed_hosts=allowed)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        if allowed is not None and host_name(request.headers.get("host", "")) not in allowed:
-            return JSONResponse({"detail": "unknown Host header"}, status_code=400)
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Content-Security-Policy", _CSP)
-        return response
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette sends this from its outermost middleware, outside Guard: hence the headers.
+        # It re-raises `exc` afterwards, so the server still logs the traceback.
+        return JSONResponse(
+            {"detail": "internal error: see the server's log"},
+            status_code=500,
+            headers=SECURITY_HEADERS,
+        )
 
     @app.exception_handler(ConfigError)
     async def bad_request(request: Request, exc: ConfigError) -> JSONResponse:
@@ -82,6 +112,19 @@ def create_app(
     @app.exception_handler(images.Unavailable)
     async def unavailable(request: Request, exc: images.Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    def guard_post(request: Request) -> None:
+        """Refuse what a page on another site could send without a CORS preflight."""
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media not in UPLOAD_TYPES:
+            raise HTTPException(
+                415, f"send the image as {' or '.join(UPLOAD_TYPES)}, not {media or 'no type'}"
+            )
+        sent = request.headers.get(TOKEN_HEADER, "")
+        if not secrets.compare_digest(sent.encode(), token.encode()):
+            raise HTTPException(
+                403, f"missing or wrong {TOKEN_HEADER} token: use the page this server serves"
+            )
 
     def known_row(key: str) -> dict[str, Any]:
         row = store.row(parse_key(key))
@@ -92,8 +135,8 @@ def create_app(
     # -- pages -----------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})  # it holds the token
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -103,11 +146,11 @@ def create_app(
     def run() -> dict[str, Any]:
         info = store.run_info()
         info.pop("max_pixels", None)
-        return {**info, "path_queries": allow_path_queries, "max_upload_bytes": max_upload_bytes}
+        return {**info, "max_upload_bytes": max_upload_bytes}
 
     @app.get("/api/images")
     def table(
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         sort: str = "key",
         desc: bool = False,
@@ -136,7 +179,12 @@ def create_app(
     @app.get("/api/image/{key}")
     def image(key: str) -> Response:
         row = known_row(key)
-        png = images.render_png(images.read_recorded(row), max_pixels=max_pixels)
+        if row.get("status") != "ok":
+            # what the run refused (a bomb, a fake) is never read or decoded again
+            why = row.get("error") or "no reason recorded"
+            raise HTTPException(422, f"the run could not screen this image: {why}")
+        data = images.read_recorded(row, max_pixels=max_pixels)
+        png = images.render_png(data, max_pixels=max_pixels)
         return Response(png, media_type="image/png", headers=_IMMUTABLE)
 
     def previews(key: str) -> tuple[bytes, bytes]:
@@ -165,7 +213,7 @@ def create_app(
         known_row(key)
         return _similar(store, str(parse_key(key)), k, models_dir)
 
-    @app.post("/api/query")
+    @app.post("/api/query", dependencies=[Depends(guard_post)])
     async def query_upload(
         request: Request, k: Annotated[int, Query(ge=1, le=100)] = 8
     ) -> dict[str, Any]:
@@ -181,23 +229,6 @@ def create_app(
             raise HTTPException(400, "empty upload: send the image file as the request body")
         return await run_in_threadpool(_similar_bytes, store, bytes(body), k, models_dir)
 
-    @app.post("/api/query-path")
-    async def query_path(request: Request) -> dict[str, Any]:
-        if not allow_path_queries:
-            raise HTTPException(
-                403, "path queries are off while the app is reachable from other machines"
-            )
-        try:
-            doc = json.loads(await request.body())
-            path, k = str(doc["path"]), int(doc.get("k", 8))
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(400, 'send JSON {"path": "/a/file.png", "k": 8}') from None
-        if not 1 <= k <= 100:
-            raise HTTPException(400, "k must be between 1 and 100")
-        if not os.path.isfile(path):
-            raise HTTPException(404, "no such file on the server")
-        return await run_in_threadpool(_similar, store, os.path.abspath(path), k, models_dir)
-
     # -- summary ---------------------------------------------------------------------------
 
     @app.get("/api/summary")
@@ -212,6 +243,44 @@ def create_app(
         return FileResponse(path, media_type=store.REPORT_FILES[name])
 
     return app
+
+
+class Guard:
+    """The Host check (against DNS rebinding) and the security headers, on every response the
+    routes and exception handlers send. A plain ASGI middleware: it also sees the responses
+    BaseHTTPMiddleware's call_next would turn into exceptions."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        host = host_name(Headers(scope=scope).get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            refused = JSONResponse({"detail": "unknown Host header"}, status_code=400)
+            await refused(scope, receive, secured)
+            return
+        await self.app(scope, receive, secured)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: "offset: Input should be ..."."""
+    parts = []
+    for error in exc.errors():
+        where = [str(x) for x in error.get("loc", ()) if x not in ("query", "path", "body")]
+        parts.append(f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request"
 
 
 def host_name(header: str) -> str:

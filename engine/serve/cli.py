@@ -63,7 +63,7 @@ def serve(
         else:
             err_console.print(
                 f"[bold red]WARNING:[/] listening on {host}: anyone who can reach this machine "
-                "can see these patient images; there is no authentication. Path queries are off.",
+                "can see these patient images; there is no authentication.",
                 highlight=False,
             )
         try:
@@ -82,7 +82,7 @@ def build_app(
     port: int,
     max_upload_mb: int,
 ):
-    """The app as `cxr serve` configures it (Host check on loopback, path queries only there)."""
+    """The app as `cxr serve` configures it (the Host check on loopback)."""
     from engine.errors import EngineError
 
     try:
@@ -98,7 +98,6 @@ def build_app(
         report_dir=report,
         # on loopback, refuse other Host names: a web page cannot rebind its DNS name onto us
         allowed_hosts=[*LOOPBACK_NAMES] if loopback else None,
-        allow_path_queries=loopback,
         max_upload_bytes=max_upload_mb << 20,
     )
 

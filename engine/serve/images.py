@@ -2,7 +2,10 @@
 
 Only the `source`/`member` of a row in the run's Parquet is ever opened (the web API takes keys,
 never paths), and the bytes must still hash to the row's `sha256`: a file replaced since the
-screening is refused rather than shown beside predictions that are not its own.
+screening is refused rather than shown beside predictions that are not its own. Before the whole
+file or member is read, it gets the checks `cxr screen` made: its size within the byte limit,
+and its first bytes still the header the run recorded (format, width, height), within the run's
+--max-pixels; so a source swapped for a zip bomb costs a header read, not an inflation.
 
 Rendering: PNG and JPEG are decoded with Pillow; 16-bit images are stretched min..max to 8 bits
 (a browser cannot show 16-bit PNG faithfully). DICOM goes through the engine's own
@@ -19,15 +22,28 @@ import os
 import stat
 import tarfile
 import zipfile
-from typing import Any
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 import numpy as np
 
 from engine.errors import ImageError
+from engine.io.archive import DEFAULT_MAX_FILE_BYTES as DEFAULT_MAX_BYTES
 from engine.io.dicom import decode_dicom
-from engine.io.probe import check_limits, probe
+from engine.io.files import NotRegularFile, open_regular
+from engine.io.probe import DEFAULT_MAX_PIXELS, check_limits, probe, sniff_format
 
-DEFAULT_MAX_BYTES = 1 << 30  # as engine.io.archive.DEFAULT_MAX_FILE_BYTES
+# Read first and checked against the row before the rest: holds the PNG and JPEG headers of
+# ordinary files and most DICOM headers. Where a header runs longer, the whole file is read and
+# render_png checks it.
+HEAD_BYTES = 64 << 10
+_READ_ERRORS = (OSError, tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError)
+_CHANGED = (
+    "the file at the recorded location has changed since it was screened ({}); "
+    "it is not shown beside predictions that are not its own"
+)
 
 
 class Unavailable(Exception):
@@ -38,43 +54,73 @@ class Unavailable(Exception):
         self.status = status
 
 
-def read_recorded(row: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of the image a row was screened from, checked against its sha256."""
+def read_recorded(
+    row: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> bytes:
+    """The bytes of the image a row was screened from, checked against its sha256.
+
+    Call it only for rows the run screened (status "ok"): what the run refused is not read again.
+    """
     source, member, expected = row.get("source"), row.get("member"), row.get("sha256")
     if not source or not expected:
         raise Unavailable("this row has no readable image (the engine could not read it either)")
     try:
-        data = (
-            _read_file(source, max_bytes)
-            if member is None
-            else _read_member(source, member, max_bytes)
-        )
+        with _open_recorded(source, member, max_bytes) as stream:
+            head = stream.read(HEAD_BYTES)
+            _check_header(head, row, max_pixels)
+            data = head + stream.read(max_bytes + 1 - len(head))
     except Unavailable:
         raise
-    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, RuntimeError) as exc:
+    except _READ_ERRORS as exc:
         raise Unavailable(f"cannot read the recorded image: {exc}", 404) from None
+    if len(data) > max_bytes:  # a file that grew past the limit since it was stat'ed
+        raise Unavailable(f"the recorded file is larger than {max_bytes} bytes", 413)
     if hashlib.sha256(data).hexdigest() != expected:
-        raise Unavailable(
-            "the file at the recorded location has changed since it was screened "
-            "(sha256 differs); it is not shown beside predictions that are not its own",
-            409,
-        )
+        raise Unavailable(_CHANGED.format("sha256 differs"), 409)
     return data
 
 
-def _read_file(path: str, max_bytes: int) -> bytes:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise Unavailable("the recorded source is not a regular file")
-        if st.st_size > max_bytes:
-            raise Unavailable(f"the recorded file is larger than {max_bytes} bytes", 413)
-        return f.read(max_bytes + 1)
+def _check_header(head: bytes, row: dict[str, Any], max_pixels: int) -> None:
+    """Refuse, from its first bytes, a file that is no longer the image the row describes or
+    that asks for more pixels than the run allowed."""
+    recorded = row.get("format")
+    if recorded and sniff_format(head) != recorded:
+        raise Unavailable(_CHANGED.format(f"it is no longer a {recorded} file"), 409)
+    try:
+        info = probe(head)
+    except ImageError:
+        return  # the header runs past HEAD_BYTES (or is damaged): render_png checks it whole
+    size = (row.get("width"), row.get("height"))
+    if recorded and size != (info.width, info.height):
+        raise Unavailable(_CHANGED.format(f"its header says {info.width}x{info.height}"), 409)
+    try:
+        check_limits(info, max_pixels=max_pixels, min_side=1)
+    except ImageError as exc:
+        raise Unavailable(f"cannot render the image: {exc}", 422) from None
 
 
-def _read_member(archive: str, member: str, max_bytes: int) -> bytes:
-    if archive.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
+@contextmanager
+def _open_recorded(source: str, member: str | None, max_bytes: int) -> Iterator[IO[bytes]]:
+    """A stream of the recorded file or archive member, refused where `cxr screen` refuses."""
+    try:
+        f = open_regular(source)  # a FIFO put at the recorded path would block a server thread
+    except NotRegularFile:
+        raise Unavailable("the recorded source is not a regular file") from None
+    with f:
+        if member is None:
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                raise Unavailable(f"the recorded file is larger than {max_bytes} bytes", 413)
+            yield f
+        else:
+            with _open_member(f, source, member, max_bytes) as stream:
+                yield stream
+
+
+@contextmanager
+def _open_member(f: IO[bytes], source: str, member: str, max_bytes: int) -> Iterator[IO[bytes]]:
+    """A stream of `member` of the archive open as `f` (zip by its name, else any tar)."""
+    if source.lower().endswith(".zip"):
+        with zipfile.ZipFile(f) as z:
             try:
                 zinfo = z.getinfo(member)
             except KeyError:
@@ -83,9 +129,11 @@ def _read_member(archive: str, member: str, max_bytes: int) -> bytes:
                 raise Unavailable("the member is not a readable regular file")
             if zinfo.file_size > max_bytes:
                 raise Unavailable(f"the member is larger than {max_bytes} bytes", 413)
-            return z.read(zinfo)
+            with z.open(zinfo) as stream:
+                yield stream
+        return
     # one sequential pass, as the screening read it (a .tar.gz cannot be seeked in)
-    with tarfile.open(archive, mode="r|*") as tar:
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:
             if info.name != member:
                 tar.members.clear()  # type: ignore[attr-defined]  # keep memory flat
@@ -94,10 +142,11 @@ def _read_member(archive: str, member: str, max_bytes: int) -> bytes:
                 raise Unavailable("the member is not a regular file")
             if info.size > max_bytes:
                 raise Unavailable(f"the member is larger than {max_bytes} bytes", 413)
-            stream = tar.extractfile(info)
-            if stream is None:
+            extracted = tar.extractfile(info)
+            if extracted is None:
                 raise Unavailable("the member has no data")
-            return stream.read()
+            yield extracted
+            return
     raise Unavailable("the member is no longer in the recorded archive")
 
 

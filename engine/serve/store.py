@@ -75,6 +75,7 @@ SEARCHED = ("source", "member", "patient_id", "study_uid", "sop_uid")
 RANKED = frozenset({"source", "member", "patient_id", "study_uid", "sop_uid", "format"})
 SORTABLE = frozenset(SLIM_COLUMNS) | RANKED
 MAX_PAGE = 500
+MAX_OFFSET = 2**53 - 1  # the page's offsets are JavaScript numbers: exact up to here
 TOP_K_UP_TO = 20_000
 HISTOGRAM_BINS = 20
 KEY_MAX = 2**64 - 1
@@ -259,8 +260,10 @@ class RunStore:
     ) -> Page:
         if sort not in SORTABLE:
             raise ConfigError(f"cannot sort by {sort!r}; one of: {', '.join(sorted(SORTABLE))}")
-        if offset < 0 or not 1 <= limit <= MAX_PAGE:
-            raise ConfigError(f"offset must be >= 0 and limit between 1 and {MAX_PAGE}")
+        if not 0 <= offset <= MAX_OFFSET or not 1 <= limit <= MAX_PAGE:
+            raise ConfigError(
+                f"offset must be between 0 and {MAX_OFFSET} and limit between 1 and {MAX_PAGE}"
+            )
         base, _ = self._state()
         slim, by = base, sort
         if sort in RANKED:

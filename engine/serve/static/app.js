@@ -7,6 +7,8 @@ const $ = (id) => document.getElementById(id);
 const VIEWS = ["images", "case", "query", "summary"];
 const DEFAULT_SORT = { sort: "prob", desc: "1" };
 let RUN = null;
+// The server requires this on every POST: a page on another site cannot read it from ours.
+const TOKEN = document.querySelector('meta[name="cxr-token"]')?.content || "";
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -277,12 +279,13 @@ async function renderCase(key) {
   mask.hidden = true;
   box.hidden = true;
   noimage.hidden = true;
-  $("stage").hidden = !row.sha256;
-  if (!row.sha256) {
-    noimage.textContent = "No image: the engine could not read this file.";
+  // what the run refused (unreadable, a bomb, too small) is not fetched: the server refuses it
+  $("stage").hidden = row.status !== "ok";
+  if (row.status !== "ok") {
+    noimage.textContent = `No image: the engine could not screen this file${row.error ? `: ${row.error}` : "."}`;
     noimage.hidden = false;
   } else {
-    if (row.status === "ok") image.src = `/api/thumb/${row.key}`; // at once, then the full image
+    image.src = `/api/thumb/${row.key}`; // at once, then the full image
     const full = new Image();
     full.onload = () => { image.src = full.src; image.dataset.loaded = "full"; };
     full.onerror = async () => {
@@ -333,7 +336,6 @@ function similarCard(n) {
 
 function renderQuery() {
   if (RUN) {
-    $("by-path").hidden = !RUN.path_queries;
     $("upload-limit").textContent = `up to ${Math.round(RUN.max_upload_bytes / 2 ** 20)} MB`;
   }
 }
@@ -358,13 +360,8 @@ function setupQuery() {
     const preview = $("query-preview");
     preview.hidden = !/^image\/(png|jpeg)$/.test(file.type);
     if (!preview.hidden) preview.src = URL.createObjectURL(file);
-    runQuery(() => api("/api/query?k=12", { method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" } }), file.name);
-  });
-  $("by-path").addEventListener("submit", (e) => {
-    e.preventDefault();
-    const path = $("query-path").value.trim();
-    $("query-preview").hidden = true;
-    runQuery(() => api("/api/query-path", { method: "POST", body: JSON.stringify({ path, k: 12 }), headers: { "Content-Type": "application/json" } }), path);
+    const headers = { "Content-Type": "application/octet-stream", "X-CXR-Token": TOKEN };
+    runQuery(() => api("/api/query?k=12", { method: "POST", body: file, headers }), file.name);
   });
 }
 
