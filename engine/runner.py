@@ -35,12 +35,13 @@ import numpy as np
 
 from engine import __version__
 from engine.config import ScreenConfig, resolve_decoder
-from engine.errors import ConfigError, ImageError
+from engine.errors import ImageError
 from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
 from engine.io.dicom import decode_dicom, read_dicom_meta
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
 from engine.io.probe import check_limits, probe
+from engine.io.resume import check_resumable
 from engine.models import ModelSet, load_models
 from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
@@ -346,10 +347,10 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
     out = Path(config.out)
     with OutputLock(out):
         previous = read_run_json(out)
-        _check_same_models(out, previous, models)
+        dim = int(models.classifier.output("embedding").shape[-1])
+        check_resumable(out, previous=previous, model_id=models.model_id, dim=dim)
         parquet.remove_temporaries(out)
         thumbs.remove_orphans(out)
-        dim = int(models.classifier.output("embedding").shape[-1])
         vectors.sync_index(out, dim)  # finish what a killed run committed
         done = parquet.existing_keys(out)
         screener = Screener(
@@ -386,18 +387,6 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         status = "interrupted" if summary.interrupted else "complete"
         write_run_json(out, _run_record(config, models, summary, previous, started, status))
     return summary
-
-
-def _check_same_models(out: Path, previous: dict[str, Any] | None, models: ModelSet) -> None:
-    if not previous or not parquet.list_parts(out):
-        return
-    before = previous.get("models", {}).get("model_id")
-    if before and before != models.model_id:
-        raise ConfigError(
-            f"{out} holds results of models {before}; this run uses {models.model_id}. "
-            "Mixing models in one output would make its rows incomparable: use a new --out, "
-            "or the run's --models and --precision"
-        )
 
 
 def _reader(config: ScreenConfig, done: set[int], stats: ArchiveStats) -> Iterator[Batch]:
