@@ -38,6 +38,8 @@ train_app = typer.Typer(
     no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
 )
 app.add_typer(train_app, name="train")
+index_app = typer.Typer(no_args_is_help=True, help="Maintain the similarity index of a run.")
+app.add_typer(index_app, name="index")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -176,6 +178,13 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
         out_console.print(
             f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions"
         )
+    indexable = s.total_rows - s.total_errors
+    if s.index_size < indexable and not s.interrupted:
+        out_console.print(
+            f"[bold red]WARNING: the index holds {s.index_size} of the {indexable} screened "
+            f"images: `cxr index rebuild {escape(str(s.out))}` rebuilds it.[/]",
+            soft_wrap=True,
+        )
     if not s.trained:
         out_console.print(
             "[bold red]WARNING: the models are UNTRAINED (random weights from `cxr models init`). "
@@ -219,6 +228,39 @@ def similar(
             escape(n.member or ""),
         )
     out_console.print(table)
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    out: Annotated[Path, typer.Argument(help="Output directory of cxr screen.")],
+) -> None:
+    """Rebuild OUT/index.usearch from the embeddings the run keeps (a lost or corrupt index)."""
+    from engine.io import parquet, vectors
+    from engine.io.outdir import OutputLock
+
+    with fatal_errors():
+        if not parquet.list_parts(out):
+            raise EngineError(
+                f"{out}: no predictions/part-*.parquet; pass the --out of a `cxr screen` run"
+            )
+        with OutputLock(out):
+            result = vectors.rebuild_index(out)
+    out_console.print(
+        f"{escape(str(vectors.index_path(out)))}: {result.size} vectors "
+        f"({result.from_sidecars} from {vectors.EMBEDDINGS}/, {result.from_parquet} from the "
+        "Parquet embedding column)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.missing:
+        err_console.print(
+            f"[bold red]error:[/] {result.missing} screened images have no kept embedding and "
+            "are not in the index (screened by an older cxr, which deleted the sidecars once "
+            "indexed); screen their inputs again into a new --out to search them",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_FATAL)
 
 
 @models_app.command("init")

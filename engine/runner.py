@@ -280,7 +280,7 @@ class ShardWriter:
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
         mat = np.stack([v for v in self._vectors if v is not None]) if ok else None
         if mat is not None:
-            vectors.write_sidecar(self.out, self.number, keys, _unit(mat))
+            vectors.write_sidecar(self.out, self.number, keys, vectors.unit(mat))
         shown = [(r["key"], p) for r, p in zip(rows, self._previews, strict=True) if p is not None]
         if shown:
             thumbs.write_thumbs(
@@ -302,12 +302,6 @@ class ShardWriter:
         self.number += 1
         self.parts_written += 1
         self._rows, self._vectors, self._previews = [], [], []
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    """L2-normalise rows (cosine-invariant; keeps f16 storage in range)."""
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.maximum(norm, 1e-12)
 
 
 @dataclass

@@ -64,6 +64,11 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
     out = Path(out)
     index = vectors.load_index(out, view=True)
     if index is None or len(index) == 0:
+        if (parquet.read_predictions(out, ["status"])["status"] == "ok").any():  # index lost
+            raise EngineError(
+                f"{out}: no index.usearch with embeddings; `cxr index rebuild {out}` rebuilds "
+                "it from the embeddings the run keeps"
+            )
         raise EngineError(
             f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first"
         )

@@ -180,7 +180,7 @@ def index_keys(out: Path) -> list[int]:
     return sorted(int(k) for k in index.keys)
 
 
-def test_sync_index_adds_committed_sidecars_then_deletes_them(tmp_path):
+def test_sync_index_adds_committed_sidecars_then_keeps_them_aside(tmp_path):
     out = tmp_path / "out"
     assert vectors.sync_index(out, DIM) == vectors.SyncResult(added=0, size=0)
     assert vectors.load_index(out) is None
@@ -189,7 +189,9 @@ def test_sync_index_adds_committed_sidecars_then_deletes_them(tmp_path):
     result = vectors.sync_index(out, DIM)
     assert result == vectors.SyncResult(added=5, size=5)
     assert index_keys(out) == [10, 11, 12, 20, 21]
-    assert list((out / "embeddings").iterdir()) == []  # merged sidecars are gone
+    assert list((out / "embeddings").glob("*.npz")) == []  # nothing left to merge
+    kept = sorted(p.name for p in vectors.indexed_dir(out).iterdir())
+    assert kept == ["part-00000.npz", "part-00001.npz"]  # kept to rebuild the index
     index = vectors.load_index(out)
     assert index.ndim == DIM
     hit = index.search(v0[1], 1)
@@ -218,7 +220,8 @@ def test_orphan_sidecar_is_deleted_and_not_indexed(tmp_path):
     result = vectors.sync_index(out, DIM)
     assert (result.added, result.size) == (2, 2)
     assert index_keys(out) == [1, 2]
-    assert list((out / "embeddings").iterdir()) == []
+    assert list((out / "embeddings").glob("*.npz")) == []
+    assert [p.name for p in vectors.indexed_dir(out).iterdir()] == ["part-00000.npz"]
 
 
 def test_sidecar_already_in_the_index_is_not_added_again(tmp_path):
@@ -252,7 +255,9 @@ def test_corrupt_index_is_an_engine_error(tmp_path, content):
     out = tmp_path / "out"
     out.mkdir()
     vectors.index_path(out).write_bytes(content)
-    with pytest.raises(EngineError, match=r"index\.usearch: not a usearch index.*delete it"):
+    with pytest.raises(
+        EngineError, match=r"index\.usearch: not a usearch index.*cxr index rebuild"
+    ):
         vectors.load_index(out)
 
 
