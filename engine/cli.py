@@ -66,7 +66,9 @@ def screen(
         list[Path],
         typer.Argument(help="Image files, directories, .tar/.tar.gz/.tgz/.zip archives."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Output directory (resumable).")
+    ],
     models: Annotated[
         Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
     ] = None,
@@ -101,13 +103,13 @@ def screen(
     progress: Annotated[bool, typer.Option(help="Progress bar on a terminal.")] = True,
 ) -> None:
     """Screen every image of INPUT... into --out: one Parquet row per image + usearch index."""
-    from engine.config import ScreenConfig, default_threads
+    from engine.config import ScreenConfig, default_threads, output_path
     from engine.runner import screen as run_screen
 
     with fatal_errors():
         config = ScreenConfig(
             inputs=tuple(inputs),
-            out=out,
+            out=output_path(out),
             models=models,
             backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
             precision=precision,
@@ -199,7 +201,9 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
 @app.command()
 def similar(
     query: Annotated[str, typer.Argument(help="An image file, or the key of a screened image.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of cxr screen.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Output directory of cxr screen.")
+    ],
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     models: Annotated[
@@ -207,10 +211,11 @@ def similar(
     ] = None,
 ) -> None:
     """The k screened cases most similar to QUERY (cosine similarity of embeddings)."""
+    from engine.config import output_path
     from engine.similar import similar as find_similar
 
     with fatal_errors():
-        result = find_similar(out, query, k=k, models_dir=models)
+        result = find_similar(output_path(out), query, k=k, models_dir=models)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         return
@@ -232,13 +237,15 @@ def similar(
 
 @index_app.command("rebuild")
 def index_rebuild(
-    out: Annotated[Path, typer.Argument(help="Output directory of cxr screen.")],
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output directory of cxr screen.")],
 ) -> None:
     """Rebuild OUT/index.usearch from the embeddings the run keeps (a lost or corrupt index)."""
+    from engine.config import output_path
     from engine.io import parquet, vectors
     from engine.io.outdir import OutputLock
 
     with fatal_errors():
+        out = output_path(out_dir, "OUT")
         if not parquet.list_parts(out):
             raise EngineError(
                 f"{out}: no predictions/part-*.parquet; pass the --out of a `cxr screen` run"
@@ -265,17 +272,20 @@ def index_rebuild(
 
 @models_app.command("init")
 def models_init(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the models into.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Directory to write the models into.")
+    ],
     tiny: Annotated[
         bool, typer.Option(help="Tiny architectures (for tests and quick demos).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Export the segmenter (U-Net) and classifier (ResNet50) UNTRAINED, with manifests."""
+    from engine.config import output_path
     from engine.models import init_models
 
     with fatal_errors():
-        ms = init_models(out, size="tiny" if tiny else "full", seed=seed)
+        ms = init_models(output_path(out), size="tiny" if tiny else "full", seed=seed)
     for m in (ms.segmenter, ms.classifier):
         out_console.print(
             f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}"
@@ -289,7 +299,9 @@ def models_init(
 @models_app.command("pack")
 def models_pack(
     models: Annotated[Path, typer.Option("--models", help="Trained models directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the lean copy.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Directory for the lean copy.")
+    ],
     classifier: Annotated[
         str,
         typer.Option(
@@ -299,10 +311,11 @@ def models_pack(
     ] = "int8",
 ) -> None:
     """A lean copy of a models directory for shipping (the chosen classifier export)."""
+    from engine.config import output_path
     from engine.models import pack_models
 
     with fatal_errors():
-        ms = pack_models(models, out, classifier_precision=classifier)
+        ms = pack_models(models, output_path(out), classifier_precision=classifier)
     for m in (ms.segmenter, ms.classifier):
         size = m.onnx_path.stat().st_size / 1e6
         out_console.print(f"{m.role:10s} {m.precision:5s} {m.onnx_path}  {size:.1f} MB")

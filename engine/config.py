@@ -28,6 +28,18 @@ def resolve_decoder(decoder: str, device: str) -> str:
     return CPU_DECODER if decoder == "auto" else decoder
 
 
+def output_path(value: str | os.PathLike[str], option: str = "--out") -> Path:
+    """`value` as a path, refusing an empty or blank one: `--out "$UNSET"` reaches us as "",
+    which pathlib reads as ".", the current directory."""
+    text = os.fspath(value)
+    if not text.strip():
+        raise ConfigError(
+            f"{option} is empty{'' if not text else ' (only blanks)'}: name a directory "
+            "(an unset shell variable?)"
+        )
+    return Path(text)
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -53,6 +65,7 @@ class ScreenConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        output_path(self.out)
         if not self.inputs:
             raise ConfigError("no INPUT given: name image files, directories or archives to screen")
         if self.backend not in BACKENDS:
