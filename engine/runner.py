@@ -18,6 +18,7 @@ rerun ends with every image once in Parquet and once in the index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import queue
@@ -35,7 +36,7 @@ import numpy as np
 
 from engine import __version__
 from engine.config import ScreenConfig, resolve_decoder
-from engine.errors import ImageError
+from engine.errors import ImageError, OutputError
 from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
 from engine.io.dicom import decode_dicom, read_dicom_meta
@@ -275,6 +276,19 @@ class ShardWriter:
             # the bookkeeping below: the part holds exactly these rows, so it is committed.
             self._advance()
             return
+        try:
+            self._commit()
+        except OutputError:
+            # The part is the commit point: without it, this shard's sidecar and previews
+            # would be orphans (a rerun deletes those too, but a failed run leaves nothing).
+            if not parquet.part_path(self.out, self.number).exists():
+                with contextlib.suppress(OSError):
+                    vectors.sidecar_path(self.out, self.number).unlink(missing_ok=True)
+                    thumbs.thumbs_path(self.out, self.number).unlink(missing_ok=True)
+            raise
+        self._advance()
+
+    def _commit(self) -> None:
         rows = [{**self.common, **r} for r in self._rows]
         ok = [i for i, v in enumerate(self._vectors) if v is not None]
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
@@ -296,7 +310,6 @@ class ShardWriter:
             emb = np.full((len(rows), dim), np.nan, np.float32)
             emb[ok] = mat
         parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
-        self._advance()
 
     def _advance(self) -> None:
         self.number += 1
@@ -439,6 +452,7 @@ def _run_stages(
     )
     latencies: list[float] = []
     batches = _threaded(preprocess(_threaded(read(), stop)), stop)
+    write_failed = False
     try:
         for batch in batches:
             t = time.perf_counter()
@@ -451,10 +465,14 @@ def _run_stages(
             clock.add("write", time.perf_counter() - t)
             if on_progress:
                 on_progress(len(rows))
+    except OutputError:
+        write_failed = True  # flushing again would fail the same way, with a second message
+        raise
     finally:
         stop.set()
         t = time.perf_counter()
-        writer.flush()  # also on Ctrl-C: keep every finished row
+        if not write_failed:
+            writer.flush()  # also on Ctrl-C: keep every finished row
         clock.add("write", time.perf_counter() - t)
         summary.ignored_files = stats.ignored
         summary.skipped_existing = stats.skipped

@@ -114,24 +114,29 @@ def test_write_part_round_trips_and_never_overwrites(tmp_path):
 
 
 def test_a_part_never_exists_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from engine.errors import OutputError
+    from engine.io import atomic
+
     out = tmp_path / "out"
     final = parquet.part_path(out, 4)
     seen = []
-    real_write = pl.DataFrame.write_parquet
+    real_write_all = atomic._write_all
 
-    def crashing_write(self, file, *args, **kwargs):
-        seen.append(Path(file))
+    def failing_write(fd, data):
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         assert not final.exists()  # the final name appears only by rename
-        real_write(self, file, *args, **kwargs)
-        with open(file, "r+b") as f:  # leave a torn file behind, as a crash would
-            f.truncate(100)
-        raise OSError("disk full")
+        real_write_all(fd, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", crashing_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(atomic, "_write_all", failing_write)
+    with pytest.raises(OutputError, match="No space left on device"):
         parquet.write_part(out, 4, parquet.rows_frame(make_rows([1, 2])))
     assert len(seen) == 1 and seen[0].parent == final.parent and seen[0].name.startswith(".")
-    assert not final.exists()
+    assert list(final.parent.iterdir()) == []  # the torn temporary file was removed
+    # a crash (kill -9) at that moment leaves the torn temporary file: never a part
+    (final.parent / seen[0].name).write_bytes(b"torn")
     assert parquet.list_parts(out) == []
     assert parquet.existing_keys(out) == set()
     assert parquet.next_part_number(out) == 0
@@ -374,18 +379,24 @@ def test_run_json_round_trip(tmp_path):
 
 
 def test_run_json_write_is_atomic(tmp_path, monkeypatch):
+    import errno
+
+    from engine.errors import OutputError
+    from engine.io import atomic
+
     write_run_json(tmp_path, {"run": 1})
-    real_write_text = Path.write_text
+    real_write_all = atomic._write_all
 
-    def torn(self, text, *args, **kwargs):
-        real_write_text(self, text[:5], *args, **kwargs)
-        raise OSError("disk full")
+    def torn(fd, data):
+        real_write_all(fd, data[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", torn)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(atomic, "_write_all", torn)
+    with pytest.raises(OutputError, match=r"run\.json: cannot write run\.json: No space left"):
         write_run_json(tmp_path, {"run": 2})
     monkeypatch.undo()
     assert read_run_json(tmp_path) == {"run": 1}  # the old file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no temporary left
 
 
 def test_corrupt_run_json_is_an_engine_error(tmp_path):

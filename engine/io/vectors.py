@@ -15,6 +15,8 @@ Parquet ``embedding`` column, when they were screened with --embeddings-in-parqu
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
+from engine.io.atomic import check_room, output_error, replacing, write_atomically
 from engine.io.parquet import list_parts, parts_dir
 
 EMBEDDINGS = "embeddings"
@@ -44,15 +47,9 @@ def indexed_dir(out: Path) -> Path:
 
 
 def write_sidecar(out: Path, number: int, keys: np.ndarray, vectors: np.ndarray) -> Path:
-    final = sidecar_path(out, number)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, keys=keys.astype(np.uint64), vectors=vectors.astype(np.float16))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+    buf = io.BytesIO()
+    np.savez(buf, keys=keys.astype(np.uint64), vectors=vectors.astype(np.float16))
+    return write_atomically(sidecar_path(out, number), buf.getvalue(), what="the embedding sidecar")
 
 
 def _sidecars(out: Path) -> list[tuple[int, Path]]:
@@ -84,9 +81,12 @@ def _keep(paths: list[Path], out: Path) -> None:
     if not paths:
         return
     kept = indexed_dir(out)
-    kept.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        os.replace(path, kept / path.name)
+    try:
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.replace(path, kept / path.name)
+    except OSError as exc:
+        raise output_error(kept, "the indexed embeddings", exc) from None
 
 
 def _usearch_index_class():
@@ -270,10 +270,16 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 
 def _save(index, out: Path) -> None:
-    """Save atomically: temp file, fsync, rename over the old index."""
+    """Save atomically: temp file, fsync, rename over the old index.
+
+    usearch writes the file itself and its errors carry no errno, so the free space is checked
+    before (no doomed write of gigabytes) and after a failure, to name a full disk as such.
+    """
     final = index_path(out)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    index.save(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with replacing(final, what="the index", sync_file=True) as tmp:
+        check_room(final.parent, index.serialized_length)
+        try:
+            index.save(str(tmp))
+        except RuntimeError as exc:  # "Failed to serialize into stream"
+            check_room(final.parent, index.serialized_length)
+            raise OSError(errno.EIO, f"usearch: {exc}") from None
