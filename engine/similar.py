@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from engine.config import max_threads
 from engine.errors import ConfigError, EngineError
 from engine.io import parquet, vectors
 from engine.io.archive import ImageRef, Item, image_key
@@ -165,7 +166,8 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         models,
         backend="onnxruntime",
         batch_size=1,
-        threads=int(config.get("threads", 1)),
+        # recorded on the machine that screened, which may have had more cores
+        threads=min(int(config.get("threads", 1)), max_threads()),
         decoder=config.get("decoder", "auto"),
     )
     try:

@@ -44,9 +44,9 @@ def _require_torch() -> None:
 
 
 def _threads(threads: int | None) -> int:
-    from engine.config import default_threads
+    from engine.config import check_threads, default_threads
 
-    return threads or default_threads()
+    return check_threads(threads) if threads else default_threads()
 
 
 def train_segmenter(
