@@ -247,12 +247,19 @@ class ShardWriter:
     """Collects finished rows; every `shard_size` rows commits a sidecar and a Parquet part."""
 
     def __init__(
-        self, out: Path, *, shard_size: int, common: dict[str, Any], with_embeddings: bool
+        self,
+        out: Path,
+        *,
+        shard_size: int,
+        common: dict[str, Any],
+        with_embeddings: bool,
+        dim: int,
     ):
         self.out = out
         self.shard_size = shard_size
         self.common = common
         self.with_embeddings = with_embeddings
+        self.dim = dim
         self.number = parquet.next_part_number(out)
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
@@ -305,10 +312,11 @@ class ShardWriter:
                 [p[1] for _, p in shown],
             )
         emb = None
-        if self.with_embeddings and mat is not None:
-            dim = mat.shape[1]
-            emb = np.full((len(rows), dim), np.nan, np.float32)
-            emb[ok] = mat
+        if self.with_embeddings:
+            # every part has the column, even one of error rows only: one schema per directory
+            emb = np.full((len(rows), self.dim), np.nan, np.float32)
+            if mat is not None:
+                emb[ok] = mat
         parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
 
     def _advance(self) -> None:
@@ -355,7 +363,13 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
     with OutputLock(out):
         previous = read_run_json(out)
         dim = int(models.classifier.output("embedding").shape[-1])
-        check_resumable(out, previous=previous, model_id=models.model_id, dim=dim)
+        check_resumable(
+            out,
+            previous=previous,
+            model_id=models.model_id,
+            dim=dim,
+            with_embeddings=config.embeddings_in_parquet,
+        )
         parquet.remove_temporaries(out)
         thumbs.remove_orphans(out)
         vectors.sync_index(out, dim)  # finish what a killed run committed
@@ -449,6 +463,7 @@ def _run_stages(
         shard_size=config.shard_size,
         common=common,
         with_embeddings=config.embeddings_in_parquet,
+        dim=int(screener.models.classifier.output("embedding").shape[-1]),
     )
     latencies: list[float] = []
     batches = _threaded(preprocess(_threaded(read(), stop)), stop)

@@ -2,9 +2,10 @@
 
 run.json is a record that can be lost or deleted, so it is not the only witness: the committed
 Parquet parts say which models wrote the rows (`model_id`), and the index says the dimension of
-the embeddings. A run that does not match is refused with the way forward (a new --out, or the
-directory's own options), because one directory mixing them can never be read as one table or
-searched as one index again.
+the embeddings, and the parts' columns say whether embeddings are stored in the rows
+(--embeddings-in-parquet). A run that does not match is refused with the way forward (a new
+--out, or the directory's own options), because one directory mixing them can never be read as
+one table (`pl.read_parquet("OUT/predictions/*.parquet")`) or searched as one index again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Holdings:
     """What the committed parts of an output directory hold."""
 
     model_ids: frozenset[str]
+    with_embeddings: frozenset[bool]  # per part: has an `embedding` column
 
 
 def holdings(out: Path) -> Holdings | None:
@@ -34,13 +36,25 @@ def holdings(out: Path) -> Holdings | None:
     # Reads one column of each part; tolerant of parts whose columns differ (older versions).
     lf = pl.scan_parquet(parts, missing_columns="insert", extra_columns="ignore")
     ids = lf.select(pl.col("model_id").unique()).collect()["model_id"]
-    return Holdings(model_ids=frozenset(str(m) for m in ids.drop_nulls().to_list()))
+    return Holdings(
+        model_ids=frozenset(str(m) for m in ids.drop_nulls().to_list()),
+        with_embeddings=frozenset("embedding" in pl.read_parquet_schema(p) for p in parts),
+    )
 
 
-def check_resumable(out: Path, *, previous: dict[str, Any] | None, model_id: str, dim: int) -> None:
-    """Raise ConfigError unless a run of `model_id` (embeddings of `dim`) may write into `out`."""
+def check_resumable(
+    out: Path,
+    *,
+    previous: dict[str, Any] | None,
+    model_id: str,
+    dim: int,
+    with_embeddings: bool,
+) -> None:
+    """Raise ConfigError unless a run of `model_id` (embeddings of `dim`; with the embedding
+    column or not) may write into `out`."""
     held = holdings(out)
     if held is not None:
+        _check_embedding_column(out, held, with_embeddings)
         recorded = (previous or {}).get("models", {}).get("model_id")
         others = sorted((held.model_ids | ({recorded} if recorded else set())) - {model_id})
         if others:
@@ -54,9 +68,29 @@ def check_resumable(out: Path, *, previous: dict[str, Any] | None, model_id: str
                 f"{model_id}. Mixing models in one output would make its rows incomparable: "
                 "use a new --out, or the run's --models and --precision"
             )
-    index = vectors.load_index(out, view=True)
+    index = vectors.load_index(out, view=True)  # a corrupt one raises, naming the fix
     if index is not None and index.ndim != dim:
         raise ConfigError(
             f"{vectors.index_path(out)} holds {index.ndim}-d vectors but the models give "
             f"{dim}-d: this output directory belongs to other models; use a new --out"
         )
+
+
+def _check_embedding_column(out: Path, held: Holdings, with_embeddings: bool) -> None:
+    # Refused rather than written as an all-null column when off: directories screened
+    # before this check have parts without the column, which such a column would mix again.
+    if held.with_embeddings == {with_embeddings}:
+        return
+    flag = "--embeddings-in-parquet"
+    if len(held.with_embeddings) > 1:
+        raise ConfigError(
+            f"{out} already mixes parts with and without the embedding column (an older cxr "
+            "allowed it; read them with pl.scan_parquet(..., missing_columns='insert')): "
+            "screen into a new --out"
+        )
+    had = "without" if with_embeddings else "with"
+    now = "with" if with_embeddings else "without"
+    raise ConfigError(
+        f"{out} was screened {had} {flag} and this run is {now} it: parts with and without the "
+        f"embedding column cannot be read as one table. Rerun {had} {flag}, or use a new --out"
+    )
