@@ -339,7 +339,7 @@ class _Walker:
             yield from self._error(entry.path, None, _symlink_message(entry.path))
         elif not entry.is_file(follow_symlinks=False):
             # opening a fifo would block the whole run
-            yield from self._error(entry.path, None, "special file refused: not a regular file")
+            yield from self._error(entry.path, None, _SPECIAL)
         elif kind == "archive":
             yield from self._archive(entry.path)
         else:
@@ -506,10 +506,15 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
 # reading
 
 
+_SPECIAL = "special file refused: not a regular file"
+
+
 def _read_file(path: str, limit: int, kind: str) -> tuple[bytes | None, str | None]:
     """(data, None), (None, error), or (None, None) when the first bytes say it is no image."""
     try:
-        with open(path, "rb") as stream:
+        with open(path, "rb", opener=_open_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                return None, _SPECIAL
             head = b""
             if kind in _SNIFFED:
                 head = stream.read(_PEEK)
@@ -527,6 +532,14 @@ def _read_file(path: str, limit: int, kind: str) -> tuple[bytes | None, str | No
     if len(data) > limit:
         return None, _too_big(len(data), limit)
     return data, None
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # Opening a FIFO for reading waits for a writer, forever; with O_NONBLOCK it returns at
+    # once, and the caller checks the type on the opened file itself, so a file swapped for a
+    # FIFO or a device after the listing (or the stat of a named input) is refused too.
+    # Reads of regular files ignore the flag.
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _read_stream(
