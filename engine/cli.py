@@ -6,6 +6,7 @@ Exit codes (also in the README):
   2  the command line cannot be parsed (unknown option, missing argument, wrong type);
      an option value that parses but is invalid (--batch-size 0) is a fatal error: 1
   3  the run finished, but some images could not be screened (they are rows with status "error")
+  4  no image found: no INPUT held anything to screen (empty directories, only non-image files)
   130 interrupted (Ctrl-C); what was finished is kept, rerun the same command to resume
 """
 
@@ -26,6 +27,7 @@ from rich.table import Table
 from engine.errors import EngineError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_NO_IMAGES = 4
 
 app = typer.Typer(
     add_completion=False,
@@ -128,6 +130,8 @@ def screen(
     _print_summary(summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.found_nothing:
+        raise typer.Exit(EXIT_NO_IMAGES)
     raise typer.Exit(EXIT_IMAGE_ERRORS if summary.total_errors else EXIT_OK)
 
 
@@ -179,6 +183,18 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     if s.errors > 10:
         out_console.print(
             f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions"
+        )
+    for path in s.empty_inputs:
+        out_console.print(
+            f"[yellow]WARNING: {escape(path)} holds no image (image files are "
+            ".png .jpg .jpeg .dcm .dicom .dic, or DICOM by content)[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if s.found_nothing:
+        out_console.print(
+            "[bold red]WARNING: no images found in INPUT: nothing was screened (exit code 4).[/]",
+            highlight=False,
         )
     indexable = s.total_rows - s.total_errors
     if s.index_size < indexable and not s.interrupted:

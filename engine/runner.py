@@ -346,11 +346,17 @@ class RunSummary:
     stage_s: dict[str, float] = field(default_factory=dict)
     batch_latency_ms: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+    empty_inputs: list[str] = field(default_factory=list)  # INPUTs that held no image
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
         return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def found_nothing(self) -> bool:
+        """No INPUT held an image, not even one screened before (a finished run)."""
+        return not self.interrupted and self.processed == 0 and self.skipped_existing == 0
 
 
 ProgressFn = Callable[[int], None]
@@ -491,6 +497,7 @@ def _run_stages(
         clock.add("write", time.perf_counter() - t)
         summary.ignored_files = stats.ignored
         summary.skipped_existing = stats.skipped
+        summary.empty_inputs = list(stats.empty_inputs)
         if latencies:
             ms = np.array(latencies) * 1000
             summary.batch_latency_ms = {

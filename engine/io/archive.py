@@ -119,11 +119,14 @@ class ArchiveStats:
         hidden entries; a hidden directory counts once).
     skipped: keys for which `skip(key)` returned True.
     duplicates: keys dropped because they were already yielded in this iteration.
+    empty_inputs: inputs (absolute paths) that held no image at all: nothing yielded, skipped
+        or dropped as a duplicate (an empty directory, one of text files, an empty archive).
     """
 
     ignored: int = 0
     skipped: int = 0
     duplicates: int = 0
+    empty_inputs: list[str] = field(default_factory=list)
 
 
 def image_key(source: str, member: str | None) -> int:
@@ -287,7 +290,17 @@ class _Walker:
 
     def run(self, inputs: Sequence[str | os.PathLike[str]]) -> Iterator[Item]:
         for raw in inputs:
-            yield from self._input(_abspath(raw))
+            path = _abspath(raw)
+            seen_before = self._accounted()
+            yielded = False
+            for item in self._input(path):
+                yielded = True
+                yield item
+            if not yielded and self._accounted() == seen_before:
+                self.stats.empty_inputs.append(path)
+
+    def _accounted(self) -> int:
+        return self.stats.skipped + self.stats.duplicates
 
     def _claim(self, key: int) -> bool:
         """True when `key` should produce an item now. Checked before any read, so a skipped
