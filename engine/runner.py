@@ -374,6 +374,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             previous=previous,
             model_id=models.model_id,
             dim=dim,
+            threshold=models.classifier.threshold,
             with_embeddings=config.embeddings_in_parquet,
         )
         parquet.remove_temporaries(out)
