@@ -3,9 +3,10 @@
 run.json is a record that can be lost or deleted, so it is not the only witness: the committed
 Parquet parts say which models wrote the rows (`model_id`) and at which decision threshold
 (`threshold`), the index says the dimension of the embeddings, and the parts' columns say
-whether embeddings are stored in the rows (--embeddings-in-parquet). A run that does not match is refused with the way forward (a new
---out, or the directory's own options), because one directory mixing them can never be read as
-one table (`pl.read_parquet("OUT/predictions/*.parquet")`) or searched as one index again.
+whether embeddings are stored in the rows (--embeddings-in-parquet). A run that does not match
+is refused with the way forward (a new --out, or the directory's own options), because one
+directory mixing them can never be read as one table
+(`pl.read_parquet("OUT/predictions/*.parquet")`) or searched as one index again.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from engine.errors import EngineError
 from engine.io.atomic import check_room, output_error, replacing, write_atomically
@@ -239,8 +240,6 @@ def _check_dim(out: Path, source: Path, got: int, want: int) -> None:
 
 def _unindexed_rows(out: Path, index) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None]:
     """Keys of rows screened ok that the index lacks, and their Parquet embeddings if stored."""
-    import polars as pl
-
     parts = [p for _, p in list_parts(out)]
     if not parts:
         return [], None
