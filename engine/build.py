@@ -415,7 +415,8 @@ def build(
         DEFAULT_OPT_BATCH
     ),
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Plans directory (default: MODELS/plans).")
+        str | None,
+        typer.Option("--out", "-o", metavar="DIR", help="Plans directory (default: MODELS/plans)."),
     ] = None,
     timing_cache: Annotated[
         Path | None,
@@ -429,6 +430,7 @@ def build(
 ) -> None:
     """Compile the segmenter and classifier ONNX into TensorRT plans for this GPU."""
     from engine.cli import fatal_errors, out_console
+    from engine.config import output_path
 
     with fatal_errors():
         options = BuildConfig(
@@ -436,7 +438,7 @@ def build(
             precision=precision,
             max_batch=max_batch,
             opt_batch=opt_batch,
-            out=out,
+            out=None if out is None else output_path(out),
             timing_cache=timing_cache,
             workspace_mib=workspace_mib,
         )

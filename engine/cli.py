@@ -6,6 +6,7 @@ Exit codes (also in the README):
   2  the command line cannot be parsed (unknown option, missing argument, wrong type);
      an option value that parses but is invalid (--batch-size 0) is a fatal error: 1
   3  the run finished, but some images could not be screened (they are rows with status "error")
+  4  no image found: no INPUT held anything to screen (empty directories, only non-image files)
   130 interrupted (Ctrl-C); what was finished is kept, rerun the same command to resume
 """
 
@@ -26,6 +27,7 @@ from rich.table import Table
 from engine.errors import EngineError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_NO_IMAGES = 4
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +40,8 @@ train_app = typer.Typer(
     no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
 )
 app.add_typer(train_app, name="train")
+index_app = typer.Typer(no_args_is_help=True, help="Maintain the similarity index of a run.")
+app.add_typer(index_app, name="index")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -64,7 +68,9 @@ def screen(
         list[Path],
         typer.Argument(help="Image files, directories, .tar/.tar.gz/.tgz/.zip archives."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Output directory (resumable).")
+    ],
     models: Annotated[
         Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
     ] = None,
@@ -99,13 +105,13 @@ def screen(
     progress: Annotated[bool, typer.Option(help="Progress bar on a terminal.")] = True,
 ) -> None:
     """Screen every image of INPUT... into --out: one Parquet row per image + usearch index."""
-    from engine.config import ScreenConfig, default_threads
+    from engine.config import ScreenConfig, default_threads, output_path
     from engine.runner import screen as run_screen
 
     with fatal_errors():
         config = ScreenConfig(
             inputs=tuple(inputs),
-            out=out,
+            out=output_path(out),
             models=models,
             backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
             precision=precision,
@@ -124,6 +130,8 @@ def screen(
     _print_summary(summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.found_nothing:
+        raise typer.Exit(EXIT_NO_IMAGES)
     raise typer.Exit(EXIT_IMAGE_ERRORS if summary.total_errors else EXIT_OK)
 
 
@@ -176,6 +184,25 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
         out_console.print(
             f"  ... {s.errors - 10} more: rows with status 'error' in {s.out}/predictions"
         )
+    for path in s.empty_inputs:
+        out_console.print(
+            f"[yellow]WARNING: {escape(path)} holds no image (image files are "
+            ".png .jpg .jpeg .dcm .dicom .dic, or DICOM by content)[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if s.found_nothing:
+        out_console.print(
+            "[bold red]WARNING: no images found in INPUT: nothing was screened (exit code 4).[/]",
+            highlight=False,
+        )
+    indexable = s.total_rows - s.total_errors
+    if s.index_size < indexable and not s.interrupted:
+        out_console.print(
+            f"[bold red]WARNING: the index holds {s.index_size} of the {indexable} screened "
+            f"images: `cxr index rebuild {escape(str(s.out))}` rebuilds it.[/]",
+            soft_wrap=True,
+        )
     if not s.trained:
         out_console.print(
             "[bold red]WARNING: the models are UNTRAINED (random weights from `cxr models init`). "
@@ -190,7 +217,9 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
 @app.command()
 def similar(
     query: Annotated[str, typer.Argument(help="An image file, or the key of a screened image.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory of cxr screen.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Output directory of cxr screen.")
+    ],
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     models: Annotated[
@@ -198,10 +227,11 @@ def similar(
     ] = None,
 ) -> None:
     """The k screened cases most similar to QUERY (cosine similarity of embeddings)."""
+    from engine.config import output_path
     from engine.similar import similar as find_similar
 
     with fatal_errors():
-        result = find_similar(out, query, k=k, models_dir=models)
+        result = find_similar(output_path(out), query, k=k, models_dir=models)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         return
@@ -221,19 +251,57 @@ def similar(
     out_console.print(table)
 
 
+@index_app.command("rebuild")
+def index_rebuild(
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output directory of cxr screen.")],
+) -> None:
+    """Rebuild OUT/index.usearch from the embeddings the run keeps (a lost or corrupt index)."""
+    from engine.config import output_path
+    from engine.io import parquet, vectors
+    from engine.io.outdir import OutputLock
+
+    with fatal_errors():
+        out = output_path(out_dir, "OUT")
+        if not parquet.list_parts(out):
+            raise EngineError(
+                f"{out}: no predictions/part-*.parquet; pass the --out of a `cxr screen` run"
+            )
+        with OutputLock(out):
+            result = vectors.rebuild_index(out)
+    out_console.print(
+        f"{escape(str(vectors.index_path(out)))}: {result.size} vectors "
+        f"({result.from_sidecars} from {vectors.EMBEDDINGS}/, {result.from_parquet} from the "
+        "Parquet embedding column)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.missing:
+        err_console.print(
+            f"[bold red]error:[/] {result.missing} screened images have no kept embedding and "
+            "are not in the index (screened by an older cxr, which deleted the sidecars once "
+            "indexed); screen their inputs again into a new --out to search them",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_FATAL)
+
+
 @models_app.command("init")
 def models_init(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the models into.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Directory to write the models into.")
+    ],
     tiny: Annotated[
         bool, typer.Option(help="Tiny architectures (for tests and quick demos).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Export the segmenter (U-Net) and classifier (ResNet50) UNTRAINED, with manifests."""
+    from engine.config import output_path
     from engine.models import init_models
 
     with fatal_errors():
-        ms = init_models(out, size="tiny" if tiny else "full", seed=seed)
+        ms = init_models(output_path(out), size="tiny" if tiny else "full", seed=seed)
     for m in (ms.segmenter, ms.classifier):
         out_console.print(
             f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}"
@@ -247,7 +315,9 @@ def models_init(
 @models_app.command("pack")
 def models_pack(
     models: Annotated[Path, typer.Option("--models", help="Trained models directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the lean copy.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Directory for the lean copy.")
+    ],
     classifier: Annotated[
         str,
         typer.Option(
@@ -257,10 +327,11 @@ def models_pack(
     ] = "int8",
 ) -> None:
     """A lean copy of a models directory for shipping (the chosen classifier export)."""
+    from engine.config import output_path
     from engine.models import pack_models
 
     with fatal_errors():
-        ms = pack_models(models, out, classifier_precision=classifier)
+        ms = pack_models(models, output_path(out), classifier_precision=classifier)
     for m in (ms.segmenter, ms.classifier):
         size = m.onnx_path.stat().st_size / 1e6
         out_console.print(f"{m.role:10s} {m.precision:5s} {m.onnx_path}  {size:.1f} MB")

@@ -28,8 +28,41 @@ def resolve_decoder(decoder: str, device: str) -> str:
     return CPU_DECODER if decoder == "auto" else decoder
 
 
+def output_path(value: str | os.PathLike[str], option: str = "--out") -> Path:
+    """`value` as a path, refusing an empty or blank one: `--out "$UNSET"` reaches us as "",
+    which pathlib reads as ".", the current directory."""
+    text = os.fspath(value)
+    if not text.strip():
+        raise ConfigError(
+            f"{option} is empty{'' if not text else ' (only blanks)'}: name a directory "
+            "(an unset shell variable?)"
+        )
+    return Path(text)
+
+
+# --threads above this many per usable core is refused: each stage sizes its pools from it
+# (ONNX Runtime's intra-op pool per session, the decoder's), so 10000 started over 16 000
+# threads; more threads than cores only add switching once a few cover I/O waits.
+MAX_THREADS_PER_CORE = 4
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def max_threads() -> int:
+    return MAX_THREADS_PER_CORE * default_threads()
+
+
+def check_threads(threads: int, option: str = "--threads") -> int:
+    """`threads` if it is between 1 and max_threads(), else a ConfigError giving the bound."""
+    cap = max_threads()
+    if not 1 <= threads <= cap:
+        raise ConfigError(
+            f"{option} must be between 1 and {cap} ({MAX_THREADS_PER_CORE} per CPU core; this "
+            f"process may use {default_threads()}), not {threads}"
+        )
+    return threads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +86,7 @@ class ScreenConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        output_path(self.out)
         if not self.inputs:
             raise ConfigError("no INPUT given: name image files, directories or archives to screen")
         if self.backend not in BACKENDS:
@@ -75,8 +109,7 @@ class ScreenConfig:
             raise ConfigError(f"--shard-size must be at least 1, not {self.shard_size}")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be positive")
-        if self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, not {self.threads}")
+        check_threads(self.threads)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -26,6 +26,10 @@ class OutputLocked(EngineError):
     """Another process is writing to the same output directory."""
 
 
+class OutputError(EngineError):
+    """A file of the output cannot be written (disk full, quota spent, read-only, ...)."""
+
+
 class ImageError(Exception):
     """One image cannot be screened. Never fatal: it becomes a row with status="error".
 

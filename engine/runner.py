@@ -18,6 +18,7 @@ rerun ends with every image once in Parquet and once in the index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import queue
@@ -35,12 +36,13 @@ import numpy as np
 
 from engine import __version__
 from engine.config import ScreenConfig, resolve_decoder
-from engine.errors import ConfigError, ImageError
+from engine.errors import ImageError, OutputError
 from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
 from engine.io.dicom import decode_dicom, read_dicom_meta
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
 from engine.io.probe import check_limits, probe
+from engine.io.resume import check_resumable
 from engine.models import ModelSet, load_models
 from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
@@ -245,12 +247,19 @@ class ShardWriter:
     """Collects finished rows; every `shard_size` rows commits a sidecar and a Parquet part."""
 
     def __init__(
-        self, out: Path, *, shard_size: int, common: dict[str, Any], with_embeddings: bool
+        self,
+        out: Path,
+        *,
+        shard_size: int,
+        common: dict[str, Any],
+        with_embeddings: bool,
+        dim: int,
     ):
         self.out = out
         self.shard_size = shard_size
         self.common = common
         self.with_embeddings = with_embeddings
+        self.dim = dim
         self.number = parquet.next_part_number(out)
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
@@ -274,12 +283,25 @@ class ShardWriter:
             # the bookkeeping below: the part holds exactly these rows, so it is committed.
             self._advance()
             return
+        try:
+            self._commit()
+        except OutputError:
+            # The part is the commit point: without it, this shard's sidecar and previews
+            # would be orphans (a rerun deletes those too, but a failed run leaves nothing).
+            if not parquet.part_path(self.out, self.number).exists():
+                with contextlib.suppress(OSError):
+                    vectors.sidecar_path(self.out, self.number).unlink(missing_ok=True)
+                    thumbs.thumbs_path(self.out, self.number).unlink(missing_ok=True)
+            raise
+        self._advance()
+
+    def _commit(self) -> None:
         rows = [{**self.common, **r} for r in self._rows]
         ok = [i for i, v in enumerate(self._vectors) if v is not None]
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
         mat = np.stack([v for v in self._vectors if v is not None]) if ok else None
         if mat is not None:
-            vectors.write_sidecar(self.out, self.number, keys, _unit(mat))
+            vectors.write_sidecar(self.out, self.number, keys, vectors.unit(mat))
         shown = [(r["key"], p) for r, p in zip(rows, self._previews, strict=True) if p is not None]
         if shown:
             thumbs.write_thumbs(
@@ -290,23 +312,17 @@ class ShardWriter:
                 [p[1] for _, p in shown],
             )
         emb = None
-        if self.with_embeddings and mat is not None:
-            dim = mat.shape[1]
-            emb = np.full((len(rows), dim), np.nan, np.float32)
-            emb[ok] = mat
+        if self.with_embeddings:
+            # every part has the column, even one of error rows only: one schema per directory
+            emb = np.full((len(rows), self.dim), np.nan, np.float32)
+            if mat is not None:
+                emb[ok] = mat
         parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
-        self._advance()
 
     def _advance(self) -> None:
         self.number += 1
         self.parts_written += 1
         self._rows, self._vectors, self._previews = [], [], []
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    """L2-normalise rows (cosine-invariant; keeps f16 storage in range)."""
-    norm = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.maximum(norm, 1e-12)
 
 
 @dataclass
@@ -330,11 +346,17 @@ class RunSummary:
     stage_s: dict[str, float] = field(default_factory=dict)
     batch_latency_ms: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+    empty_inputs: list[str] = field(default_factory=list)  # INPUTs that held no image
     interrupted: bool = False
 
     @property
     def images_per_s(self) -> float:
         return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def found_nothing(self) -> bool:
+        """No INPUT held an image, not even one screened before (a finished run)."""
+        return not self.interrupted and self.processed == 0 and self.skipped_existing == 0
 
 
 ProgressFn = Callable[[int], None]
@@ -346,10 +368,17 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
     out = Path(config.out)
     with OutputLock(out):
         previous = read_run_json(out)
-        _check_same_models(out, previous, models)
+        dim = int(models.classifier.output("embedding").shape[-1])
+        check_resumable(
+            out,
+            previous=previous,
+            model_id=models.model_id,
+            dim=dim,
+            threshold=models.classifier.threshold,
+            with_embeddings=config.embeddings_in_parquet,
+        )
         parquet.remove_temporaries(out)
         thumbs.remove_orphans(out)
-        dim = int(models.classifier.output("embedding").shape[-1])
         vectors.sync_index(out, dim)  # finish what a killed run committed
         done = parquet.existing_keys(out)
         screener = Screener(
@@ -386,18 +415,6 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         status = "interrupted" if summary.interrupted else "complete"
         write_run_json(out, _run_record(config, models, summary, previous, started, status))
     return summary
-
-
-def _check_same_models(out: Path, previous: dict[str, Any] | None, models: ModelSet) -> None:
-    if not previous or not parquet.list_parts(out):
-        return
-    before = previous.get("models", {}).get("model_id")
-    if before and before != models.model_id:
-        raise ConfigError(
-            f"{out} holds results of models {before}; this run uses {models.model_id}. "
-            "Mixing models in one output would make its rows incomparable: use a new --out, "
-            "or the run's --models and --precision"
-        )
 
 
 def _reader(config: ScreenConfig, done: set[int], stats: ArchiveStats) -> Iterator[Batch]:
@@ -453,9 +470,11 @@ def _run_stages(
         shard_size=config.shard_size,
         common=common,
         with_embeddings=config.embeddings_in_parquet,
+        dim=int(screener.models.classifier.output("embedding").shape[-1]),
     )
     latencies: list[float] = []
     batches = _threaded(preprocess(_threaded(read(), stop)), stop)
+    write_failed = False
     try:
         for batch in batches:
             t = time.perf_counter()
@@ -468,13 +487,18 @@ def _run_stages(
             clock.add("write", time.perf_counter() - t)
             if on_progress:
                 on_progress(len(rows))
+    except OutputError:
+        write_failed = True  # flushing again would fail the same way, with a second message
+        raise
     finally:
         stop.set()
         t = time.perf_counter()
-        writer.flush()  # also on Ctrl-C: keep every finished row
+        if not write_failed:
+            writer.flush()  # also on Ctrl-C: keep every finished row
         clock.add("write", time.perf_counter() - t)
         summary.ignored_files = stats.ignored
         summary.skipped_existing = stats.skipped
+        summary.empty_inputs = list(stats.empty_inputs)
         if latencies:
             ms = np.array(latencies) * 1000
             summary.batch_latency_ms = {

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from engine.config import max_threads
 from engine.errors import ConfigError, EngineError
 from engine.io import parquet, vectors
 from engine.io.archive import DEFAULT_MAX_FILE_BYTES, ImageRef, Item, image_key
@@ -65,6 +66,11 @@ def similar(out: Path, query: str, *, k: int = 10, models_dir: Path | None = Non
     out = Path(out)
     index = vectors.load_index(out, view=True)
     if index is None or len(index) == 0:
+        if (parquet.read_predictions(out, ["status"])["status"] == "ok").any():  # index lost
+            raise EngineError(
+                f"{out}: no index.usearch with embeddings; `cxr index rebuild {out}` rebuilds "
+                "it from the embeddings the run keeps"
+            )
         raise EngineError(
             f"{out}: no index.usearch with embeddings; run `cxr screen ... --out {out}` first"
         )
@@ -192,7 +198,8 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         models,
         backend="onnxruntime",
         batch_size=1,
-        threads=int(config.get("threads", 1)),
+        # recorded on the machine that screened, which may have had more cores
+        threads=min(int(config.get("threads", 1)), max_threads()),
         decoder=config.get("decoder", "auto"),
     )
     try:

@@ -214,8 +214,9 @@ def n_parts(out: Path) -> int:
 
 
 def sidecars(out: Path) -> list[str]:
+    """Sidecars not yet merged into the index (merged ones are kept in embeddings/indexed/)."""
     d = out / vectors.EMBEDDINGS
-    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    return sorted(p.name for p in d.iterdir() if p.is_file()) if d.is_dir() else []
 
 
 def lock_held_by(out: Path, pid: int) -> bool:

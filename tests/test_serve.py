@@ -521,7 +521,17 @@ def test_new_parts_are_picked_up_while_serving(run, tmp_path):
     extra.mkdir()
     new = dev_images(26)[-1]
     shutil.copy(new, extra / new.name)
-    screen(ScreenConfig(inputs=(extra,), out=out, models=run["models"], progress=False, threads=2))
+    # the run's own threshold: another one on the same directory is refused (issue 16)
+    threshold = run["rows"][0]["threshold"]
+    config = ScreenConfig(
+        inputs=(extra,),
+        out=out,
+        models=run["models"],
+        threshold=threshold,
+        progress=False,
+        threads=2,
+    )
+    screen(config)
     got = app.get("/api/images", params={"q": new.name}).json()
     assert app.get("/api/images").json()["total"] == before + 1
     assert got["total"] == 1

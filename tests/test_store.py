@@ -114,24 +114,29 @@ def test_write_part_round_trips_and_never_overwrites(tmp_path):
 
 
 def test_a_part_never_exists_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from engine.errors import OutputError
+    from engine.io import atomic
+
     out = tmp_path / "out"
     final = parquet.part_path(out, 4)
     seen = []
-    real_write = pl.DataFrame.write_parquet
+    real_write_all = atomic._write_all
 
-    def crashing_write(self, file, *args, **kwargs):
-        seen.append(Path(file))
+    def failing_write(fd, data):
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         assert not final.exists()  # the final name appears only by rename
-        real_write(self, file, *args, **kwargs)
-        with open(file, "r+b") as f:  # leave a torn file behind, as a crash would
-            f.truncate(100)
-        raise OSError("disk full")
+        real_write_all(fd, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", crashing_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(atomic, "_write_all", failing_write)
+    with pytest.raises(OutputError, match="No space left on device"):
         parquet.write_part(out, 4, parquet.rows_frame(make_rows([1, 2])))
     assert len(seen) == 1 and seen[0].parent == final.parent and seen[0].name.startswith(".")
-    assert not final.exists()
+    assert list(final.parent.iterdir()) == []  # the torn temporary file was removed
+    # a crash (kill -9) at that moment leaves the torn temporary file: never a part
+    (final.parent / seen[0].name).write_bytes(b"torn")
     assert parquet.list_parts(out) == []
     assert parquet.existing_keys(out) == set()
     assert parquet.next_part_number(out) == 0
@@ -180,7 +185,7 @@ def index_keys(out: Path) -> list[int]:
     return sorted(int(k) for k in index.keys)
 
 
-def test_sync_index_adds_committed_sidecars_then_deletes_them(tmp_path):
+def test_sync_index_adds_committed_sidecars_then_keeps_them_aside(tmp_path):
     out = tmp_path / "out"
     assert vectors.sync_index(out, DIM) == vectors.SyncResult(added=0, size=0)
     assert vectors.load_index(out) is None
@@ -189,7 +194,9 @@ def test_sync_index_adds_committed_sidecars_then_deletes_them(tmp_path):
     result = vectors.sync_index(out, DIM)
     assert result == vectors.SyncResult(added=5, size=5)
     assert index_keys(out) == [10, 11, 12, 20, 21]
-    assert list((out / "embeddings").iterdir()) == []  # merged sidecars are gone
+    assert list((out / "embeddings").glob("*.npz")) == []  # nothing left to merge
+    kept = sorted(p.name for p in vectors.indexed_dir(out).iterdir())
+    assert kept == ["part-00000.npz", "part-00001.npz"]  # kept to rebuild the index
     index = vectors.load_index(out)
     assert index.ndim == DIM
     hit = index.search(v0[1], 1)
@@ -218,7 +225,8 @@ def test_orphan_sidecar_is_deleted_and_not_indexed(tmp_path):
     result = vectors.sync_index(out, DIM)
     assert (result.added, result.size) == (2, 2)
     assert index_keys(out) == [1, 2]
-    assert list((out / "embeddings").iterdir()) == []
+    assert list((out / "embeddings").glob("*.npz")) == []
+    assert [p.name for p in vectors.indexed_dir(out).iterdir()] == ["part-00000.npz"]
 
 
 def test_sidecar_already_in_the_index_is_not_added_again(tmp_path):
@@ -252,7 +260,9 @@ def test_corrupt_index_is_an_engine_error(tmp_path, content):
     out = tmp_path / "out"
     out.mkdir()
     vectors.index_path(out).write_bytes(content)
-    with pytest.raises(EngineError, match=r"index\.usearch: not a usearch index.*delete it"):
+    with pytest.raises(
+        EngineError, match=r"index\.usearch: not a usearch index.*cxr index rebuild"
+    ):
         vectors.load_index(out)
 
 
@@ -369,18 +379,24 @@ def test_run_json_round_trip(tmp_path):
 
 
 def test_run_json_write_is_atomic(tmp_path, monkeypatch):
+    import errno
+
+    from engine.errors import OutputError
+    from engine.io import atomic
+
     write_run_json(tmp_path, {"run": 1})
-    real_write_text = Path.write_text
+    real_write_all = atomic._write_all
 
-    def torn(self, text, *args, **kwargs):
-        real_write_text(self, text[:5], *args, **kwargs)
-        raise OSError("disk full")
+    def torn(fd, data):
+        real_write_all(fd, data[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", torn)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(atomic, "_write_all", torn)
+    with pytest.raises(OutputError, match=r"run\.json: cannot write run\.json: No space left"):
         write_run_json(tmp_path, {"run": 2})
     monkeypatch.undo()
     assert read_run_json(tmp_path) == {"run": 1}  # the old file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no temporary left
 
 
 def test_corrupt_run_json_is_an_engine_error(tmp_path):

@@ -119,11 +119,14 @@ class ArchiveStats:
         hidden entries; a hidden directory counts once).
     skipped: keys for which `skip(key)` returned True.
     duplicates: keys dropped because they were already yielded in this iteration.
+    empty_inputs: inputs (absolute paths) that held no image at all: nothing yielded, skipped
+        or dropped as a duplicate (an empty directory, one of text files, an empty archive).
     """
 
     ignored: int = 0
     skipped: int = 0
     duplicates: int = 0
+    empty_inputs: list[str] = field(default_factory=list)
 
 
 def image_key(source: str, member: str | None) -> int:
@@ -287,7 +290,17 @@ class _Walker:
 
     def run(self, inputs: Sequence[str | os.PathLike[str]]) -> Iterator[Item]:
         for raw in inputs:
-            yield from self._input(_abspath(raw))
+            path = _abspath(raw)
+            seen_before = self._accounted()
+            yielded = False
+            for item in self._input(path):
+                yielded = True
+                yield item
+            if not yielded and self._accounted() == seen_before:
+                self.stats.empty_inputs.append(path)
+
+    def _accounted(self) -> int:
+        return self.stats.skipped + self.stats.duplicates
 
     def _claim(self, key: int) -> bool:
         """True when `key` should produce an item now. Checked before any read, so a skipped
@@ -339,7 +352,7 @@ class _Walker:
             yield from self._error(entry.path, None, _symlink_message(entry.path))
         elif not entry.is_file(follow_symlinks=False):
             # opening a fifo would block the whole run
-            yield from self._error(entry.path, None, "special file refused: not a regular file")
+            yield from self._error(entry.path, None, _SPECIAL)
         elif kind == "archive":
             yield from self._archive(entry.path)
         else:
@@ -506,10 +519,15 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
 # reading
 
 
+_SPECIAL = "special file refused: not a regular file"
+
+
 def _read_file(path: str, limit: int, kind: str) -> tuple[bytes | None, str | None]:
     """(data, None), (None, error), or (None, None) when the first bytes say it is no image."""
     try:
-        with open(path, "rb") as stream:
+        with open(path, "rb", opener=_open_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                return None, _SPECIAL
             head = b""
             if kind in _SNIFFED:
                 head = stream.read(_PEEK)
@@ -527,6 +545,14 @@ def _read_file(path: str, limit: int, kind: str) -> tuple[bytes | None, str | No
     if len(data) > limit:
         return None, _too_big(len(data), limit)
     return data, None
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # Opening a FIFO for reading waits for a writer, forever; with O_NONBLOCK it returns at
+    # once, and the caller checks the type on the opened file itself, so a file swapped for a
+    # FIFO or a device after the listing (or the stat of a named input) is refused too.
+    # Reads of regular files ignore the flag.
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _read_stream(

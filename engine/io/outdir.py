@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import EngineError, OutputLocked
+from engine.io.atomic import output_error, write_atomically
 from engine.io.files import open_regular
 
 LOCK = ".lock"
@@ -29,7 +30,10 @@ class OutputLock:
         except OSError as exc:
             raise EngineError(f"{self.out}: cannot create the output directory ({exc})") from None
         path = self.out / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise output_error(path, "the lock file", exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -39,8 +43,11 @@ class OutputLock:
                 f"{self.out} is being written by another cxr screen (pid {holder}); "
                 "wait for it to finish or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass  # the pid is only a hint for the message above; the flock is the lock
         self._fd = fd
         return self
 
@@ -67,7 +74,5 @@ def read_run_json(out: Path) -> dict[str, Any] | None:
 
 
 def write_run_json(out: Path, data: dict[str, Any]) -> None:
-    path = Path(out) / RUN_JSON
-    tmp = path.with_name(f".{RUN_JSON}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_atomically(Path(out) / RUN_JSON, text.encode(), what=RUN_JSON)

@@ -7,6 +7,7 @@ parts is what a rerun skips.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+from engine.io.atomic import write_atomically
 
 PREDICTIONS = "predictions"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -115,18 +118,17 @@ def rows_frame(
 
 
 def write_part(out: Path, number: int, df: pl.DataFrame) -> Path:
-    """Write df as part `number`: temp file, fsync, rename, fsync the directory."""
-    d = parts_dir(out)
-    d.mkdir(parents=True, exist_ok=True)
+    """Write df as part `number`: temp file, fsync, rename, fsync the directory.
+
+    Encoded in memory first (one shard), so that the file is written by our own writer, whose
+    OSError (a full disk ...) becomes one OutputError; polars' own errors carry no errno.
+    """
     final = part_path(out, number)
     if final.exists():
         raise FileExistsError(f"{final} already exists; parts are never overwritten")
-    tmp = d / f".{final.name}.tmp-{os.getpid()}"
-    df.write_parquet(tmp, compression="zstd", statistics=True)
-    _fsync_path(tmp)
-    os.replace(tmp, final)
-    _fsync_path(d)
-    return final
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd", statistics=True)
+    return write_atomically(final, buf.getvalue(), what="the Parquet part", sync_dir=True)
 
 
 def read_predictions(out: Path, columns: list[str] | None = None) -> pl.DataFrame:
@@ -135,11 +137,3 @@ def read_predictions(out: Path, columns: list[str] | None = None) -> pl.DataFram
         return pl.DataFrame(schema=SCHEMA)
     lf = pl.scan_parquet([p for _, p in parts], missing_columns="insert")
     return (lf.select(columns) if columns else lf).collect()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,13 +10,13 @@ a committed part always has its previews, and the page never re-runs a model to 
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from engine.io.atomic import write_atomically
 from engine.io.parquet import list_parts
 
 THUMBS = "thumbs"
@@ -60,13 +60,10 @@ def encode_mask(mask: np.ndarray) -> bytes:
 def write_thumbs(
     out: Path, number: int, keys: list[int], thumbs: list[bytes], masks: list[bytes]
 ) -> Path:
-    final = thumbs_path(out, number)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     df = pl.DataFrame({"key": keys, "thumb_jpeg": thumbs, "mask_png": masks}, schema=SCHEMA)
-    df.write_parquet(tmp, compression="uncompressed")  # JPEG/PNG are compressed already
-    os.replace(tmp, final)
-    return final
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="uncompressed")  # JPEG/PNG are compressed already
+    return write_atomically(thumbs_path(out, number), buf.getvalue(), what="the previews")
 
 
 def remove_orphans(out: Path) -> int:

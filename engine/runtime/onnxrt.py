@@ -14,6 +14,9 @@ class OnnxRuntimeBackend(Backend):
     def load(self) -> None:
         import onnxruntime as ort
 
+        # For a host process that imported onnxruntime before the engine (so before
+        # ORT_DISABLE_TELEMETRY, see engine/__init__.py): at least no events from here on.
+        ort.disable_telemetry_events()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

@@ -44,9 +44,9 @@ def _require_torch() -> None:
 
 
 def _threads(threads: int | None) -> int:
-    from engine.config import default_threads
+    from engine.config import check_threads, default_threads
 
-    return threads or default_threads()
+    return check_threads(threads) if threads else default_threads()
 
 
 def train_segmenter(
@@ -54,7 +54,9 @@ def train_segmenter(
         Path,
         typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
+    ],
     labels: Annotated[
         Path | None,
         typer.Option(help="The classifier's labels CSV: share its patient split (recommended)."),
@@ -71,8 +73,10 @@ def train_segmenter(
 ) -> None:
     """Train the lung U-Net on image/mask pairs; write segmenter.onnx + segmenter.json."""
     from engine.cli import fatal_errors
+    from engine.config import output_path
 
     with fatal_errors():
+        out_dir = output_path(out)
         _require_torch()
         from engine.train.segmenter import SegmenterTrainConfig
         from engine.train.segmenter import train_segmenter as run
@@ -80,7 +84,7 @@ def train_segmenter(
         run(
             SegmenterTrainConfig(
                 masks=masks,
-                out=out,
+                out=out_dir,
                 labels=labels,
                 epochs=epochs,
                 seed=seed,
@@ -107,7 +111,9 @@ def train_classifier(
     segmenter: Annotated[
         Path, typer.Option(help="Models directory holding the trained segmenter.json.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Models directory to write.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
+    ],
     images: Annotated[
         list[Path] | None,
         typer.Option(
@@ -184,8 +190,10 @@ def train_classifier(
 ) -> None:
     """Train the classifier on lung crops; write classifier.onnx (+ INT8) + classifier.json."""
     from engine.cli import fatal_errors
+    from engine.config import output_path
 
     with fatal_errors():
+        out_dir = output_path(out)
         _require_torch()
         from engine.train.classifier import ClassifierTrainConfig
         from engine.train.classifier import train_classifier as run
@@ -198,7 +206,7 @@ def train_classifier(
                 images=sets[0].images,
                 extra=sets[1:],
                 segmenter=segmenter,
-                out=out,
+                out=out_dir,
                 epochs=epochs,
                 seed=seed,
                 arch=arch,
