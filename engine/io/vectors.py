@@ -5,6 +5,10 @@ Each shard's embeddings are first written beside its Parquet part as
 the index is a separate, idempotent step (``sync_index``): it adds only keys the index lacks,
 only from sidecars whose part is committed, saves the index atomically, and only then deletes
 the sidecars. A crash at any moment therefore loses nothing and duplicates nothing.
+
+A key rescreened by `--rescreen-changed` comes back in a later part's sidecar: its vector
+replaces the one in the index (sidecars are merged in part order, so the index holds the vector
+of the key's current row, the one in its highest-numbered part; see engine/io/parquet.py).
 """
 
 from __future__ import annotations
@@ -116,10 +120,11 @@ def sync_index(out: Path, ndim: int) -> SyncResult:
     for path in pending:
         with np.load(path) as z:
             keys, vectors = z["keys"], z["vectors"]
-        fresh = ~np.asarray(index.contains(keys), dtype=bool).reshape(-1)
-        if fresh.any():
-            index.add(keys[fresh], vectors[fresh])
-            added += int(fresh.sum())
+        known = np.asarray(index.contains(keys), dtype=bool).reshape(-1)
+        if known.any():  # rescreened (or merged before a crash): the later vector wins
+            index.remove(keys[known])
+        index.add(keys, vectors)
+        added += int((~known).sum())
     final = index_path(out)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     index.save(str(tmp))
