@@ -16,8 +16,11 @@ Four measures, each blind to a different kind of change:
 
 The thresholds that turn these into a flag are `DriftThresholds`; the defaults were chosen on
 the real data (benchmarks/drift_calibration.py, results and reasoning in docs/nightly.md).
-Below `min_images` new images the measures are still computed but never flagged: their noise
-grows as 1/n (see the same doc).
+PSI and the positive-rate change of two samples that come from one population are not zero:
+their sampling noise grows as 1/n_new + 1/n_reference. So each is flagged only when it passes
+both its threshold and its noise limit, the value that sampling alone exceeds one time in a
+hundred (PSI ~ chi-square(bins - 1) * (1/n + 1/m); the rate change, a two-proportion normal
+limit). Below `min_images` new images nothing is flagged at all.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from engine.errors import ConfigError
 
 PSI_BINS = 10
 OOD_QUANTILE = 0.99
+NOISE_Z_ONE_SIDED = 2.3263  # standard normal 99th percentile (PSI is one-sided)
+NOISE_Z_TWO_SIDED = 2.5758  # 99.5th: a rate change may go either way
 # Both sets are sampled down to this many images (seeded) before the nearest-neighbour search:
 # the search is quadratic, and at this size the OOD share's standard error is below 0.3 points.
 MAX_SAMPLE = 2000
@@ -82,9 +87,11 @@ class DriftMetrics:
     n_reference: int
     n_new: int
     psi: float
+    psi_noise_limit: float  # the PSI sampling alone exceeds 1% of the time at these sizes
     positive_rate_reference: float
     positive_rate_new: float
     positive_rate_change: float
+    positive_rate_noise_limit: float  # likewise for |positive_rate_change|
     embedding_shift: float | None  # None when either set has no embeddings
     ood_share: float | None
     ood_cutoff: float | None  # the reference's own 99th percentile NN distance
@@ -117,6 +124,30 @@ def psi(reference: np.ndarray, new: np.ndarray, bins: int = PSI_BINS) -> float:
     q = np.bincount(np.searchsorted(edges, new, side="right"), minlength=n_bins) + 0.5
     p, q = p / p.sum(), q / q.sum()
     return float(np.sum((q - p) * np.log(q / p)))
+
+
+def chi2_quantile(df: int, z: float = NOISE_Z_ONE_SIDED) -> float:
+    """Chi-square quantile by the Wilson-Hilferty approximation (within 1% for df >= 3)."""
+    if df < 1:
+        return 0.0
+    a = 2.0 / (9.0 * df)
+    return float(df * (1.0 - a + z * math.sqrt(a)) ** 3)
+
+
+def psi_noise_limit(reference: np.ndarray, n_new: int, bins: int = PSI_BINS) -> float:
+    """The PSI two samples of one population (sizes len(reference), n_new) exceed 1% of the time.
+
+    PSI is close to the two-sample chi-square statistic times 1/n + 1/m, which under no change
+    follows chi-square with (bins - 1) degrees of freedom.
+    """
+    df = quantile_edges(reference, bins).size  # bins - 1, fewer where quantiles tie
+    return chi2_quantile(df) * (1.0 / n_new + 1.0 / len(reference))
+
+
+def rate_noise_limit(rate_ref: float, rate_new: float, n_ref: int, n_new: int) -> float:
+    """|rate change| that sampling alone exceeds 1% of the time (pooled two-proportion limit)."""
+    pooled = (rate_ref * n_ref + rate_new * n_new) / (n_ref + n_new)
+    return NOISE_Z_TWO_SIDED * math.sqrt(pooled * (1.0 - pooled) * (1.0 / n_ref + 1.0 / n_new))
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -201,9 +232,11 @@ def compare(
         n_reference=int(ref_prob.size),
         n_new=int(new_prob.size),
         psi=psi(ref_prob, new_prob),
+        psi_noise_limit=psi_noise_limit(ref_prob, new_prob.size),
         positive_rate_reference=rate_ref,
         positive_rate_new=rate_new,
         positive_rate_change=rate_new - rate_ref,
+        positive_rate_noise_limit=rate_noise_limit(rate_ref, rate_new, ref_prob.size, new_prob.size),
         embedding_shift=shift,
         ood_share=share,
         ood_cutoff=cutoff,
@@ -213,13 +246,15 @@ def compare(
 
 
 def flagged(metrics: DriftMetrics, thresholds: DriftThresholds) -> list[str]:
-    """Names of the measures past their threshold; none below `min_images` new images."""
-    if metrics.n_new < thresholds.min_images:
+    """Names of the measures past their threshold (PSI and rate: and their noise limit); none
+    below `min_images` new images."""
+    m, t = metrics, thresholds
+    if m.n_new < t.min_images:
         return []
     found = []
-    if metrics.psi > thresholds.psi:
+    if m.psi > max(t.psi, m.psi_noise_limit):
         found.append("psi")
-    if abs(metrics.positive_rate_change) > thresholds.positive_rate:
+    if abs(m.positive_rate_change) > max(t.positive_rate, m.positive_rate_noise_limit):
         found.append("positive_rate")
     if metrics.embedding_shift is not None and metrics.embedding_shift > thresholds.embedding_shift:
         found.append("embedding_shift")

@@ -123,3 +123,27 @@ def test_thresholds_parse_and_validate():
     for bad in (["psi"], ["nope=1"], ["psi=abc"], ["psi=-1"], ["min_images=1.5"]):
         with pytest.raises(ConfigError):
             drift.DriftThresholds.parse(bad)
+
+
+def test_noise_limits_are_exceeded_about_one_time_in_a_hundred_under_no_change():
+    rng = np.random.default_rng(6)
+    draws, psi_over, rate_over = 2000, 0, 0
+    for _ in range(draws):
+        ref, new = rng.uniform(size=300), rng.uniform(size=50)
+        m = drift.compare(ref, new, 0.7)
+        psi_over += m.psi > m.psi_noise_limit
+        rate_over += abs(m.positive_rate_change) > m.positive_rate_noise_limit
+    assert 0.002 <= psi_over / draws <= 0.03
+    assert rate_over / draws <= 0.03
+    # the limit shrinks as 1/n + 1/m: a large night is held to a tighter bar
+    ref = rng.uniform(size=300)
+    assert drift.psi_noise_limit(ref, 1000) < drift.psi_noise_limit(ref, 50) / 3
+    assert drift.chi2_quantile(9) == pytest.approx(21.666, rel=0.01)
+
+
+def test_a_psi_within_noise_is_not_flagged_even_above_the_threshold():
+    rng = np.random.default_rng(7)
+    t = drift.DriftThresholds(psi=0.01, min_images=10)
+    m = drift.compare(rng.uniform(size=300), rng.uniform(size=20), 0.5)
+    assert t.psi < m.psi < m.psi_noise_limit
+    assert "psi" not in drift.flagged(m, t)
