@@ -19,6 +19,7 @@ rerun ends with every image once in Parquet and once in the index.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import queue
 import threading
@@ -42,6 +43,7 @@ from engine.io.dicom import decode_dicom, read_dicom_meta
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
 from engine.io.probe import check_limits, probe
 from engine.models import ModelSet, load_models
+from engine.nightly import monitor, runs
 from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
 from engine.stages.classify import classify
@@ -219,6 +221,7 @@ def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
         return Prepared(_failed(row, where, item.error or "no data"), None)
     data = item.data
     row["sha256"] = hashlib.sha256(data).hexdigest()
+    row.update(source_stat(ref.source, ref.member, len(data)))
     try:
         info = probe(data)
         row.update(
@@ -234,6 +237,21 @@ def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
     except ImageError as exc:
         return Prepared(_failed(row, where, str(exc)), None)
     return Prepared(row, sample)
+
+
+def source_stat(source: str, member: str | None, size_read: int) -> dict[str, int]:
+    """Size and mtime of the file (or archive) an image came from, for the nightly change check.
+
+    Taken after the read: a plain file whose size is no longer what was read is being written
+    to, so nothing is recorded and the next check reads it (engine/nightly/changes.py).
+    """
+    try:
+        st = os.stat(source)
+    except OSError:
+        return {}
+    if member is None and st.st_size != size_read:
+        return {}
+    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
 def _failed(row: dict[str, Any], where: str, message: str) -> dict[str, Any]:
@@ -252,6 +270,7 @@ class ShardWriter:
         self.common = common
         self.with_embeddings = with_embeddings
         self.number = parquet.next_part_number(out)
+        self.schema = parquet.directory_schema(out)  # every part keeps the first one's columns
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
         self._previews: list[tuple[bytes, bytes] | None] = []
@@ -294,7 +313,8 @@ class ShardWriter:
             dim = mat.shape[1]
             emb = np.full((len(rows), dim), np.nan, np.float32)
             emb[ok] = mat
-        parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
+        frame = parquet.conform(parquet.rows_frame(rows, emb), self.schema)
+        parquet.write_part(self.out, self.number, frame)
         self._advance()
 
     def _advance(self) -> None:
@@ -331,6 +351,12 @@ class RunSummary:
     batch_latency_ms: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
     interrupted: bool = False
+    changes: dict[str, Any] = field(default_factory=dict)  # run.json "changes" (engine/nightly)
+    drift: dict[str, Any] = field(default_factory=dict)  # run.json "drift"
+
+    @property
+    def drift_flagged(self) -> list[str]:
+        return list(self.drift.get("flagged") or [])
 
     @property
     def images_per_s(self) -> float:
@@ -351,7 +377,18 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         thumbs.remove_orphans(out)
         dim = int(models.classifier.output("embedding").shape[-1])
         vectors.sync_index(out, dim)  # finish what a killed run committed
+        _check_embedding_column(out, config)
         done = parquet.existing_keys(out)
+        run_id = uuid.uuid4().hex[:12]
+        nightly = monitor.before_run(
+            out,
+            config.inputs,
+            previous,
+            run_id,
+            reference=config.reference,
+            rescreen_changed=config.rescreen_changed,
+        )
+        done -= nightly.rescreen_keys()
         screener = Screener(
             models,
             backend=config.backend,
@@ -360,7 +397,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             decoder=config.decoder,
         )
         summary = RunSummary(
-            run_id=uuid.uuid4().hex[:12],
+            run_id=run_id,
             out=out,
             backend=screener.backend_name,
             decoder=screener.decoder,
@@ -383,6 +420,15 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         counts = dict(zip(totals["status"].to_list(), totals["count"].to_list(), strict=True))
         summary.total_rows = sum(counts.values())
         summary.total_errors = counts.get("error", 0)
+        summary.changes, summary.drift = monitor.after_run(
+            out,
+            nightly,
+            previous,
+            summary.run_id,
+            threshold=models.classifier.threshold,
+            thresholds=config.drift_thresholds,
+            interrupted=summary.interrupted,
+        )
         status = "interrupted" if summary.interrupted else "complete"
         write_run_json(out, _run_record(config, models, summary, previous, started, status))
     return summary
@@ -397,6 +443,16 @@ def _check_same_models(out: Path, previous: dict[str, Any] | None, models: Model
             f"{out} holds results of models {before}; this run uses {models.model_id}. "
             "Mixing models in one output would make its rows incomparable: use a new --out, "
             "or the run's --models and --precision"
+        )
+
+
+def _check_embedding_column(out: Path, config: ScreenConfig) -> None:
+    schema = parquet.directory_schema(out)
+    if config.embeddings_in_parquet and schema is not None and "embedding" not in schema:
+        raise ConfigError(
+            f"{out} was screened without --embeddings-in-parquet: its parts have no embedding "
+            "column, and one part cannot add it (the embeddings are in index.usearch); use a "
+            "new --out, or leave the option off"
         )
 
 
@@ -609,7 +665,7 @@ def _run_record(
 ) -> dict[str, Any]:
     history = list((previous or {}).get("history", []))
     if previous and previous.get("run_id") != s.run_id:
-        history.append({k: previous.get(k) for k in ("run_id", "status", "started_at", "counts")})
+        history.append(runs.history_entry(previous))
 
     def model_info(m: Any) -> dict[str, Any]:
         return {
@@ -655,5 +711,7 @@ def _run_record(
             "stage_busy_s": s.stage_s,
             "batch_latency_ms": s.batch_latency_ms,
         },
+        "changes": s.changes or None,
+        "drift": s.drift or None,
         "history": history,
     }
