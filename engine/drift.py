@@ -47,10 +47,10 @@ SAMPLE_SEED = 0
 class DriftThresholds:
     """A run is flagged when any measure passes its threshold (with >= min_images new images)."""
 
-    psi: float = 0.25
-    positive_rate: float = 0.20  # absolute change of the positive share
-    embedding_shift: float = 0.05
-    ood_share: float = 0.10
+    psi: float = 0.35
+    positive_rate: float = 0.25  # absolute change of the positive share
+    embedding_shift: float = 0.015
+    ood_share: float = 0.15
     min_images: int = 50
 
     def __post_init__(self) -> None:
@@ -184,12 +184,23 @@ def nn_distances(
     return np.clip(out, 0.0, 2.0)
 
 
+def ood_cutoff(reference: np.ndarray, quantile: float = OOD_QUANTILE) -> float:
+    """The `quantile` of the reference's own nearest-neighbour distances."""
+    return float(np.quantile(nn_distances(reference, reference, exclude_self=True), quantile))
+
+
 def ood_share(
-    reference: np.ndarray, new: np.ndarray, quantile: float = OOD_QUANTILE
+    reference: np.ndarray,
+    new: np.ndarray,
+    quantile: float = OOD_QUANTILE,
+    *,
+    cutoff: float | None = None,
 ) -> tuple[float, float]:
-    """(share of new rows farther from the reference than its own `quantile`, that cutoff)."""
-    own = nn_distances(reference, reference, exclude_self=True)
-    cutoff = float(np.quantile(own, quantile))
+    """(share of new rows farther from the reference than its own `quantile`, that cutoff).
+
+    Pass `cutoff` (from `ood_cutoff` of the same reference) to skip recomputing it."""
+    if cutoff is None:
+        cutoff = ood_cutoff(reference, quantile)
     far = nn_distances(new, reference) > cutoff
     return float(far.mean()), cutoff
 
@@ -209,6 +220,7 @@ def compare(
     new_emb: np.ndarray | None = None,
     *,
     cap: int = MAX_SAMPLE,
+    ood_cutoff: float | None = None,
 ) -> DriftMetrics:
     """All four measures of `new` against `reference` (probabilities, optional embeddings)."""
     ref_prob = np.asarray(ref_prob, np.float64)
@@ -226,7 +238,7 @@ def compare(
     ):
         shift = mean_shift(ref_emb, new_emb)
         ri, ni = sample_rows(len(ref_emb), cap), sample_rows(len(new_emb), cap)
-        share, cutoff = ood_share(ref_emb[ri], new_emb[ni])
+        share, cutoff = ood_share(ref_emb[ri], new_emb[ni], cutoff=ood_cutoff)
         n_ref_s, n_new_s = len(ri), len(ni)
     return DriftMetrics(
         n_reference=int(ref_prob.size),
@@ -236,7 +248,9 @@ def compare(
         positive_rate_reference=rate_ref,
         positive_rate_new=rate_new,
         positive_rate_change=rate_new - rate_ref,
-        positive_rate_noise_limit=rate_noise_limit(rate_ref, rate_new, ref_prob.size, new_prob.size),
+        positive_rate_noise_limit=rate_noise_limit(
+            rate_ref, rate_new, ref_prob.size, new_prob.size
+        ),
         embedding_shift=shift,
         ood_share=share,
         ood_cutoff=cutoff,
