@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=None)
     ap.add_argument("--per-source", type=int, default=150)
     ap.add_argument("--inverted", type=int, default=100)
+    ap.add_argument("--dev-images", type=int, default=None, help="only the first N (for tests)")
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -108,6 +109,13 @@ def prepare_nights(args: argparse.Namespace) -> list[tuple[str, Path]]:
     (work / "dev-source").parent.mkdir(parents=True, exist_ok=True)
     (work / "dev-source").write_text(str(dev) + "\n")
     dev_images = sorted(p for p in dev.iterdir() if p.suffix in (".png", ".jpg"))
+    if args.dev_images:
+        dev_images = dev_images[: args.dev_images]
+        dev = work / "nights" / "dev"
+        dev.mkdir(parents=True)
+        for p in dev_images:
+            shutil.copyfile(p, dev / p.name)
+        (work / "dev-source").write_text(str(dev.resolve()) + "\n")
     copy = nights / "dev-rescreen"
     copy.mkdir(parents=True)
     for p in dev_images:
