@@ -7,6 +7,8 @@ Exit codes (also in the README):
      an option value that parses but is invalid (--batch-size 0) is a fatal error: 1
   3  the run finished, but some images could not be screened (they are rows with status "error")
   4  no image found: no INPUT held anything to screen (empty directories, only non-image files)
+  5  the run finished and --fail-on-drift was given, and its new images drifted past a threshold
+     (run.json "drift"); takes precedence over 3
   130 interrupted (Ctrl-C); what was finished is kept, rerun the same command to resume
 """
 
@@ -27,7 +29,7 @@ from rich.table import Table
 from engine.errors import EngineError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_NO_IMAGES = 4
+EXIT_NO_IMAGES, EXIT_DRIFT = 4, 5
 
 app = typer.Typer(
     add_completion=False,
@@ -103,12 +105,40 @@ def screen(
     min_side: Annotated[int, typer.Option(help="Refuse images with a side below this.")] = 32,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bar on a terminal.")] = True,
+    rescreen_changed: Annotated[
+        bool,
+        typer.Option(
+            help="Screen again files whose content changed since their row was written (the "
+            "old row is kept as history; the index gets the new vector)."
+        ),
+    ] = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Run id (or a unique prefix) to measure drift against (default: the first run)."
+        ),
+    ] = None,
+    drift_threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE, repeatable: psi, positive_rate, embedding_shift, ood_share, "
+            "min_images (defaults in docs/nightly.md)."
+        ),
+    ] = None,
+    fail_on_drift: Annotated[
+        bool, typer.Option(help=f"Exit with code {EXIT_DRIFT} when this run's images drifted.")
+    ] = False,
+    summary_json: Annotated[
+        Path | None,
+        typer.Option(help="Also write this run's summary as JSON here (for a scheduler)."),
+    ] = None,
 ) -> None:
     """Screen every image of INPUT... into --out: one Parquet row per image + usearch index."""
     from engine.config import ScreenConfig, default_threads, output_path
+    from engine.drift import DriftThresholds
     from engine.runner import screen as run_screen
 
-    with fatal_errors():
+    with fatal_errors(), _summary_on_failure(summary_json, out):
         config = ScreenConfig(
             inputs=tuple(inputs),
             out=output_path(out),
@@ -124,15 +154,45 @@ def screen(
             min_side=min_side,
             threads=default_threads() if threads is None else threads,
             progress=progress,
+            rescreen_changed=rescreen_changed,
+            reference=reference,
+            drift_thresholds=DriftThresholds.parse(drift_threshold or []),
+            fail_on_drift=fail_on_drift,
         )
         with _progress(config.progress and err_console.is_terminal) as advance:
             summary = run_screen(config, on_progress=advance)
     _print_summary(summary)
     if summary.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if summary.found_nothing:
-        raise typer.Exit(EXIT_NO_IMAGES)
-    raise typer.Exit(EXIT_IMAGE_ERRORS if summary.total_errors else EXIT_OK)
+        code = EXIT_INTERRUPTED
+    elif summary.found_nothing:
+        code = EXIT_NO_IMAGES
+    elif config.fail_on_drift and summary.drift_flagged:
+        code = EXIT_DRIFT
+    else:
+        code = EXIT_IMAGE_ERRORS if summary.total_errors else EXIT_OK
+    if summary_json is not None:
+        from engine.nightly import runs
+
+        with fatal_errors():
+            runs.write_json(summary_json, runs.summary_json(config.out, summary.run_id, code))
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _summary_on_failure(path: Path | None, out: str) -> Iterator[None]:
+    """A command that fails still leaves tonight's summary for the scheduler (exit code 1)."""
+    try:
+        yield
+    except (EngineError, KeyboardInterrupt) as exc:
+        if path is not None:
+            from engine.nightly import runs
+
+            code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_FATAL
+            try:
+                runs.write_json(path, runs.failure_json(Path(out), code, str(exc) or "interrupted"))
+            except EngineError as also:
+                err_console.print(f"[bold red]error:[/] {escape(str(also))}", highlight=False)
+        raise
 
 
 @contextmanager
@@ -177,6 +237,7 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     table.add_row("images/s", f"{s.images_per_s:.1f}  ({s.wall_s:.1f} s)")
     table.add_row("rows in output / errors", f"{s.total_rows} / {s.total_errors}")
     table.add_row("index size", str(s.index_size))
+    _nightly_rows(table, s)
     out_console.print(table)
     for message in s.error_samples[:10]:
         out_console.print(f"  [red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -208,10 +269,30 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
             "[bold red]WARNING: the models are UNTRAINED (random weights from `cxr models init`). "
             "Probabilities and decisions are meaningless; do not use them for screening.[/]"
         )
+    for kind in ("changed", "vanished"):
+        for where in (s.changes.get(f"{kind}_samples") or [])[:5]:
+            out_console.print(
+                f"  [yellow]{kind}[/] {escape(where)}", highlight=False, soft_wrap=True
+            )
     if s.interrupted:
         out_console.print(
             "[yellow]interrupted: rerun the same command to finish (nothing is lost).[/]"
         )
+
+
+def _nightly_rows(table: Table, s) -> None:  # s: engine.runner.RunSummary
+    c = s.changes
+    if c:
+        rescreened = f" ({c.get('rescreened', 0)} rescreened)" if c.get("rescreen_changed") else ""
+        table.add_row("changed since screened", f"{c.get('changed', 0)}{rescreened}")
+        vanished = c.get("vanished", 0)
+        new = f" ({c.get('new_vanished', 0)} new)" if vanished else ""
+        table.add_row("vanished since screened", f"[yellow]{vanished}[/]{new}" if vanished else "0")
+    d = s.drift
+    if d:
+        from engine.nightly.cli import drift_text
+
+        table.add_row("drift", drift_text(d))
 
 
 @app.command()
@@ -346,6 +427,7 @@ def _register_subcommands() -> None:
     from engine.bench import bench
     from engine.build import build
     from engine.eval.cli import evaluate
+    from engine.nightly.cli import runs
     from engine.serve.cli import serve
     from engine.train.cli import train_classifier, train_int8, train_segmenter
 
@@ -361,6 +443,7 @@ def _register_subcommands() -> None:
         "int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity)."
     )(train_int8)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
+    app.command("runs", help="The runs recorded in an output directory (nightly jobs).")(runs)
     app.command(
         "build", help="Compile the models into TensorRT plans (needs a GPU + `gpu` extra)."
     )(build)

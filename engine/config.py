@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.drift import DriftThresholds
 from engine.errors import ConfigError
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from engine.models import PRECISIONS
@@ -84,6 +85,13 @@ class ScreenConfig:
     min_side: int = DEFAULT_MIN_SIDE
     threads: int = field(default_factory=default_threads)
     progress: bool = True
+    # Nightly runs (engine/nightly/, docs/nightly.md): screen files whose content changed since
+    # their row was written again; the run whose images drift is measured against (None: the
+    # first); the thresholds of the drift flag; whether a flag fails the command (exit code 4).
+    rescreen_changed: bool = False
+    reference: str | None = None
+    drift_thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+    fail_on_drift: bool = False
 
     def __post_init__(self) -> None:
         output_path(self.out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import platform
 import queue
 import threading
@@ -44,6 +45,7 @@ from engine.io.outdir import OutputLock, read_run_json, write_run_json
 from engine.io.probe import check_limits, probe
 from engine.io.resume import check_resumable
 from engine.models import ModelSet, load_models
+from engine.nightly import monitor, runs
 from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
 from engine.stages.classify import classify
@@ -221,6 +223,7 @@ def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
         return Prepared(_failed(row, where, item.error or "no data"), None)
     data = item.data
     row["sha256"] = hashlib.sha256(data).hexdigest()
+    row.update(source_stat(ref.source, ref.member, len(data)))
     try:
         info = probe(data)
         row.update(
@@ -236,6 +239,21 @@ def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
     except ImageError as exc:
         return Prepared(_failed(row, where, str(exc)), None)
     return Prepared(row, sample)
+
+
+def source_stat(source: str, member: str | None, size_read: int) -> dict[str, int]:
+    """Size and mtime of the file (or archive) an image came from, for the nightly change check.
+
+    Taken after the read: a plain file whose size is no longer what was read is being written
+    to, so nothing is recorded and the next check reads it (engine/nightly/changes.py).
+    """
+    try:
+        st = os.stat(source)
+    except OSError:
+        return {}
+    if member is None and st.st_size != size_read:
+        return {}
+    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
 def _failed(row: dict[str, Any], where: str, message: str) -> dict[str, Any]:
@@ -261,6 +279,7 @@ class ShardWriter:
         self.with_embeddings = with_embeddings
         self.dim = dim
         self.number = parquet.next_part_number(out)
+        self.schema = parquet.directory_schema(out)  # every part keeps the first one's columns
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
         self._previews: list[tuple[bytes, bytes] | None] = []
@@ -317,7 +336,8 @@ class ShardWriter:
             emb = np.full((len(rows), self.dim), np.nan, np.float32)
             if mat is not None:
                 emb[ok] = mat
-        parquet.write_part(self.out, self.number, parquet.rows_frame(rows, emb))
+        frame = parquet.conform(parquet.rows_frame(rows, emb), self.schema)
+        parquet.write_part(self.out, self.number, frame)
 
     def _advance(self) -> None:
         self.number += 1
@@ -348,6 +368,12 @@ class RunSummary:
     error_samples: list[str] = field(default_factory=list)
     empty_inputs: list[str] = field(default_factory=list)  # INPUTs that held no image
     interrupted: bool = False
+    changes: dict[str, Any] = field(default_factory=dict)  # run.json "changes" (engine/nightly)
+    drift: dict[str, Any] = field(default_factory=dict)  # run.json "drift"
+
+    @property
+    def drift_flagged(self) -> list[str]:
+        return list(self.drift.get("flagged") or [])
 
     @property
     def images_per_s(self) -> float:
@@ -381,6 +407,16 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         thumbs.remove_orphans(out)
         vectors.sync_index(out, dim)  # finish what a killed run committed
         done = parquet.existing_keys(out)
+        run_id = uuid.uuid4().hex[:12]
+        nightly = monitor.before_run(
+            out,
+            config.inputs,
+            previous,
+            run_id,
+            reference=config.reference,
+            rescreen_changed=config.rescreen_changed,
+        )
+        done -= nightly.rescreen_keys()
         screener = Screener(
             models,
             backend=config.backend,
@@ -389,7 +425,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             decoder=config.decoder,
         )
         summary = RunSummary(
-            run_id=uuid.uuid4().hex[:12],
+            run_id=run_id,
             out=out,
             backend=screener.backend_name,
             decoder=screener.decoder,
@@ -412,6 +448,15 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         counts = dict(zip(totals["status"].to_list(), totals["count"].to_list(), strict=True))
         summary.total_rows = sum(counts.values())
         summary.total_errors = counts.get("error", 0)
+        summary.changes, summary.drift = monitor.after_run(
+            out,
+            nightly,
+            previous,
+            summary.run_id,
+            threshold=models.classifier.threshold,
+            thresholds=config.drift_thresholds,
+            interrupted=summary.interrupted,
+        )
         status = "interrupted" if summary.interrupted else "complete"
         write_run_json(out, _run_record(config, models, summary, previous, started, status))
     return summary
@@ -633,7 +678,7 @@ def _run_record(
 ) -> dict[str, Any]:
     history = list((previous or {}).get("history", []))
     if previous and previous.get("run_id") != s.run_id:
-        history.append({k: previous.get(k) for k in ("run_id", "status", "started_at", "counts")})
+        history.append(runs.history_entry(previous))
 
     def model_info(m: Any) -> dict[str, Any]:
         return {
@@ -679,5 +724,7 @@ def _run_record(
             "stage_busy_s": s.stage_s,
             "batch_latency_ms": s.batch_latency_ms,
         },
+        "changes": s.changes or None,
+        "drift": s.drift or None,
         "history": history,
     }

@@ -148,8 +148,10 @@ def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
     keys = [key for key, _ in pairs]
     cols = ["key", "source", "member", "prob", "decision"]
     parts = [p for _, p in parquet.list_parts(out)]
-    # Filter inside the scan: a 10^6-row run reads only the k rows' columns it needs.
-    rows = pl.scan_parquet(parts).filter(pl.col("key").is_in(keys)).select(cols).collect()
+    # Filter inside the scan: a 10^6-row run reads only the k rows' columns it needs; then
+    # only each key's current row (a rescreened file's old row stays in an earlier part).
+    hits = pl.scan_parquet(parts).filter(pl.col("key").is_in(keys)).select(cols)
+    rows = parquet.current(hits).collect()
     by_key = {r["key"]: r for r in rows.iter_rows(named=True)}
     result = []
     for rank, (key, sim) in enumerate(pairs, start=1):

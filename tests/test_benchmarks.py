@@ -426,3 +426,40 @@ def test_int8_recipe_names():
     ):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
+
+
+def test_drift_calibration_runs_every_night_and_scenario(tmp_path, tiny_models_dir):
+    from conftest import DATA
+
+    from benchmarks import drift_calibration
+
+    if not (DATA / "cxr-train" / "labels.csv").is_file():
+        pytest.skip(f"cxr-train not found under {DATA}")
+    results = tmp_path / "drift.jsonl"
+    args = ["--data", DATA, "--work", tmp_path / "work", "--models", tiny_models_dir]
+    args += ["--dev-images", "16", "--per-source", "6", "--inverted", "6", "--draws", "3"]
+    assert drift_calibration.main([str(a) for a in [*args, "--out", results]]) == 0
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    nights = [r for r in lines if r["kind"] == "night"]
+    assert [r["night"] for r in nights] == [
+        "dev",
+        "dev-rescreen",
+        "radiography-db",
+        "nih-chestxray14",
+        "dev-inverted",
+    ]
+    assert [r["images"] for r in nights] == [16, 16, 6, 6, 6]
+    assert nights[0]["drift"]["status"] == "reference"
+    assert nights[1]["drift"]["metrics"]["psi"] == 0.0  # the same images again
+    null = [r for r in lines if r["kind"] == "null"]
+    assert [r["n_new"] for r in null] == list(drift_calibration.SIZES)
+    assert {r["set"] for r in lines if r["kind"] == "shifted"} == {
+        "dev-rescreen",
+        "radiography-db",
+        "nih-chestxray14",
+        "dev-inverted",
+    }
+    for r in null:
+        assert set(r["measures"]) == set(drift_calibration.MEASURES)
+        assert r["draws"] == 3 and "any" in r["flag_rate_at_defaults"]
+    assert lines[-1]["kind"] == "null_max" and lines[-1]["machine"]["cores"] >= 1

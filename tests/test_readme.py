@@ -25,6 +25,8 @@ def quick_start_blocks() -> list[str]:
 def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the `cxr` of this checkout, also where the environment's editable install is another one's
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
         ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -68,3 +70,123 @@ def test_readme_main_job_and_similar_run_on_the_examples(tmp_path):
     query_file = query.split()[2]
     assert Path(neighbours[0]["source"]).name == Path(query_file).name
     assert neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nightly jobs: the cron line, the systemd units and the summary reader
+
+
+def nightly_blocks() -> dict[str, list[str]]:
+    section = README.read_text().split("## Nightly jobs", 1)[1].split("\n## ", 1)[0]
+    blocks: dict[str, list[str]] = {}
+    for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S):
+        blocks.setdefault(lang, []).append(body)
+    return blocks
+
+
+def local_paths(text: str, root: Path) -> str:
+    """The README's system paths -> places under `root` (and this environment's cxr)."""
+    cxr = Path(sys.executable).with_name("cxr")
+    for system, here in (
+        ("/opt/cxr/.venv/bin/cxr", str(cxr) if cxr.is_file() else "cxr"),
+        ("/srv/xray/archive", str(root / "archive")),
+        ("/srv/xray/screening", str(root / "screening")),
+        ("/var/lock/cxr-nightly.lock", str(root / "cxr-nightly.lock")),
+        ("/var/log/cxr-nightly.log", str(root / "cxr-nightly.log")),
+    ):
+        text = text.replace(system, here)
+    assert "/srv/" not in text and "/var/" not in text and "/opt/" not in text, text
+    return text
+
+
+def cron_entry() -> tuple[list[str], str]:
+    lines = [ln for ln in nightly_blocks()["cron"][0].splitlines() if ln and ln[0] != "#"]
+    assert len(lines) == 1, lines
+    *when, command = lines[0].split(None, 5)
+    return when, command
+
+
+def cxr_part(command: str) -> str:
+    """`cxr screen ...` of a scheduler's command line (without flock and the redirection)."""
+    start = command.index("/opt/cxr/.venv/bin/cxr")
+    end = command.find(" >>")
+    return command[start : end if end > 0 else None]
+
+
+def test_readme_cron_line_runs_the_nightly_job_and_its_summary_is_read(tmp_path):
+    when, command = cron_entry()
+    minute, hour, dom, month, weekday = when
+    assert 0 <= int(minute) < 60 and 0 <= int(hour) < 24 and (dom, month, weekday) == ("*",) * 3
+    examples = sorted(p for p in (REPO / "examples").iterdir() if p.suffix != ".md")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for p in examples[:-1]:
+        shutil.copyfile(p, archive / p.name)
+    line = local_paths(command, tmp_path)
+    for night in (1, 2):
+        if night == 2:  # the archive grew
+            shutil.copyfile(examples[-1], archive / examples[-1].name)
+        done = run_shell(line, tmp_path)
+        assert done.returncode == 0, (tmp_path / "cxr-nightly.log").read_text()
+    log = (tmp_path / "cxr-nightly.log").read_text()
+    assert log.count("cxr screen ->") == 2
+    summary_path = tmp_path / "screening" / "last-night.json"
+    summary = json.loads(summary_path.read_text())
+    assert summary["exit_code"] == 0
+    assert (summary["run"]["images"]["new"], summary["run"]["images"]["skipped"]) == (1, 4)
+
+    reader = local_paths(nightly_blocks()["python"][0], tmp_path)
+
+    def read() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", reader], capture_output=True, text=True, timeout=60
+        )
+
+    ok = read()
+    assert ok.returncode == 0, ok.stderr
+    assert "1 new, 0 rescreened" in ok.stdout and "drift too_few_images" in ok.stdout
+    # a night that drifted, and one that failed, make the reader fail with a reason
+    summary["run"]["drift"].update(status="drift", flagged=["ood_share"])
+    summary_path.write_text(json.dumps(summary))
+    drifted = read()
+    assert drifted.returncode == 1 and "needs a look" in drifted.stderr
+    assert "drift drift ood_share" in drifted.stdout
+    summary_path.write_text(json.dumps({**summary, "run": None, "error": "models missing"}))
+    failed = read()
+    assert failed.returncode == 1 and "failed: models missing" in failed.stderr
+
+
+def test_readme_systemd_units_run_what_the_cron_line_runs():
+    import configparser
+
+    service_text, timer_text = nightly_blocks()["ini"]
+    units = []
+    for text in (service_text, timer_text):
+        unit = configparser.ConfigParser(interpolation=None, strict=True)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+        unit.read_string(text)
+        units.append(unit)
+    service, timer = units
+    assert service["Service"]["Type"] == "oneshot"
+    assert service["Service"]["SuccessExitStatus"] == "3"
+    _, command = cron_entry()
+    assert service["Service"]["ExecStart"] == cxr_part(command)
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    assert timer["Timer"]["Persistent"] == "true"
+    when, _ = cron_entry()
+    assert timer["Timer"]["OnCalendar"] == f"*-*-* {int(when[1]):02d}:{int(when[0]):02d}:00"
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        got = subprocess.run(
+            [analyze, "calendar", timer["Timer"]["OnCalendar"]], capture_output=True, text=True
+        )
+        assert got.returncode == 0, got.stderr
+    # every option the job uses is one `cxr screen` has
+    import typer
+
+    from engine.cli import app
+
+    screen = typer.main.get_command(app).commands["screen"]  # type: ignore[attr-defined]
+    known = {n for param in screen.params for n in (*param.opts, *param.secondary_opts)}
+    for option in re.findall(r"--[a-z-]+", service["Service"]["ExecStart"]):
+        assert option in known, option

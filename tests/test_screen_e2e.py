@@ -904,14 +904,15 @@ def test_bad_option_values_are_refused_with_a_message(
 def test_documented_exit_codes_are_the_ones_used():
     """The codes in engine/cli.py's docstring are exactly its EXIT_* constants, which the
     tests above observe: 0 and 3 (the shared run, resume), 1 (models, lock, option values),
-    2 (usage), 130 (interrupt); 4 (nothing found) is observed in tests/adversarial."""
+    2 (usage), 130 (interrupt); 4 (nothing found) is observed in tests/adversarial, 5
+    (--fail-on-drift) in tests/test_nightly.py."""
     import re
 
     import engine.cli as cli
 
     documented = {int(c) for c in re.findall(r"^\s+(\d+)\s+\S", cli.__doc__, re.M)}
     constants = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
-    assert documented == constants == {0, 1, 2, 3, 4, 130}
+    assert documented == constants == {0, 1, 2, 3, 4, 5, 130}
 
 
 def test_missing_out_is_a_usage_error(tmp_path):

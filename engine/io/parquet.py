@@ -3,6 +3,17 @@
 A part is the commit point of a shard: it is written to a temporary name, fsynced and renamed,
 so a reader (or a resumed run) sees a whole part or none of it. The set of keys already in the
 parts is what a rerun skips.
+
+Current rows and history: a key normally has one row. `cxr screen --rescreen-changed` screens a
+file whose content changed again and writes its new row into a new part; the old row stays
+where it was, as history. The rule every reader follows, through `current`: **a key's current
+row is its row in the highest-numbered part**. The new part is the commit point of the
+replacement too, so a crash leaves either the old row current or the new one, never both.
+`read_predictions` returns current rows unless asked for the history.
+
+The columns of a directory are fixed by its first part: later parts are written with the same
+columns (`directory_schema`, `conform`), so a directory written before a column was added to
+SCHEMA stays readable as one table (polars refuses parts with columns the first one lacks).
 """
 
 from __future__ import annotations
@@ -27,6 +38,10 @@ SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String(),
     "member": pl.String(),
     "sha256": pl.String(),
+    # stat of `source` (the file, or the archive holding the member) when it was read; null when
+    # unknown (written by an older version, or the file changed while being read)
+    "source_size": pl.Int64(),
+    "source_mtime_ns": pl.Int64(),
     "format": pl.String(),
     "width": pl.Int32(),
     "height": pl.Int32(),
@@ -131,9 +146,47 @@ def write_part(out: Path, number: int, df: pl.DataFrame) -> Path:
     return write_atomically(final, buf.getvalue(), what="the Parquet part", sync_dir=True)
 
 
-def read_predictions(out: Path, columns: list[str] | None = None) -> pl.DataFrame:
+def current(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Only the current row of each key: its last row, `lf` scanning the parts in part order.
+
+    A filter on `key` commutes with this (every row of a key passes or none does), so readers
+    after a few keys filter first and call this on what is left.
+    """
+    return lf.unique(subset="key", keep="last", maintain_order=True)
+
+
+def scan_predictions(out: Path, *, history: bool = False) -> pl.LazyFrame | None:
+    """Lazy scan of the committed parts in part order: current rows, or every row; None if none."""
     parts = list_parts(out)
     if not parts:
-        return pl.DataFrame(schema=SCHEMA)
+        return None
     lf = pl.scan_parquet([p for _, p in parts], missing_columns="insert")
+    return lf if history else current(lf)
+
+
+def read_predictions(
+    out: Path, columns: list[str] | None = None, *, history: bool = False
+) -> pl.DataFrame:
+    """The current row of every key (with `history`, every row ever written, in part order)."""
+    lf = scan_predictions(out, history=history)
+    if lf is None:
+        return pl.DataFrame(schema=SCHEMA)
     return (lf.select(columns) if columns else lf).collect()
+
+
+def directory_schema(out: Path) -> dict[str, pl.DataType] | None:
+    """The columns of the directory's first part (None before the first part is written)."""
+    parts = list_parts(out)
+    return dict(pl.read_parquet_schema(parts[0][1])) if parts else None
+
+
+def conform(df: pl.DataFrame, schema: dict[str, pl.DataType] | None) -> pl.DataFrame:
+    """`df` with exactly `schema`'s columns, in its order: missing ones null, extra ones dropped."""
+    if schema is None or dict(df.schema) == schema:
+        return df
+    return df.select(
+        [
+            pl.col(name).cast(dtype) if name in df.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in schema.items()
+        ]
+    )

@@ -92,4 +92,5 @@ def read_previews(out: Path, key: int) -> tuple[bytes, bytes] | None:
     hit = pl.scan_parquet(files).filter(pl.col("key") == key).collect()
     if hit.is_empty():
         return None
-    return hit["thumb_jpeg"][0], hit["mask_png"][0]
+    # a rescreened image has previews in two parts: the later one belongs to its current row
+    return hit["thumb_jpeg"][-1], hit["mask_png"][-1]

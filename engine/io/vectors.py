@@ -11,6 +11,11 @@ The index is derived data: the sidecars in ``embeddings/indexed/`` are kept so t
 corrupt index can be rebuilt (``rebuild_index``, `cxr index rebuild`; ``sync_index`` does it by
 itself when the index file is gone). Runs made before the sidecars were kept have only the
 Parquet ``embedding`` column, when they were screened with --embeddings-in-parquet.
+
+A key rescreened by `--rescreen-changed` comes back in a later part's sidecar: its vector
+replaces the one in the index (sidecars are merged in part order, in sync and in rebuild
+alike, so the index holds the vector of the key's current row, the one in its highest-numbered
+part; see engine/io/parquet.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import polars as pl
 
 from engine.errors import EngineError
 from engine.io.atomic import check_room, output_error, replacing, write_atomically
-from engine.io.parquet import list_parts, parts_dir
+from engine.io.parquet import current, list_parts, parts_dir
 
 EMBEDDINGS = "embeddings"
 INDEXED = "indexed"  # under EMBEDDINGS: sidecars already merged, kept to rebuild the index
@@ -149,7 +154,7 @@ def sync_index(out: Path, ndim: int) -> SyncResult:
             f"{index_path(out)} holds {index.ndim}-d vectors but the model gives {ndim}-d; "
             "this output directory belongs to other models: use a new --out"
         )
-    added = sum(_add(index, *_read_sidecar(path)) for path in pending)
+    added = sum(_upsert(index, *_read_sidecar(path)) for path in pending)
     _save(index, out)
     _keep(pending, out)
     return SyncResult(added=added, size=len(index))
@@ -170,16 +175,18 @@ def rebuild_index(out: Path, *, ndim: int | None = None) -> RebuildResult:
     Raises EngineError, leaving the directory as it was, when no embedding is kept at all.
     """
     out = Path(out)
-    sources = [p for _, p in _kept_sidecars(out)]
     pending = _pending(out)
+    in_part_order = sorted(
+        [*_kept_sidecars(out), *((n, p) for n, p in _sidecars(out) if p in pending)]
+    )
     index = None
     from_sidecars = 0
-    for path in [*sources, *pending]:
+    for _, path in in_part_order:
         keys, vecs = _read_sidecar(path)
         if index is None:
             index = new_index(vecs.shape[1])
         _check_dim(out, path, vecs.shape[1], ndim if ndim is not None else index.ndim)
-        from_sidecars += _add(index, keys, vecs)
+        from_sidecars += _upsert(index, keys, vecs)
     ok_keys, embeddings = _unindexed_rows(out, index)
     from_parquet = 0
     if embeddings is not None:
@@ -222,6 +229,18 @@ def _read_sidecar(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return z["keys"], z["vectors"]
 
 
+def _upsert(index, keys: np.ndarray, vecs: np.ndarray) -> int:
+    """Add the keys, replacing the vector of a key the index already holds (a rescreened key,
+    or a sidecar merged again after a crash); how many keys were new."""
+    if len(keys) == 0:
+        return 0
+    known = np.asarray(index.contains(keys), dtype=bool).reshape(-1)
+    if known.any():
+        index.remove(keys[known])
+    index.add(keys, vecs)
+    return int((~known).sum())
+
+
 def _add(index, keys: np.ndarray, vecs: np.ndarray) -> int:
     """Add the keys the index lacks; how many were added."""
     if len(keys) == 0:
@@ -245,7 +264,7 @@ def _unindexed_rows(out: Path, index) -> tuple[list[int], tuple[np.ndarray, np.n
     parts = [p for _, p in list_parts(out)]
     if not parts:
         return [], None
-    lf = pl.scan_parquet(parts, missing_columns="insert", extra_columns="ignore")
+    lf = current(pl.scan_parquet(parts, missing_columns="insert", extra_columns="ignore"))
     ok = lf.filter(pl.col("status") == "ok").select("key").collect()["key"].to_numpy()
     if index is not None and len(ok):
         ok = ok[~np.asarray(index.contains(ok.astype(np.uint64)), dtype=bool).reshape(-1)]
@@ -254,7 +273,7 @@ def _unindexed_rows(out: Path, index) -> tuple[list[int], tuple[np.ndarray, np.n
     if not ok_keys or not with_column:
         return ok_keys, None
     rows = (
-        pl.scan_parquet(with_column)
+        current(pl.scan_parquet(with_column))
         .filter(pl.col("key").is_in(ok_keys))
         .select("key", "embedding")
         .collect()

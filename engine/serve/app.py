@@ -3,8 +3,10 @@
 JSON API (keys are strings in JSON: JavaScript numbers cannot hold a uint64):
 
     GET  /api/run                       run.json facts and the upload limit
-    GET  /api/images?offset&limit&sort&desc&decision&status&prob_min&prob_max&q
+    GET  /api/images?offset&limit&sort&desc&decision&status&prob_min&prob_max&q&run
                                         one page of the table, and the filtered total
+                                        (run: only the rows that run wrote)
+    GET  /api/runs                      the runs recorded in run.json (as `cxr runs --json`)
     GET  /api/case/{key}                the row of one image
     GET  /api/image/{key}               the source image at full resolution, as an 8-bit PNG
     GET  /api/thumb/{key}               the thumbnail JPEG written by cxr screen
@@ -159,6 +161,7 @@ def create_app(
         prob_min: Annotated[float | None, Query(ge=0, le=1)] = None,
         prob_max: Annotated[float | None, Query(ge=0, le=1)] = None,
         q: Annotated[str | None, Query(max_length=200)] = None,
+        run: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
         filters = Filters(
             decision=decision,  # type: ignore[arg-type]  # checked by the pattern
@@ -166,9 +169,19 @@ def create_app(
             prob_min=prob_min,
             prob_max=prob_max,
             text=q or None,
+            run=run or None,
         )
         page = store.page(filters, sort=sort, descending=desc, offset=offset, limit=limit)
         return {"total": page.total, "offset": page.offset, "limit": page.limit, "rows": page.rows}
+
+    @app.get("/api/runs")
+    def recorded_runs() -> dict[str, Any]:
+        from engine.nightly.runs import list_runs
+
+        try:
+            return {"runs": list_runs(store.out)}
+        except EngineError:  # no run.json (yet): the table still works
+            return {"runs": []}
 
     # -- one case --------------------------------------------------------------------------
 

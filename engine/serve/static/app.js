@@ -96,6 +96,7 @@ function syncForm(p) {
   $("f-q").value = p.get("q") || "";
   $("f-decision").value = p.get("decision") || "";
   $("f-status").value = p.get("status") || "";
+  $("f-run").value = p.get("run") || "";
   $("f-prob-min").value = p.get("prob_min") || "";
   $("f-prob-max").value = p.get("prob_max") || "";
   $("f-limit").value = p.get("limit") || "50";
@@ -110,6 +111,7 @@ function formChanged() {
   p.set("q", $("f-q").value.trim());
   p.set("decision", $("f-decision").value);
   p.set("status", $("f-status").value);
+  p.set("run", $("f-run").value);
   p.set("prob_min", $("f-prob-min").value);
   p.set("prob_max", $("f-prob-max").value);
   p.set("limit", $("f-limit").value);
@@ -458,6 +460,15 @@ async function start() {
     $("run-info").textContent = `${RUN.out} · models ${RUN.model_id || "?"} · ${RUN.backend || ""}`;
   } catch (e) {
     showError(`Cannot read the run: ${e.message}`);
+  }
+  try {
+    const { runs } = await api("/api/runs");
+    $("f-run").append(...runs.map((r) => el("option", {
+      value: r.run_id,
+      text: `${(r.started_at || "").slice(0, 16).replace("T", " ")} · ${r.run_id} · ${r.images.new ?? "?"} new`,
+    })));
+  } catch (e) {
+    // the table works without the list of runs
   }
   route();
 }
