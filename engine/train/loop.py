@@ -26,13 +26,9 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     autocast then runs these CNNs much faster than FP32 (docs/model-eval has the measurement);
     elsewhere (AVX2 only) bf16 is emulated and slower, and where the flags cannot be read we
     assume the worst."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    from engine.cpu import parse_cpuinfo, this_cpu
+
+    return (this_cpu() if cpuinfo is None else parse_cpuinfo(cpuinfo)).bf16_fast
 
 
 def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
