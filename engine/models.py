@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.cpu import INT8_FLAGS, CpuInfo, this_cpu
 from engine.errors import ModelError
 
 MANIFEST_FORMAT = "cxr-engine-model/1"
@@ -245,6 +246,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 class ModelSet:
     segmenter: Manifest
     classifier: Manifest
+    # role -> why that export runs (why_precision), filled by load_models
+    precision_why: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def model_id(self) -> str:
@@ -264,17 +267,20 @@ class ModelSet:
         return replace(self, classifier=replace(self.classifier, threshold=threshold))
 
 
-def choose_precision(m: Manifest, precision: str) -> Manifest:
+def choose_precision(m: Manifest, precision: str, cpu: CpuInfo | None = None) -> Manifest:
     """The manifest re-pointed at the export of the wanted precision.
 
-    "auto" takes a variant only where its recorded parity meets the bar above (the INT8
-    classifier on the CPU, typically), else the reference export.
+    "auto" takes the INT8 variant only where its recorded parity meets the bar above AND the
+    CPU has an 8-bit dot-product instruction (VNNI/AMX; elsewhere INT8 runs slower than float),
+    else the reference export. `why_precision` says which rule decided.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
         int8 = m.variants.get("int8")
         if m.precision == "int8" or int8 is None or not _parity_ok(int8.parity):
+            return m
+        if not (cpu or this_cpu()).int8_fast:
             return m
         precision = "int8"
     if precision == m.precision:
@@ -287,6 +293,32 @@ def choose_precision(m: Manifest, precision: str) -> Manifest:
             f"(available: {', '.join(have)})"
         )
     return replace(m, onnx=v.onnx, sha256=v.sha256, precision=precision, variants={})
+
+
+def _why(raw: Manifest, chosen: Manifest, precision: str) -> str:
+    if precision == "auto":
+        return why_precision(raw, "auto")
+    if chosen.precision == precision:
+        return f"{precision}: asked for with --precision {precision}"
+    return f"{chosen.precision}: the {raw.role} has no {precision} export (--precision {precision})"
+
+
+def why_precision(m: Manifest, precision: str, cpu: CpuInfo | None = None) -> str:
+    """One sentence: why `choose_precision(m, precision, cpu)` runs the export it runs."""
+    chosen = choose_precision(m, precision, cpu).precision
+    if precision != "auto":
+        return f"{chosen}: asked for with --precision {precision}"
+    int8 = m.variants.get("int8")
+    if m.precision == "int8":
+        return "int8: the model's only export"
+    if int8 is None:
+        return f"{chosen}: the model has no INT8 export"
+    if not _parity_ok(int8.parity):
+        return f"{chosen}: its INT8 export does not meet the parity bar"
+    cpu = cpu or this_cpu()
+    if chosen == "int8":
+        return f"int8: parity bar met and the CPU has {', '.join(sorted(cpu.flags & INT8_FLAGS))}"
+    return f"{chosen}: the CPU has no VNNI/AMX (INT8 would run slower than float here)"
 
 
 def meets_parity_bar(same_decision: float, roc_auc_diff: float | None) -> bool:
@@ -331,7 +363,8 @@ def load_models(models_dir: Path | None, *, precision: str = "auto") -> ModelSet
     for m, role in roles:
         if m.role != role:  # a manifest copied under the other role's name
             raise ModelError(f"{manifest_path(directory, role)}: role is {m.role!r}, not {role!r}")
-    return ModelSet(segmenter=seg, classifier=clf)
+    why: dict[str, str] = {role: _why(raw[role], m, precision) for m, role in roles}
+    return ModelSet(segmenter=seg, classifier=clf, precision_why=why)
 
 
 # Preprocessing of the architectures `cxr models init` exports. Trained models record their own.

@@ -300,15 +300,28 @@ def test_w8_weights_store_int8_and_stay_close_to_fp32(pristine, tmp_path):
 def test_auto_precision_takes_int8_only_where_its_parity_holds(pristine):
     from dataclasses import replace as _replace
 
-    from engine.models import Variant, choose_precision
+    from engine.cpu import parse_cpuinfo
+    from engine.models import Variant, choose_precision, why_precision
 
+    vnni = parse_cpuinfo("model name\t: Zen 4\nflags\t\t: avx2 avx512f avx512_vnni\n")
+    amx = parse_cpuinfo("flags\t\t: avx2 avx512f amx_tile amx_int8\n")
+    avx2 = parse_cpuinfo("model name\t: old\nflags\t\t: sse2 avx avx2 fma\n")
     clf = pristine[1].classifier
     good = {"same_decision": 0.995, "roc_auc_diff": -0.002}
     bad = {"same_decision": 0.95, "roc_auc_diff": -0.002}
     v = {"int8": Variant(onnx="q.onnx", sha256="a" * 64, parity=good)}
-    assert choose_precision(_replace(clf, variants=v), "auto").precision == "int8"
+    with_int8 = _replace(clf, variants=v)
+    assert choose_precision(with_int8, "auto", vnni).precision == "int8"
+    assert choose_precision(with_int8, "auto", amx).precision == "int8"
+    assert "avx512_vnni" in why_precision(with_int8, "auto", vnni)
+    # no 8-bit dot product on an AVX2-only CPU: INT8 would be slower there, the float export runs
+    assert choose_precision(with_int8, "auto", avx2).precision == "fp32"
+    assert "no VNNI/AMX" in why_precision(with_int8, "auto", avx2)
+    # ...unless asked for
+    assert choose_precision(with_int8, "int8", avx2).precision == "int8"
     v["int8"] = Variant(onnx="q.onnx", sha256="a" * 64, parity=bad)
-    assert choose_precision(_replace(clf, variants=v), "auto").precision == "fp32"
+    assert choose_precision(_replace(clf, variants=v), "auto", vnni).precision == "fp32"
+    assert "parity" in why_precision(_replace(clf, variants=v), "auto", vnni)
     # a shipped INT8 classifier with its w8 export: auto keeps the INT8 one
     w8 = {"w8": Variant(onnx="w.onnx", sha256="b" * 64, parity=good)}
     shipped = _replace(clf, precision="int8", variants=w8)
