@@ -228,6 +228,8 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
     table.add_row("backend", s.backend)
     table.add_row("decoder", s.decoder)
     table.add_row("models", s.model_id + ("" if s.trained else "  [bold red]UNTRAINED[/]"))
+    for role, why in s.precision_why.items():
+        table.add_row(f"{role} precision", escape(why))
     table.add_row("screened now", str(s.processed))
     table.add_row("ok", str(s.ok))
     table.add_row("errors", f"[red]{s.errors}[/]" if s.errors else "0")

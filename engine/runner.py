@@ -37,6 +37,7 @@ import numpy as np
 
 from engine import __version__
 from engine.config import ScreenConfig, resolve_decoder
+from engine.cpu import this_cpu
 from engine.errors import ImageError, OutputError
 from engine.io import parquet, thumbs, vectors
 from engine.io.archive import ArchiveStats, Item, iter_items
@@ -353,6 +354,7 @@ class RunSummary:
     model_id: str
     trained: bool
     decoder: str = ""
+    precision_why: dict[str, str] = field(default_factory=dict)  # role -> why that export runs
     processed: int = 0
     ok: int = 0
     errors: int = 0
@@ -431,6 +433,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             decoder=screener.decoder,
             model_id=models.model_id,
             trained=models.trained,
+            precision_why=models.precision_why,
         )
         started = datetime.now(UTC)
         write_run_json(out, _run_record(config, models, summary, previous, started, "running"))
@@ -684,6 +687,7 @@ def _run_record(
         return {
             "architecture": m.architecture,
             "precision": m.precision,
+            "precision_why": models.precision_why.get(m.role),
             "onnx": str(m.onnx_path.resolve()),
             "sha256": m.sha256,
             "trained": m.trained,
@@ -696,6 +700,7 @@ def _run_record(
         "updated_at": datetime.now(UTC).isoformat(),
         "engine_version": __version__,
         "host": platform.node(),
+        "cpu": this_cpu().describe(),
         "config": config.to_json(),
         "backend": s.backend,
         "decoder": s.decoder,
