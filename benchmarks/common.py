@@ -51,9 +51,16 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from engine.cpu import this_cpu
+
+    cpu = this_cpu()
     return {
         "host": platform.node(),
         "cpu_model": model,
+        # what decides which kernels run: INT8 and bf16 only pay with these (engine/cpu.py)
+        "cpu_flags": cpu.notable(),
+        "cpu_int8_fast": cpu.int8_fast,
+        "cpu_bf16_fast": cpu.bf16_fast,
         "cores": cores(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": mem_gib,
