@@ -431,7 +431,12 @@ def _register_subcommands() -> None:
     from engine.eval.cli import evaluate
     from engine.nightly.cli import runs
     from engine.serve.cli import serve
-    from engine.train.cli import train_classifier, train_int8, train_segmenter
+    from engine.train.cli import (
+        train_classifier,
+        train_int8,
+        train_segmenter,
+        train_segmenter_int8,
+    )
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
@@ -444,6 +449,9 @@ def _register_subcommands() -> None:
     train_app.command(
         "int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity)."
     )(train_int8)
+    train_app.command(
+        "segmenter-int8", help="INT8 export of the segmenter, with box IoU and Dice parity."
+    )(train_segmenter_int8)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command("runs", help="The runs recorded in an output directory (nightly jobs).")(runs)
     app.command(

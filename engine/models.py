@@ -69,6 +69,8 @@ class Variant:
 # (ARCHITECTURE.md habit 2; the same bar as the throughput issue's parity rule).
 AUTO_MIN_SAME_DECISION = 0.99
 AUTO_MAX_AUC_DIFF = 0.01
+SEG_MIN_BOX_IOU = 0.95  # a segmenter export's lung box against the FP32 one, on every image
+SEG_MAX_DICE_DROP = 0.005
 # fp16 / w8: the FP32 model's weights stored as float16 / per-channel INT8, computed in float32
 # (what TensorRT's float plans build from when no FP32 export ships); int8: the QDQ export.
 PRECISIONS = ("auto", "fp32", "fp16", "w8", "int8")
@@ -329,8 +331,23 @@ def meets_parity_bar(same_decision: float, roc_auc_diff: float | None) -> bool:
     )
 
 
+def segmenter_parity_ok(parity: dict[str, Any]) -> bool:
+    """A segmenter export's bar (engine/train/segmenter_int8.py measures it): the lung box's
+    IoU with the FP32 box on every labelled image, and the Dice drop on held-out masks."""
+    try:
+        return (
+            float(parity["box_iou_min"]) >= SEG_MIN_BOX_IOU
+            and float(parity["dice_drop"]) <= SEG_MAX_DICE_DROP
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _parity_ok(parity: dict[str, Any]) -> bool:
-    """`--precision auto` takes a variant only with both numbers recorded and within the bar."""
+    """`--precision auto` takes a variant only with its numbers recorded and within the bar
+    (a classifier's decisions and ROC AUC, a segmenter's boxes and Dice)."""
+    if "box_iou_min" in parity:
+        return segmenter_parity_ok(parity)
     try:
         same = float(parity["same_decision"])
         auc_diff = float(parity["roc_auc_diff"])

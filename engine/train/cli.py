@@ -262,3 +262,40 @@ def train_int8(
             f"{m.directory / m.variants['int8'].onnx}: same decision as FP32 "
             f"{par['same_decision']:.4f}, ROC AUC diff {par['roc_auc_diff']}"
         )
+
+
+def train_segmenter_int8(
+    models: Annotated[
+        Path, typer.Option(help="Models directory with the FP32 segmenter and splits.csv.")
+    ],
+    masks: Annotated[
+        Path,
+        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
+    ],
+    labels: Annotated[Path, typer.Option(help="Labels CSV: the images box IoU is measured on.")],
+    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    calibration_images: Annotated[
+        int, typer.Option(help="Mask images of training patients to calibrate on.")
+    ] = 64,
+    threads: Threads = None,
+) -> None:
+    """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
+    from engine.cli import fatal_errors
+
+    with fatal_errors():
+        _require_torch()
+        from engine.train.segmenter_int8 import export_segmenter_int8
+
+        par = export_segmenter_int8(
+            models,
+            masks,
+            labels,
+            images,
+            calibration_images=calibration_images,
+            threads=_threads(threads),
+        )
+        typer.echo(
+            f"{models}/segmenter.int8.onnx: box IoU min {par['box_iou_min']:.4f} over "
+            f"{par['images']} images, Dice drop {par['dice_drop']:.4f}; meets the bar: "
+            f"{'yes' if par['meets_bar'] else 'no'}"
+        )
