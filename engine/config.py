@@ -51,6 +51,11 @@ class ScreenConfig:
     min_side: int = DEFAULT_MIN_SIDE
     threads: int = field(default_factory=default_threads)
     progress: bool = True
+    # None: this process screens (the default). Else a Ray cluster does, the same per-shard
+    # work in actor pools (engine/distributed): "auto" (RAY_ADDRESS, else a running
+    # `ray start` cluster), "local" (a Ray instance started here) or a cluster address.
+    ray: str | None = None
+    ray_actor_cpus: int = 0  # CPUs (and ONNX Runtime threads) per actor; 0: a CPU node's cores
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -77,6 +82,12 @@ class ScreenConfig:
             raise ConfigError("--max-pixels and --min-side must be positive")
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, not {self.threads}")
+        if self.ray is not None and not self.ray.strip():
+            raise ConfigError("--ray needs a value: auto, local or a cluster address (host:port)")
+        if self.ray_actor_cpus < 0:
+            raise ConfigError(
+                f"--ray-actor-cpus must be 0 (auto) or more, not {self.ray_actor_cpus}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
