@@ -25,6 +25,7 @@ to run models whose id differs from the driver's.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -377,7 +378,11 @@ def _execute(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver's own bar counts images for the whole cluster
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx.raise_original_map_exception = True  # a worker's EngineError reaches us as itself
+    # ... and says so; the pool is sized to the cluster from the start, so the autoscaler's
+    # note that it cannot grow it further is no news either
+    for name in ("ray.data._internal.progress", "ray.data._internal.actor_autoscaler"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     spec = WorkerSpec(
         config=replace(config, threads=plan.cpus, out=out),
         model_id=models.model_id,
@@ -456,16 +461,38 @@ def _finish_summary(summary: RunSummary, fold: _Fold, cluster: dict[str, Any]) -
 
 
 def _unwrap(exc: BaseException) -> EngineError:
-    """The EngineError a worker raised, out of Ray's wrappers; else one that says what failed."""
-    seen: set[int] = set()
+    """The EngineError a worker raised, out of Ray's wrappers; else one that says what failed.
+
+    A map error comes back as the original exception (raise_original_map_exception) with Ray
+    Data's retry advice appended; an actor that failed to start comes back as ActorDiedError
+    whose text holds the constructor's traceback, whose last engine error line is ours.
+    """
+    chain: list[BaseException] = []
     e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, EngineError):
-            return type(e)(*e.args)  # without Ray's mixin, so the message is ours alone
+    while e is not None and e not in chain:
+        chain.append(e)
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    first = str(exc).strip().splitlines()
-    return EngineError(f"the Ray run failed: {first[-1] if first else type(exc).__name__}")
+    for e in chain:
+        if isinstance(e, EngineError):
+            cls = next(c for c in type(e).__mro__ if c.__module__.startswith("engine."))
+            return cls(_own_message(str(e.args[0]) if e.args else str(e)))
+    text = "\n".join([*(str(e) for e in chain), *(str(a) for e in chain for a in e.args)])
+    found = _ENGINE_ERROR_LINE.findall(text)
+    if found:
+        module, name, message = found[-1]
+        cls = getattr(importlib.import_module(module), name, EngineError)
+        if not (isinstance(cls, type) and issubclass(cls, EngineError)):
+            cls = EngineError
+        return cls(_own_message(message))
+    lines = str(exc).strip().splitlines()
+    return EngineError(f"the Ray run failed: {lines[-1] if lines else type(exc).__name__}")
+
+
+_ENGINE_ERROR_LINE = re.compile(r"^(engine(?:\.\w+)*)\.(\w+): (.+)$", re.M)
+
+
+def _own_message(message: str) -> str:
+    return message.split("\nFailed to apply UDF transform", 1)[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,9 +202,15 @@ def check_view(out: Path, run_id: str, inputs: Sequence[str]) -> list[str]:
         record = read_run_json(out)
     except EngineError as exc:
         record, problems = None, [str(exc)]
-    if not problems and (record is None or record.get("run_id") != run_id):
+    if not problems and record is None:
         problems.append(
             f"--out {out}: this run's {RUN_JSON} is not there (another directory of that name?)"
+        )
+    elif not problems and record is not None and record.get("run_id") != run_id:
+        problems.append(
+            f"--out {out}: its {RUN_JSON} is run {record.get('run_id')}'s, not this run's "
+            f"({run_id}): another run took the directory over, or this is another "
+            "directory of that name"
         )
     probe = Path(out) / f".{RUN_JSON}.tmp-probe-{os.getpid()}"
     try:
