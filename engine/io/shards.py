@@ -350,33 +350,42 @@ class _TarArchive(_OpenArchive):
             self.file.seek(e.offset)
             data = self.file.read(e.size)
             if len(data) < e.size:
-                return (
-                    None,
-                    f"corrupt or truncated archive at member {e.member!r}: unexpected end of data",
+                return None, (
+                    f"corrupt or truncated archive at member {e.member!r}: unexpected end of data"
                 )
             return data, None
-        try:
-            return self._streamed(e, limit)
-        except _ARCHIVE_ERRORS as exc:
-            self._drop_stream()
-            return None, f"corrupt or truncated archive at member {e.member!r}: {_why(exc)}"
-
-    def _streamed(self, e: Entry, limit: int) -> tuple[bytes | None, str | None]:
-        # Shards list members in stream order, so one pass serves a shard; a shard for an
-        # earlier part of the archive (another shard ran first on this worker) restarts it.
+        # Shards list members in stream order, so one pass serves a shard; a member before the
+        # stream's position (another shard ran first on this worker) restarts it, once.
         for restart in (False, True):
-            if self.stream is None or restart:
+            fresh = restart or self.stream is None
+            if fresh:
                 self._drop_stream()
-                self.stream = tarfile.open(self.path, mode="r|*")  # noqa: SIM115
-            while (member := self.stream.next()) is not None:
-                _forget_members(self.stream)
-                if member.name == e.member and member.isreg():
-                    data = self.stream.extractfile(member)
-                    if data is None:
-                        return None, "cannot read member: no data"
-                    return _read_stream(data, member.size, limit, "image")
+            try:
+                found = self._forward_to(e, limit)
+            except _ARCHIVE_ERRORS as exc:
+                self._drop_stream()
+                if fresh:
+                    return None, f"corrupt or truncated archive at member {e.member!r}: {_why(exc)}"
+                continue
+            if found is not None:
+                return found
+            if fresh:
+                break
         self._drop_stream()
         return None, "cannot read member: no longer in the archive (changed since listing?)"
+
+    def _forward_to(self, e: Entry, limit: int) -> tuple[bytes | None, str | None] | None:
+        """The member's read from the stream's position on; None at the stream's end."""
+        if self.stream is None:
+            self.stream = tarfile.open(self.path, mode="r|*")  # noqa: SIM115 - closed by _drop
+        while (member := self.stream.next()) is not None:
+            _forget_members(self.stream)
+            if member.name == e.member and member.isreg():
+                data = self.stream.extractfile(member)
+                if data is None:
+                    return None, "cannot read member: no data"
+                return _read_stream(data, member.size, limit, "image")
+        return None
 
     def _drop_stream(self) -> None:
         if self.stream is not None:
