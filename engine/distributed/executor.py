@@ -206,6 +206,11 @@ def _run_locked(
 
 
 def _import_ray() -> Any:
+    # No usage reports leave this process (Ray's telemetry; Ray Data's also queries a metrics
+    # server that is not there, with tracebacks on stderr when a run fails), unless the user
+    # asked for them.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -250,8 +255,10 @@ def _connected(ray: Any, config: ScreenConfig) -> Iterator[list[NodeInfo]]:
     if started_here:
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         try:
-            if address == "local":
-                ray.init(num_cpus=config.threads, include_dashboard=False, **kwargs)
+            if address == "local":  # a new instance here, even where RAY_ADDRESS is set
+                ray.init(
+                    address="local", num_cpus=config.threads, include_dashboard=False, **kwargs
+                )
             else:
                 if address == "auto":
                     address = os.environ.get("RAY_ADDRESS") or "auto"
