@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +49,13 @@ WAIT_S = 120.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head + two workers, one CPU each; this process is connected to it as a driver."""
+    """Head + two workers, one CPU each; this process is connected to it as a driver.
+
+    The nodes' worker processes import this checkout's engine whatever a driver's working
+    directory (Ray puts the driver's on their path; an installed `cxr` may run elsewhere).
+    """
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
     c = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": STORE, "include_dashboard": False},
@@ -61,6 +69,10 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +228,15 @@ def test_ray_run_equals_local_run(cluster, inputs, tiny_models_dir, tmp_path):
     assert leaves(scores[0]).keys() == leaves(scores[1]).keys()
     for name, value in leaves(scores[0]).items():
         assert leaves(scores[1])[name] == pytest.approx(value, abs=1e-5), name
+
+    # the review page's store: the same rows and the same previews
+    from engine.serve.store import RunStore
+
+    stores = [RunStore(tmp_path / out) for out in ("local", "ray")]
+    assert stores[1].run_info() and stores[1].summary()
+    for k in b.filter(ok)["key"].to_list()[:5]:
+        assert stores[0].previews(k) == stores[1].previews(k) is not None
+        assert stores[0].row(k)["prob"] == pytest.approx(stores[1].row(k)["prob"], abs=1e-5)
 
     # a rerun finds everything done and screens nothing
     again = screen(config(inputs, tmp_path / "ray", tiny_models_dir, ray=cluster.address))
@@ -375,3 +396,50 @@ def test_config_round_trip_for_workers(tiny_models_dir, tmp_path):
     cfg = config(["/x"], tmp_path, tiny_models_dir, ray="auto")
     spec = WorkerSpec(config=replace(cfg, threads=2), model_id="m", run_id="r", inputs=["/x"])
     assert pickle.loads(pickle.dumps(spec)) == spec
+
+
+def readme_ray_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("### On a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_readme_ray_examples_run_and_equal_the_local_run(cluster, tmp_path):
+    """The README's --ray examples, on its example images: `--ray auto` joins the cluster
+    RAY_ADDRESS names (the fixture's three nodes stand for `ray start --head`), `--ray local`
+    starts its own; both give the single-process run's rows."""
+    install, auto, local = readme_ray_blocks()
+    assert install in (REPO / ".ci" / "run").read_text(), "CI installs the extra as documented"
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),  # the `cxr` script runs this checkout's engine
+    }
+    commands = ["cxr screen examples --out out"]  # the quick start's run, as the reference
+    commands += [line for block in (auto, local) for line in block.splitlines()]
+    for command in commands:
+        if command.startswith("ray start"):
+            continue  # the fixture's cluster
+        extra = {"RAY_ADDRESS": cluster.address} if "--ray auto" in command else {}
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, command + "\n" + done.stdout + done.stderr
+    reference = rows(tmp_path / "out")
+    assert reference.height == 5
+    for out in ("out-ray", "out-local-ray"):
+        got = rows(tmp_path / out)
+        assert got["key"].to_list() == reference["key"].to_list()
+        assert got["decision"].to_list() == reference["decision"].to_list()
+        diff = np.abs(got["prob"].to_numpy() - reference["prob"].to_numpy()).max()
+        assert diff <= 1e-5, out
+    nodes = json.loads((tmp_path / "out-ray" / "run.json").read_text())["cluster"]["nodes"]
+    assert len(nodes) == 3  # auto joined the cluster of RAY_ADDRESS
+    nodes = json.loads((tmp_path / "out-local-ray" / "run.json").read_text())["cluster"]["nodes"]
+    assert len(nodes) == 1  # local started its own, RAY_ADDRESS or not
