@@ -443,3 +443,33 @@ def test_readme_ray_examples_run_and_equal_the_local_run(cluster, tmp_path):
     assert len(nodes) == 3  # auto joined the cluster of RAY_ADDRESS
     nodes = json.loads((tmp_path / "out-local-ray" / "run.json").read_text())["cluster"]["nodes"]
     assert len(nodes) == 1  # local started its own, RAY_ADDRESS or not
+
+
+def test_bench_ray_writes_runs_and_the_ratio(tmp_path, tiny_models_dir):
+    """In a child process: the script makes itself a subreaper and reaps every orphan."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for image in dev_images(6):
+        shutil.copy(image, archive / image.name)
+    results = tmp_path / "ray.jsonl"
+    args = ["--archive", str(archive), "--models", str(tiny_models_dir), "--pairs", "1"]
+    args += ["--shard-size", "4", "--threads", "1", "--work", str(tmp_path / "work")]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_ray", *args, "--results", str(results)]
+        + ["--note", "test"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["run", "run", "summary"]
+    assert [x["result"]["mode"] for x in lines[:2]] == ["local", "ray"]
+    for x in lines:
+        assert x["machine"]["cpu_model"] and x["cpu_flags"] and x["note"] == "test"
+    summary = lines[-1]["result"]
+    for key in ("ratio_e2e", "ratio_cpu", "ratio_steady", "ray_cpu_s_per_image"):
+        assert summary[key] > 0, key
+    assert summary["driver"]["entries"] == 6
+    assert lines[1]["result"]["cluster"]["actors"]["cpus"] == 1
