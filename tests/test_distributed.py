@@ -139,7 +139,9 @@ def assert_exactly_once(out: Path, inputs) -> pl.DataFrame:
     assert index is not None and len(index) == int((df["status"] == "ok").sum())
     ok_keys = df.filter(pl.col("status") == "ok")["key"].to_numpy()
     assert np.asarray(index.contains(ok_keys)).all()
-    assert not list((out / "embeddings").glob("*")), "sidecars left behind"
+    sidecars = list((out / "embeddings").glob("*")) if (out / "embeddings").is_dir() else []
+    committed = {f"part-{n:05d}.npz" for n, _ in parquet.list_parts(out)}
+    assert {p.name for p in sidecars} <= committed, "sidecars of no part, or half-written ones"
     assert not [p for p in (out / "predictions").iterdir() if p.name.startswith(".")]
     thumbs = pl.read_parquet(out / "thumbs" / "*.parquet")
     assert sorted(thumbs["key"].to_list()) == sorted(ok_keys.tolist())
