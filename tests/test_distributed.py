@@ -47,8 +47,26 @@ SHARD, BATCH = 4, 4
 WAIT_S = 120.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_files_under_tmp(tmp_path_factory):
+    """Ray's session files and the workers' model cache (of the fixture's nodes and of child
+    `cxr` processes) go under the test's tmp dir, not /tmp/ray and $TMPDIR."""
+    chosen = {
+        "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),  # short: Ray puts sockets in it
+        "CXR_MODEL_CACHE": str(tmp_path_factory.mktemp("model-cache")),
+    }
+    before = {k: os.environ.get(k) for k in chosen}
+    os.environ.update(chosen)
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_files_under_tmp):
     """Head + two workers, one CPU each; this process is connected to it as a driver.
 
     The nodes' worker processes import this checkout's engine whatever a driver's working

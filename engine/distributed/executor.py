@@ -52,6 +52,7 @@ from engine.io.shards import Shard, ShardReader, list_entries, plan_shards
 from engine.models import ModelSet, load_models, manifest_path
 from engine.runner import RunSummary, _check_same_models, _run_record
 
+MODEL_CACHE_ENV = "CXR_MODEL_CACHE"  # where workers keep the shipped model files
 RAY_EXTRA_HINT = "install the ray extra: pip install 'cxr-engine[ray]'"
 PREFLIGHT_TIMEOUT_S = 120.0
 # A rerun after a killed cluster run waits this long after taking over run.json before it
@@ -521,11 +522,13 @@ def model_files(models: ModelSet) -> dict[str, bytes]:
 
 
 def materialise_models(files: dict[str, bytes]) -> Path:
-    """Write the shipped files once per machine (a cache keyed by their content)."""
+    """Write the shipped files once per machine (a cache keyed by their content), under
+    $CXR_MODEL_CACHE, else $TMPDIR/cxr-models-UID; load_models checks their sha256."""
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    cache = Path(tempfile.gettempdir()) / f"cxr-models-{os.getuid()}"
+    default = Path(tempfile.gettempdir()) / f"cxr-models-{os.getuid()}"
+    cache = Path(os.environ.get(MODEL_CACHE_ENV) or default)
     final = cache / digest.hexdigest()[:24]
     if not final.is_dir():
         tmp = cache / f".{final.name}.tmp-{os.getpid()}"
