@@ -132,6 +132,18 @@ def screen(
         Path | None,
         typer.Option(help="Also write this run's summary as JSON here (for a scheduler)."),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Screen on a Ray cluster (needs the ray extra): auto (RAY_ADDRESS, else a "
+            "running `ray start`), local, or an address. --out and the inputs must be on a "
+            "filesystem every node mounts at the same path.",
+        ),
+    ] = None,
+    ray_actor_cpus: Annotated[
+        int, typer.Option(help="With --ray: CPUs per ONNX Runtime actor (0: a CPU node's cores).")
+    ] = 0,
 ) -> None:
     """Screen every image of INPUT... into --out: one Parquet row per image + usearch index."""
     from engine.config import ScreenConfig, default_threads, output_path
@@ -158,6 +170,8 @@ def screen(
             reference=reference,
             drift_thresholds=DriftThresholds.parse(drift_threshold or []),
             fail_on_drift=fail_on_drift,
+            ray=ray,
+            ray_actor_cpus=ray_actor_cpus,
         )
         with _progress(config.progress and err_console.is_terminal) as advance:
             summary = run_screen(config, on_progress=advance)
@@ -205,13 +219,19 @@ def _progress(enabled: bool):
     columns = (
         SpinnerColumn(),
         TextColumn("screening {task.completed:>7.0f} images"),
+        TextColumn("[red]{task.fields[errors]}"),
         TextColumn("[cyan]{task.fields[rate]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("screen", total=None, rate="")
+        task = bar.add_task("screen", total=None, rate="", errors="")
+        error_count = 0
 
-        def advance(n: int) -> None:
+        def advance(n: int, errors: int = 0) -> None:
+            nonlocal error_count
+            if errors:  # reported by the cluster executor (`--ray`), per shard
+                error_count += errors
+                bar.update(task, errors=f"{error_count} errors")
             bar.advance(task, n)
             speed = bar.tasks[0].speed
             bar.update(task, rate=f"{speed:6.1f} img/s" if speed else "")

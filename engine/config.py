@@ -87,11 +87,16 @@ class ScreenConfig:
     progress: bool = True
     # Nightly runs (engine/nightly/, docs/nightly.md): screen files whose content changed since
     # their row was written again; the run whose images drift is measured against (None: the
-    # first); the thresholds of the drift flag; whether a flag fails the command (exit code 4).
+    # first); the thresholds of the drift flag; whether a flag fails the command (exit code 5).
     rescreen_changed: bool = False
     reference: str | None = None
     drift_thresholds: DriftThresholds = field(default_factory=DriftThresholds)
     fail_on_drift: bool = False
+    # None: this process screens (the default). Else a Ray cluster does, the same per-shard
+    # work in actor pools (engine/distributed): "auto" (RAY_ADDRESS, else a running
+    # `ray start` cluster), "local" (a Ray instance started here) or a cluster address.
+    ray: str | None = None
+    ray_actor_cpus: int = 0  # CPUs (and ONNX Runtime threads) per actor; 0: a CPU node's cores
 
     def __post_init__(self) -> None:
         output_path(self.out)
@@ -118,6 +123,12 @@ class ScreenConfig:
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be positive")
         check_threads(self.threads)
+        if self.ray is not None and not self.ray.strip():
+            raise ConfigError("--ray needs a value: auto, local or a cluster address (host:port)")
+        if self.ray_actor_cpus < 0:
+            raise ConfigError(
+                f"--ray-actor-cpus must be 0 (auto) or more, not {self.ray_actor_cpus}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

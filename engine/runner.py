@@ -273,13 +273,14 @@ class ShardWriter:
         common: dict[str, Any],
         with_embeddings: bool,
         dim: int,
+        number: int | None = None,  # the first part's number; None: after the last committed
     ):
         self.out = out
         self.shard_size = shard_size
         self.common = common
         self.with_embeddings = with_embeddings
         self.dim = dim
-        self.number = parquet.next_part_number(out)
+        self.number = parquet.next_part_number(out) if number is None else number
         self.schema = parquet.directory_schema(out)  # every part keeps the first one's columns
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray | None] = []
@@ -392,6 +393,10 @@ ProgressFn = Callable[[int], None]
 
 def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> RunSummary:
     """Screen config.inputs into config.out; resumable, exactly once per image."""
+    if config.ray is not None:  # the same shards on a Ray cluster; ray is imported only here
+        from engine.distributed.executor import screen as screen_on_ray
+
+        return screen_on_ray(config, on_progress=on_progress)
     models = load_models(config.models, precision=config.precision).with_threshold(config.threshold)
     out = Path(config.out)
     with OutputLock(out):
