@@ -157,7 +157,9 @@ def assert_exactly_once(out: Path, inputs) -> pl.DataFrame:
     assert index is not None and len(index) == int((df["status"] == "ok").sum())
     ok_keys = df.filter(pl.col("status") == "ok")["key"].to_numpy()
     assert np.asarray(index.contains(ok_keys)).all()
-    sidecars = list((out / "embeddings").glob("*")) if (out / "embeddings").is_dir() else []
+    emb = out / "embeddings"
+    # pending sidecars (embeddings/) and merged ones kept to rebuild the index (indexed/)
+    sidecars = [p for d in (emb, emb / "indexed") if d.is_dir() for p in d.iterdir() if p.is_file()]
     committed = {f"part-{n:05d}.npz" for n, _ in parquet.list_parts(out)}
     assert {p.name for p in sidecars} <= committed, "sidecars of no part, or half-written ones"
     assert not [p for p in (out / "predictions").iterdir() if p.name.startswith(".")]
