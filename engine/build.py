@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 import typer
 
+from engine.console import fatal_errors, out_console
 from engine.errors import BackendUnavailable, ConfigError, EngineError, ModelError
 from engine.models import (
     FLOAT_COMPUTE,
@@ -429,7 +430,6 @@ def build(
     ] = DEFAULT_WORKSPACE_MIB,
 ) -> None:
     """Compile the segmenter and classifier ONNX into TensorRT plans for this GPU."""
-    from engine.cli import fatal_errors, out_console
     from engine.config import output_path
 
     with fatal_errors():

@@ -1,4 +1,6 @@
-"""The `cxr` command. The only place where exceptions become exit codes and messages.
+"""The `cxr` command: the app, `screen`, `similar` and the `models` and `index` groups. The other
+commands are defined beside their code and only mounted here; all of them turn exceptions into
+exit codes and messages the one way, engine/console.py's `fatal_errors`.
 
 Exit codes (also in the README):
   0  every image in the output directory was screened (status "ok")
@@ -22,14 +24,37 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine.console import (
+    EXIT_DRIFT,
+    EXIT_FATAL,
+    EXIT_IMAGE_ERRORS,
+    EXIT_INTERRUPTED,
+    EXIT_NO_IMAGES,
+    EXIT_OK,
+    EXIT_USAGE,
+    err_console,
+    fatal_errors,
+    out_console,
+)
 from engine.errors import EngineError
+from engine.train import cli as train_cli
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_NO_IMAGES, EXIT_DRIFT = 4, 5
+# The exit codes of the table above are defined in engine/console.py, beside `fatal_errors`;
+# exported here too.
+__all__ = [
+    "EXIT_DRIFT",
+    "EXIT_FATAL",
+    "EXIT_IMAGE_ERRORS",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_IMAGES",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "app",
+    "main",
+]
 
 app = typer.Typer(
     add_completion=False,
@@ -38,30 +63,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="Export and inspect models.")
 app.add_typer(models_app, name="models")
-train_app = typer.Typer(
-    no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
-)
-app.add_typer(train_app, name="train")
+app.add_typer(train_cli.app, name="train")
 index_app = typer.Typer(no_args_is_help=True, help="Maintain the similarity index of a run.")
 app.add_typer(index_app, name="index")
-
-out_console = Console()
-err_console = Console(stderr=True)
-
-
-@contextmanager
-def fatal_errors() -> Iterator[None]:
-    """EngineError -> message on stderr and exit code 1; Ctrl-C -> 130."""
-    try:
-        yield
-    except EngineError as exc:
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(EXIT_FATAL) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
@@ -425,33 +429,18 @@ def models_pack(
 
 
 def _register_subcommands() -> None:
-    # Each command's module is imported only when its command runs (lazy imports inside).
+    # Commands defined beside their code; their modules import heavy libraries (polars, torch,
+    # TensorRT, ...) only when the command runs.
     from engine.bench import bench
     from engine.build import build
     from engine.eval.cli import evaluate
     from engine.nightly.cli import runs
     from engine.serve.cli import serve
-    from engine.train.cli import (
-        train_classifier,
-        train_int8,
-        train_segmenter,
-        train_segmenter_int8,
-    )
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
         evaluate
     )
     app.command("bench", help="Measure throughput against a naive baseline (benchmarks/).")(bench)
-    train_app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")(
-        train_segmenter
-    )
-    train_app.command("classifier", help="Train the ResNet50 on lung crops.")(train_classifier)
-    train_app.command(
-        "int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity)."
-    )(train_int8)
-    train_app.command(
-        "segmenter-int8", help="INT8 export of the segmenter, with box IoU and Dice parity."
-    )(train_segmenter_int8)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command("runs", help="The runs recorded in an output directory (nightly jobs).")(runs)
     app.command(

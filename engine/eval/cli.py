@@ -1,7 +1,7 @@
 """The `cxr evaluate` command, registered by engine/cli.py (``app.command("evaluate")(evaluate)``).
 
 Same conventions as engine/cli.py: EngineError -> message and exit code 1 through
-`fatal_errors`, a rich table on stdout, or `--json` for a JSON document.
+engine.console's `fatal_errors`, a rich table on stdout, or `--json` for a JSON document.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 from rich.table import Table
+
+from engine.console import fatal_errors, out_console
 
 if TYPE_CHECKING:
     from engine.eval.evaluate import Evaluation
@@ -50,7 +52,6 @@ def evaluate(
 ) -> None:
     """Score a `cxr screen` run against labels: metrics with patient-bootstrap CIs, per group,
     calibration, retrieval quality of the index; optionally an HTML report."""
-    from engine.cli import fatal_errors, out_console
     from engine.eval.evaluate import EvalConfig
     from engine.eval.evaluate import evaluate as run_evaluation
 

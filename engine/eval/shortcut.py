@@ -36,6 +36,7 @@ import polars as pl
 import typer
 
 from engine.config import default_threads
+from engine.console import fatal_errors, out_console
 from engine.errors import ConfigError, EngineError
 from engine.eval.bootstrap import METHOD, Interval, cluster_bootstrap, patient_codes
 from engine.eval.labels import read_labels
@@ -439,8 +440,6 @@ def print_tables(r: ShortcutResult) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from engine.cli import out_console
-
     t = Table(title="ROC AUC (95% CI, patient bootstrap)", title_justify="left")
     for col in ("group", "comparison", "images", "as is", "lungs masked", "lungs only"):
         t.add_column(col, justify="left" if col in ("group", "comparison") else "right")
@@ -490,8 +489,6 @@ def shortcut(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Shortcut-learning check: AUC as is, with the lungs masked out, and lungs only."""
-    from engine.cli import fatal_errors
-
     with fatal_errors():
         cfg = ShortcutConfig(
             models=models, labels=labels, images=images, splits=splits, split=split,

@@ -1,8 +1,8 @@
-"""Typer commands `cxr train segmenter`, `cxr train classifier` and `cxr train int8`.
+"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8 (engine/cli.py mounts `app`).
 
-engine/cli.py registers these functions; they only map options onto a config and call the
-trainer inside engine.cli.fatal_errors, so EngineError becomes a message and exit code 1.
-torch is imported only when a command runs.
+The commands only map options onto a config and call the trainer inside
+engine.console.fatal_errors, so EngineError becomes a message and exit code 1. torch is imported
+only when a command runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from typing import Annotated
 
 import typer
 
+from engine.console import fatal_errors
 from engine.errors import ConfigError
+
+app = typer.Typer(
+    no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
+)
 
 Threads = Annotated[
     int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores).")
@@ -49,6 +54,7 @@ def _threads(threads: int | None) -> int:
     return check_threads(threads) if threads else default_threads()
 
 
+@app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")
 def train_segmenter(
     masks: Annotated[
         Path,
@@ -72,7 +78,6 @@ def train_segmenter(
     precision: Precision = "auto",
 ) -> None:
     """Train the lung U-Net on image/mask pairs; write segmenter.onnx + segmenter.json."""
-    from engine.cli import fatal_errors
     from engine.config import output_path
 
     with fatal_errors():
@@ -99,6 +104,7 @@ def train_segmenter(
         )
 
 
+@app.command("classifier", help="Train the ResNet50 on lung crops.")
 def train_classifier(
     labels: Annotated[
         list[Path],
@@ -189,7 +195,6 @@ def train_classifier(
     precision: Precision = "auto",
 ) -> None:
     """Train the classifier on lung crops; write classifier.onnx (+ INT8) + classifier.json."""
-    from engine.cli import fatal_errors
     from engine.config import output_path
 
     with fatal_errors():
@@ -232,6 +237,7 @@ def train_classifier(
         )
 
 
+@app.command("int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity).")
 def train_int8(
     models: Annotated[
         Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
@@ -243,7 +249,6 @@ def train_int8(
     threads: Threads = None,
 ) -> None:
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
-    from engine.cli import fatal_errors
 
     with fatal_errors():
         _require_torch()
@@ -264,6 +269,7 @@ def train_int8(
         )
 
 
+@app.command("segmenter-int8", help="INT8 export of the segmenter, with box IoU and Dice parity.")
 def train_segmenter_int8(
     models: Annotated[
         Path, typer.Option(help="Models directory with the FP32 segmenter and splits.csv.")
@@ -280,8 +286,6 @@ def train_segmenter_int8(
     threads: Threads = None,
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
-    from engine.cli import fatal_errors
-
     with fatal_errors():
         _require_torch()
         from engine.train.segmenter_int8 import export_segmenter_int8
