@@ -18,7 +18,7 @@ from rich.table import Table
 from engine.console import fatal_errors, out_console
 
 if TYPE_CHECKING:
-    from engine.eval.evaluate import Evaluation
+    from engine.eval.results import Evaluation
 
 
 def evaluate(
@@ -52,8 +52,8 @@ def evaluate(
 ) -> None:
     """Score a `cxr screen` run against labels: metrics with patient-bootstrap CIs, per group,
     calibration, retrieval quality of the index; optionally an HTML report."""
-    from engine.eval.evaluate import EvalConfig
     from engine.eval.evaluate import evaluate as run_evaluation
+    from engine.eval.results import EvalConfig
 
     with fatal_errors():
         config = EvalConfig(
