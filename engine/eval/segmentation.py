@@ -3,8 +3,8 @@
     python -m engine.eval.segmentation --models DIR --masks MASKS [--labels LABELS.csv]
         [--threads 2] [--resamples 2000] [--seed S] [--write [--replace]]
 
-`dice_summary` is what `cxr train segmenter` stores per split in the segmenter's card. The entry
-point recomputes it for an existing models directory: per-image hard Dice of DIR's segmenter
+engine.eval.dice.dice_summary is what `cxr train segmenter` stores per split in the segmenter's
+card. This recomputes it for an existing models directory: per-image hard Dice of DIR's segmenter
 scored exactly as the trainer scores it (engine.train.segmenter.decode_pairs + served_dice: the
 engine's Preprocessor, masks resized bilinear then >= 0.5, the exported ONNX under ONNX Runtime
 FP32) on the pairs of each split of DIR/segmenter_splits.csv, and prints them beside the values
@@ -26,75 +26,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from engine.errors import ConfigError, EngineError
-from engine.eval.bootstrap import CONFIDENCE, cluster_bootstrap, patient_codes
+from engine.eval.dice import BOOTSTRAP_RESAMPLES, dice_definition
 from engine.train.splits import SPLITS
 
 if TYPE_CHECKING:
     from engine.train.data import MaskPair
 
-BOOTSTRAP_RESAMPLES = 2000
 MATCH_TOL = 1e-6  # the same ONNX Runtime build reproduces the stored Dice to rounding
-DICE_DEFINITION = (
-    "hard Dice per image at the segmenter's input size (mask resized bilinear, >= 0.5), "
-    "exported model under ONNX Runtime FP32"
-)
-
-
-def dice_definition(*, seed: int, resamples: int) -> str:
-    """The card's metrics definition: the Dice and how its interval was made."""
-    return (
-        f"{DICE_DEFINITION}; ci95: {CONFIDENCE:.0%} percentile bootstrap of the split's mean "
-        "Dice, resampling its patients with replacement (all images of each drawn patient; "
-        f"engine.eval.bootstrap), {resamples} resamples, seed {seed}"
-    )
-
-
-def dice_summary(
-    dice: np.ndarray,
-    patients: Sequence[object],
-    *,
-    rng: np.random.Generator,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, Any]:
-    """images, patients, mean, min, median of per-image Dice, and ci95 (None with 0 resamples):
-    the percentile interval of the mean over patient-bootstrap resamples."""
-    dice = np.asarray(dice, np.float64).reshape(-1)
-    if dice.size == 0 or dice.size != len(patients):
-        raise ValueError(f"need one patient per Dice value, got {dice.size} and {len(patients)}")
-    codes = patient_codes(patients)
-    ci = cluster_bootstrap(
-        lambda idx: {"mean": float(dice[idx].mean())}, codes, resamples=resamples, rng=rng
-    ).get("mean")
-    return {
-        "images": int(dice.size),
-        "patients": int(codes.max()) + 1,
-        "mean": float(dice.mean()),
-        "min": float(dice.min()),
-        "median": float(np.median(dice)),
-        "ci95": ci.to_json() if ci is not None else None,
-    }
-
-
-def dice_summaries(
-    per_split: Mapping[str, tuple[np.ndarray, Sequence[object]]],
-    *,
-    seed: int,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, dict[str, Any]]:
-    """`dice_summary` per split (train, val, test order), each split with its own stream of
-    np.random.SeedSequence(seed), so a split's interval does not depend on the others."""
-    unknown = sorted(set(per_split) - set(SPLITS))
-    if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; expected {SPLITS}")
-    streams = np.random.SeedSequence(seed).spawn(len(SPLITS))
-    return {
-        name: dice_summary(*per_split[name], rng=np.random.default_rng(stream), resamples=resamples)
-        for name, stream in zip(SPLITS, streams, strict=True)
-        if name in per_split
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
-from engine.eval.segmentation import BOOTSTRAP_RESAMPLES, dice_definition, dice_summaries
+from engine.eval.dice import BOOTSTRAP_RESAMPLES, dice_definition, dice_summaries
 from engine.models import Manifest, ModelSet, export_model
 from engine.train import loop
 from engine.train.augment import Geometry, Photometry, augment_pair
@@ -246,7 +246,7 @@ def served_dice(
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, dict[str, Any]]:
     """Dice of the exported model under ONNX Runtime (what is served), per split with images:
-    engine.eval.segmentation.dice_summary (mean, median, min, patient-bootstrap CI of the mean)."""
+    engine.eval.dice.dice_summary (mean, median, min, patient-bootstrap CI of the mean)."""
     session = ort_session(model, threads)
     per_split = {}
     for name in SPLITS:
