@@ -18,7 +18,7 @@ plan), and the precision:
 Timing cache: "Optimizing Builder Performance / Timing Cache" in the TensorRT docs
 (create_timing_cache from the saved bytes, set_timing_cache, serialize after the build).
 
-Each plan gets a ``PlanManifest`` sidecar (engine/runtime/tensorrt.py): sha256 of its ONNX and
+Each plan gets a ``PlanManifest`` sidecar (engine/runtime/plans.py): sha256 of its ONNX and
 of the plan, TensorRT version, GPU name and compute capability, precision, profile shapes,
 tensor names; the TensorRT backend refuses a plan whose record does not match.
 """
@@ -45,7 +45,7 @@ from engine.models import (
     sha256_file,
 )
 from engine.runtime import cuda
-from engine.runtime.tensorrt import (
+from engine.runtime.plans import (
     GPU_EXTRA_HINT,
     PLAN_PRECISIONS,
     PlanManifest,

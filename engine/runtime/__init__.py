@@ -27,7 +27,7 @@ def resolve_backend(
     if name != "auto":
         return name
     if models is not None:
-        from engine.runtime.tensorrt import plans_usable
+        from engine.runtime.plans import plans_usable
 
         if plans_usable(models, plans_dir):
             return "tensorrt"
