@@ -7,10 +7,13 @@ the batch first; the caller never sees the library behind it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
+from engine.errors import ModelError
 from engine.models import Manifest
 
 
@@ -28,6 +31,27 @@ class Backend(ABC):
     @abstractmethod
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; returns every output named in the manifest."""
+
+    def check_names(
+        self,
+        where: Path,
+        inputs: Iterable[str],
+        outputs: Iterable[str],
+        *,
+        loaded: str = "model",
+        hint: str = "",
+    ) -> None:
+        """ModelError unless the loaded `where` has every input and output the manifest names
+        (it may have more); `loaded` says what it is in the message, `hint` how to fix it."""
+        got_in, got_out = set(inputs), set(outputs)
+        want_in = {t.name for t in self.manifest.inputs}
+        want_out = {t.name for t in self.manifest.outputs}
+        if not want_in <= got_in or not want_out <= got_out:
+            raise ModelError(
+                f"{where}: tensors do not match the manifest: {loaded} has inputs "
+                f"{sorted(got_in)} / outputs {sorted(got_out)}, manifest names {sorted(want_in)} / "
+                f"{sorted(want_out)}" + (f"; {hint}" if hint else "")
+            )
 
     def close(self) -> None:  # noqa: B027 - optional hook; most backends hold nothing to free
         pass

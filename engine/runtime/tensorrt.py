@@ -130,7 +130,13 @@ class TensorRTBackend(Backend):
         self._context = context
         self._stream = cuda.Stream()
         self._tensors = self._allocate(trt, engine, pm.max_batch)
-        self._check_names(path)
+        self.check_names(
+            path,
+            (t.name for t in self._tensors if t.is_input),
+            (t.name for t in self._tensors if not t.is_input),
+            loaded="plan",
+            hint=self._hint(),
+        )
 
     def _hint(self) -> str:
         return rebuild_hint(self.manifest.directory, self.plans_dir)
@@ -158,18 +164,6 @@ class TensorRTBackend(Backend):
             t.host.reserve(t.nbytes(max_batch))
             tensors.append(t)
         return tensors
-
-    def _check_names(self, path: Path) -> None:
-        got_in = {t.name for t in self._tensors if t.is_input}
-        got_out = {t.name for t in self._tensors if not t.is_input}
-        want_in = {t.name for t in self.manifest.inputs}
-        want_out = {t.name for t in self.manifest.outputs}
-        if not want_in <= got_in or not want_out <= got_out:
-            raise ModelError(
-                f"{path}: tensors do not match the manifest: plan has inputs {sorted(got_in)} / "
-                f"outputs {sorted(got_out)}, manifest names {sorted(want_in)} / "
-                f"{sorted(want_out)}; {self._hint()}"
-            )
 
     # -- running
 
