@@ -27,6 +27,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from engine import runtime
 from engine.console import (
     EXIT_DRIFT,
     EXIT_FATAL,
@@ -80,7 +81,7 @@ def screen(
     models: Annotated[
         Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | null")] = "auto",
+    backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     precision: Annotated[
         str,
         typer.Option(
@@ -147,7 +148,7 @@ def screen(
             inputs=tuple(inputs),
             out=output_path(out),
             models=models,
-            backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
+            backend=backend,
             precision=precision,
             decoder=decoder,
             batch_size=batch_size,

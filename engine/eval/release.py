@@ -241,7 +241,7 @@ def screen_and_evaluate(
         out=run,
         models=models,
         precision=precision,
-        backend=cfg.backend,  # type: ignore[arg-type]  # checked by ScreenConfig
+        backend=cfg.backend,
         threads=cfg.threads,
         progress=False,
     )

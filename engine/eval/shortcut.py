@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 import typer
 
+from engine import runtime
 from engine.config import default_threads
 from engine.console import fatal_errors, out_console
 from engine.errors import ConfigError, EngineError
@@ -480,7 +481,7 @@ def shortcut(
         Path | None, typer.Option(help="CSV with path, split (default: MODELS/splits.csv).")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Only images of this split, e.g. test.")] = None,
-    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt")] = "auto",
+    backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     decoder: Annotated[str, typer.Option(help="auto | dali | pillow | pillow-draft")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Decision threshold.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,

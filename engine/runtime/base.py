@@ -2,6 +2,10 @@
 
 One Backend instance serves one model. ``infer`` takes and returns named float32 arrays with
 the batch first; the caller never sees the library behind it.
+
+A backend is one module in engine/runtime/ whose Backend subclass is decorated with
+``@register``: engine.runtime finds it there, and --backend, its help, the config check and
+the error messages list it (engine.runtime.backend_names).
 """
 
 from __future__ import annotations
@@ -10,15 +14,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import numpy as np
 
 from engine.errors import ModelError
 from engine.models import Manifest
 
+REGISTRY: dict[str, type[Backend]] = {}  # name -> class, filled by @register
+
 
 class Backend(ABC):
     name: str = "abstract"
+    # Where the name stands in lists (--backend help, error messages): lower first.
+    rank: int = 50
 
     def __init__(self, manifest: Manifest, *, threads: int = 1) -> None:
         self.manifest = manifest
@@ -67,3 +76,17 @@ class Backend(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+B = TypeVar("B", bound=type[Backend])
+
+
+def register(cls: B) -> B:
+    """Class decorator: `cls` serves --backend `cls.name`."""
+    taken = REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"backend name {cls.name!r} taken by {taken.__module__}.{taken.__name__}")
+    if cls.name in ("auto", Backend.name):
+        raise ValueError(f"{cls.__module__}.{cls.__name__}: {cls.name!r} cannot name a backend")
+    REGISTRY[cls.name] = cls
+    return cls

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import ModelError
-from engine.runtime.base import Backend
+from engine.runtime.base import Backend, register
 
 
+@register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    rank = 10  # first: the embedded default
 
     def load(self) -> None:
         import onnxruntime as ort

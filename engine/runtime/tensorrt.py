@@ -26,7 +26,7 @@ import numpy as np
 from engine.errors import BackendUnavailable, EngineError, ModelError
 from engine.models import Manifest
 from engine.runtime import cuda
-from engine.runtime.base import Backend
+from engine.runtime.base import Backend, register
 from engine.runtime.plans import (
     INSTALL_HINT,
     PlanManifest,
@@ -55,6 +55,7 @@ class _Tensor:
         return batch * int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+@register
 class TensorRTBackend(Backend):
     """One TensorRT engine + execution context + stream, buffers sized for the plan's max batch.
 
@@ -63,6 +64,7 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    rank = 20
 
     def __init__(
         self,
