@@ -41,6 +41,7 @@ from engine.console import (
     out_console,
 )
 from engine.errors import EngineError
+from engine.eval import cli as eval_cli
 from engine.train import cli as train_cli
 
 # The exit codes of the table above are defined in engine/console.py, beside `fatal_errors`;
@@ -67,6 +68,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(train_cli.app, name="train")
 index_app = typer.Typer(no_args_is_help=True, help="Maintain the similarity index of a run.")
 app.add_typer(index_app, name="index")
+app.add_typer(eval_cli.app, name="eval")
 
 
 @app.command()
@@ -434,12 +436,11 @@ def _register_subcommands() -> None:
     # TensorRT, ...) only when the command runs.
     from engine.bench import bench
     from engine.build import build
-    from engine.eval.cli import evaluate
     from engine.nightly.cli import runs
     from engine.serve.cli import serve
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
-        evaluate
+        eval_cli.evaluate
     )
     app.command("bench", help="Measure throughput against a naive baseline (benchmarks/).")(bench)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)

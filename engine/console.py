@@ -7,10 +7,12 @@ docstring and the README.
 
 `run_script` runs one command as a `python -m` entry point (engine.eval.release, ...) would:
 the same command `cxr` mounts, with its exit code returned instead of the process ended.
+`command_line` says how the running command was invoked, for files that record it.
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -63,3 +65,30 @@ def run_script(command: Callable[..., Any], argv: Sequence[str] | None, *, prog:
             raise
         return code
     return EXIT_OK  # not reached: a Typer app in standalone mode always ends in SystemExit
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as one shell line, to record what made a file (a model card).
+
+    Its name as it was invoked (`cxr eval card`, or run_script's prog: `python -m
+    engine.eval.card`), then the options given on the command line, in the order the command
+    declares them; options left at their defaults are not written.
+    """
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name is None or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if not param.opts or not param.opts[0].startswith("-"):  # an argument
+            values = value if isinstance(value, list | tuple) else [value]
+            words += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            secondary = param.secondary_opts
+            words.append(param.opts[0] if value or not secondary else secondary[0])
+        elif getattr(param, "multiple", False):
+            for v in value:
+                words += [param.opts[0], str(v)]
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)

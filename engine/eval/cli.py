@@ -1,7 +1,9 @@
-"""The `cxr evaluate` command, registered by engine/cli.py (``app.command("evaluate")(evaluate)``).
+"""The `cxr evaluate` command and the `cxr eval` group (engine/cli.py registers and mounts them).
 
-Same conventions as engine/cli.py: EngineError -> message and exit code 1 through
-engine.console's `fatal_errors`, a rich table on stdout, or `--json` for a JSON document.
+`cxr evaluate`: EngineError -> message and exit code 1 through engine.console's `fatal_errors`,
+a rich table on stdout, or `--json` for a JSON document. `cxr eval release | card |
+segmentation`: the commands of engine/eval/release.py, card.py and segmentation.py, which also
+run as `python -m engine.eval.NAME`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,27 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.console import fatal_errors, out_console
+from engine.eval.card import card_command
+from engine.eval.release import release_command
+from engine.eval.segmentation import segmentation_command
 
 if TYPE_CHECKING:
     from engine.eval.results import Evaluation
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Release a trained model with its evidence and card (release and segmentation need "
+    "the `train` extra).",
+)
+app.command(
+    "release", help="Pack, parity, test evaluation, shortcut check, card, install in one go."
+)(release_command)
+app.command("card", help="Render a model card from the manifests and evaluation JSONs.")(
+    card_command
+)
+app.command("segmentation", help="Recompute the segmenter's Dice per split against its card.")(
+    segmentation_command
+)
 
 
 def evaluate(

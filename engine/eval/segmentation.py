@@ -3,6 +3,8 @@
     python -m engine.eval.segmentation --models DIR --masks MASKS [--labels LABELS.csv]
         [--threads 2] [--resamples 2000] [--seed S] [--write [--replace]]
 
+(the same command as `cxr eval segmentation ...`).
+
 engine.eval.dice.dice_summary is what `cxr train segmenter` stores per split in the segmenter's
 card. This recomputes it for an existing models directory: per-image hard Dice of DIR's segmenter
 scored exactly as the trainer scores it (engine.train.segmenter.decode_pairs + served_dice: the
@@ -19,14 +21,16 @@ was given) and the card's seed; the rebuilt split must give the card's image and
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from engine.errors import ConfigError, EngineError
+import typer
+
+from engine.console import fatal_errors, run_script
+from engine.errors import ConfigError
 from engine.eval.dice import BOOTSTRAP_RESAMPLES, dice_definition
 from engine.train.splits import SPLITS
 
@@ -222,31 +226,29 @@ def format_table(result: SegmenterDice) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.eval.segmentation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--models", type=Path, required=True, help="models directory")
-    p.add_argument("--masks", type=Path, required=True, help="mask folder or index CSV")
-    p.add_argument("--labels", type=Path, help="labels CSV, to rebuild a missing split file")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES)
-    p.add_argument("--seed", type=int, help="bootstrap seed (default: the card's split seed)")
-    p.add_argument("--write", action="store_true", help="store the result in the segmenter card")
-    p.add_argument(
-        "--replace", action="store_true", help="with --write: also when the card's values differ"
-    )
-    a = p.parse_args(argv)
-    try:
+def segmentation_command(
+    models: Annotated[Path, typer.Option(help="Models directory.")],
+    masks: Annotated[Path, typer.Option(help="Mask folder or index CSV.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels CSV, to rebuild a missing split file.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    resamples: Annotated[int, typer.Option(help="Patient bootstrap resamples.")] = (
+        BOOTSTRAP_RESAMPLES
+    ),
+    seed: Annotated[
+        int | None, typer.Option(help="Bootstrap seed (default: the card's split seed).")
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Store the result in the segmenter card.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--replace", help="With --write: also when the card's values differ."),
+    ] = False,
+) -> None:
+    """Recompute the segmenter's Dice per split (as the trainer scores it) beside its card's."""
+    with fatal_errors():
         result = recompute(
-            a.models,
-            a.masks,
-            labels=a.labels,
-            threads=a.threads,
-            seed=a.seed,
-            resamples=a.resamples,
+            models, masks, labels=labels, threads=threads, seed=seed, resamples=resamples
         )
         print(f"split: {result.split_from}")
         for image, why in result.skipped.items():
@@ -259,17 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("recomputed Dice differs from the card:\n  " + "\n  ".join(diffs))
         else:
             print(f"recomputed Dice matches the card (to {MATCH_TOL:g})")
-        if a.write:
-            if diffs and not a.replace:
+        if write:
+            if diffs and not overwrite:
                 raise ConfigError(
                     "not writing: the recomputed Dice does not reproduce the card's (above); "
                     "check --masks, or pass --replace to store the recomputed values"
                 )
-            print(f"wrote {write_metrics(a.models, result)}")
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            print(f"wrote {write_metrics(models, result)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.segmentation ARGS`: the exit code of `cxr eval segmentation ARGS`."""
+    return run_script(segmentation_command, argv, prog="python -m engine.eval.segmentation")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8 (engine/cli.py mounts `app`).
+"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8, parity (engine/cli.py
+mounts `app`).
 
 The commands only map options onto a config and call the trainer inside
 engine.console.fatal_errors, so EngineError becomes a message and exit code 1. torch is imported
@@ -13,7 +14,8 @@ from typing import Annotated
 import typer
 
 from engine.console import fatal_errors
-from engine.errors import ConfigError
+from engine.train import require_torch
+from engine.train.parity import parity_command
 
 app = typer.Typer(
     no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
@@ -36,16 +38,6 @@ Int8TuneEpochs = Annotated[
 MaxSteps = Annotated[
     int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
 ]
-
-
-def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"training needs PyTorch ({exc}); install the train extra: pip install -e '.[train]'"
-        ) from None
 
 
 def _threads(threads: int | None) -> int:
@@ -82,7 +74,7 @@ def train_segmenter(
 
     with fatal_errors():
         out_dir = output_path(out)
-        _require_torch()
+        require_torch()
         from engine.train.segmenter import SegmenterTrainConfig
         from engine.train.segmenter import train_segmenter as run
 
@@ -199,7 +191,7 @@ def train_classifier(
 
     with fatal_errors():
         out_dir = output_path(out)
-        _require_torch()
+        require_torch()
         from engine.train.classifier import ClassifierTrainConfig
         from engine.train.classifier import train_classifier as run
         from engine.train.datasets import pair_sets
@@ -251,7 +243,7 @@ def train_int8(
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
 
     with fatal_errors():
-        _require_torch()
+        require_torch()
         from engine.train.classifier import requantize_int8
 
         m = requantize_int8(
@@ -287,7 +279,7 @@ def train_segmenter_int8(
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
     with fatal_errors():
-        _require_torch()
+        require_torch()
         from engine.train.segmenter_int8 import export_segmenter_int8
 
         par = export_segmenter_int8(
@@ -303,3 +295,9 @@ def train_segmenter_int8(
             f"{par['images']} images, Dice drop {par['dice_drop']:.4f}; meets the bar: "
             f"{'yes' if par['meets_bar'] else 'no'}"
         )
+
+
+app.command(
+    "parity",
+    help="Parity of a packed classifier with its FP32 export (python -m engine.train.parity).",
+)(parity_command)
