@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +37,7 @@ import typer
 
 from engine import runtime
 from engine.config import default_threads
-from engine.console import fatal_errors, out_console
+from engine.console import fatal_errors, out_console, run_script
 from engine.errors import ConfigError, EngineError
 from engine.eval.bootstrap import METHOD, Interval, cluster_bootstrap, patient_codes
 from engine.eval.labels import read_labels
@@ -503,9 +503,10 @@ def shortcut(
         print_tables(result)
 
 
-def main() -> None:
-    typer.run(shortcut)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.shortcut ARGS`: the command's exit code."""
+    return run_script(shortcut, argv, prog="python -m engine.eval.shortcut")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
