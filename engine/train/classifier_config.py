@@ -29,9 +29,9 @@ class ClassifierTrainConfig:
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 1e-4
-    # = epochs: run the whole schedule and keep the best validation epoch. On a validation
-    # split of ~50 images the ROC AUC jumps by up to 0.3 between epochs; with patience 20 the
-    # shipped run would have stopped at epoch 24 on a lucky epoch 4 (AUC 0.88, loss 0.64).
+    # = epochs: run the whole schedule and keep the best validation epoch. On a small validation
+    # split the ROC AUC jumps between epochs, so stopping early stops on a lucky epoch
+    # (docs/measurements.md).
     patience: int = 80
     hflip: bool = False  # off: anatomy is not mirror-symmetric; turn on only if val shows a gain
     calibration_images: int = 256
