@@ -16,7 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,3 +231,71 @@ def replace_with_fifo(path: Path) -> None:
     """Put a FIFO (named pipe) where the file `path` was."""
     path.unlink()
     os.mkfifo(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM files built with pydicom
+
+
+def dicom_file(
+    pixels: np.ndarray | None,
+    *,
+    sop_uid: str,
+    study_uid: str,
+    patient_id: str,
+    sop_class: str = SecondaryCaptureImageStorage,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    frames: int | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    encapsulated: bytes | None = None,
+    **elements,
+) -> bytes:
+    """A DICOM Part 10 file (preamble + DICM) holding `pixels` natively, or `encapsulated`
+    (Pixel Data left out when both are None); `elements` (keyword=value) are set last."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID
+
+    ref = pixels if pixels is not None else np.zeros((8, 8), np.uint16)
+    frame_shape = ref.shape[1:] if frames else ref.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.PatientID = patient_id
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = frame_shape[0], frame_shape[1]
+    ds.SamplesPerPixel = 3 if len(frame_shape) == 3 else 1
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ref.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if ref.dtype.kind == "i" else 0
+    if frames:
+        ds.NumberOfFrames = frames
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    if encapsulated is not None:
+        ds.PixelData = encapsulated
+        ds["PixelData"].VR = "OB"
+    elif pixels is not None:
+        ds.PixelData = pixels.tobytes()
+        ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
+    buf = io.BytesIO()
+    uid = UID(transfer_syntax)
+    if uid.is_private:
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    else:
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from conftest import dev_images, screen_at_median, screen_folder
+from conftest import dev_images, dicom_file, screen_at_median, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
@@ -33,26 +33,16 @@ SEARCHED = ("source", "member", "patient_id", "study_uid", "sop_uid")
 
 def make_dicom(pixels: np.ndarray) -> bytes:
     """A 12-bit MONOCHROME2 DX DICOM of a real image's pixels, with ids to search for."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = SOP_UID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.PatientID = SOP_UID, STUDY_UID, PATIENT_ID
-    ds.Modality, ds.ViewPosition = "DX", "PA"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).astype("<u2").tobytes()
-    ds["PixelData"].VR = "OW"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_file(
+        (pixels.astype(np.uint16) * 16).astype("<u2"),
+        sop_uid=SOP_UID,
+        study_uid=STUDY_UID,
+        patient_id=PATIENT_ID,
+        sop_class=DigitalXRayImageStorageForPresentation,
+        bits_stored=12,
+    )
 
 
 def build_inputs(root: Path, n_plain: int) -> dict[str, Path]:
