@@ -21,6 +21,13 @@ app = typer.Typer(
     no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
 )
 
+# Options both trainers (or all three train commands) take; their defaults are the command's.
+OutDir = Annotated[
+    str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
+]
+Epochs = Annotated[int, typer.Option(help="Maximum epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Images per step.")]
+LearningRate = Annotated[float, typer.Option(help="Peak AdamW learning rate.")]
 Threads = Annotated[
     int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores).")
 ]
@@ -52,19 +59,17 @@ def train_segmenter(
         Path,
         typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
     ],
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
-    ],
+    out: OutDir,
     labels: Annotated[
         Path | None,
         typer.Option(help="The classifier's labels CSV: share its patient split (recommended)."),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+    epochs: Epochs = 60,
     seed: Seed = 0,
     arch: Annotated[str, typer.Option(help="unet | tiny-unet")] = "unet",
     max_steps: MaxSteps = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    batch_size: BatchSize = 8,
+    lr: LearningRate = 1e-3,
     patience: Annotated[int, typer.Option(help="Epochs without a better val Dice.")] = 12,
     threads: Threads = None,
     precision: Precision = "auto",
@@ -109,9 +114,7 @@ def train_classifier(
     segmenter: Annotated[
         Path, typer.Option(help="Models directory holding the trained segmenter.json.")
     ],
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
-    ],
+    out: OutDir,
     images: Annotated[
         list[Path] | None,
         typer.Option(
@@ -119,15 +122,15 @@ def train_classifier(
             "the same order (default: each CSV's own folder)."
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 80,
+    epochs: Epochs = 80,
     seed: Seed = 0,
     arch: Annotated[
         str,
         typer.Option(help="resnet50 | tiny-classifier | efficientnet-lite0 (ImageNet-pretrained)"),
     ] = "resnet50",
     max_steps: MaxSteps = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    batch_size: BatchSize = 16,
+    lr: LearningRate = 5e-4,
     patience: Annotated[
         int,
         typer.Option(
