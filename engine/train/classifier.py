@@ -485,13 +485,7 @@ def _training_card(
     precision: str,
 ) -> dict[str, Any]:
     rates = [h["img_per_s"] for h in history]
-    return {
-        "epochs_max": cfg.epochs,
-        "epochs_run": len(history),
-        "best_epoch": stopper.best_epoch,
-        "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+    return loop.schedule_card(cfg, stopper, len(history)) | {
         "early_stopping": f"validation ROC AUC, patience {cfg.patience}",
         "selection": "validation ROC AUC"
         + (f" of source {cfg.select_source} only" if cfg.select_source else ""),

@@ -63,14 +63,7 @@ class ClassifierTrainConfig:
         return tuple(parse_group(g) for g in self.exclude)
 
     def __post_init__(self) -> None:
-        loop.check_common(
-            arch=self.arch,
-            archs=CLASSIFIER_ARCHS,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            patience=self.patience,
-            max_steps=self.max_steps,
-        )
+        loop.check_common(self, CLASSIFIER_ARCHS)
         if self.calibration_images < 1:
             raise ConfigError(
                 f"--calibration-images must be at least 1, not {self.calibration_images}"

@@ -67,14 +67,7 @@ class SegmenterTrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        loop.check_common(
-            arch=self.arch,
-            archs=SEGMENTER_ARCHS,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            patience=self.patience,
-            max_steps=self.max_steps,
-        )
+        loop.check_common(self, SEGMENTER_ARCHS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +271,7 @@ def _training_card(
     seconds: float,
     precision: str,
 ) -> dict[str, Any]:
-    return {
-        "epochs_max": cfg.epochs,
-        "epochs_run": len(history),
-        "best_epoch": stopper.best_epoch,
-        "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+    return loop.schedule_card(cfg, stopper, len(history)) | {
         "loss": "BCE + soft Dice",
         "early_stopping": f"validation Dice, patience {cfg.patience}",
         "augmentation": {
