@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 import typer
 
-from engine.console import fatal_errors, out_console
+from engine.console import config_from_options, fatal_errors, out_console
 from engine.errors import BackendUnavailable, ConfigError, EngineError, ModelError
 from engine.models import (
     FLOAT_COMPUTE,
@@ -399,6 +399,7 @@ def _load_timing_cache(config: Any, path: Path) -> Any:
 
 
 def build(
+    ctx: typer.Context,
     models: Annotated[
         Path, typer.Option("--models", help="Models directory (segmenter.json, classifier.json).")
     ],
@@ -433,15 +434,8 @@ def build(
     from engine.config import output_path
 
     with fatal_errors():
-        options = BuildConfig(
-            models=models,
-            precision=precision,
-            max_batch=max_batch,
-            opt_batch=opt_batch,
-            out=None if out is None else output_path(out),
-            timing_cache=timing_cache,
-            workspace_mib=workspace_mib,
-        )
+        out_dir = None if out is None else output_path(out)
+        options = config_from_options(BuildConfig, ctx, out=out_dir)
         plans = build_plans(options)
     for pm in plans:
         note = pm.builder.get("note")

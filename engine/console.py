@@ -7,21 +7,28 @@ docstring and the README.
 
 `run_script` runs one command as a `python -m` entry point (engine.eval.release, ...) would:
 the same command `cxr` mounts, with its exit code returned instead of the process ended.
-`command_line` says how the running command was invoked, for files that record it.
+`command_line` says how the running command was invoked, for files that record it;
+`config_from_options` makes a config dataclass from a command's options of the same names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    C = TypeVar("C", bound=DataclassInstance)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_NO_IMAGES, EXIT_DRIFT = 4, 5
@@ -92,3 +99,15 @@ def command_line(ctx: typer.Context) -> str:
         else:
             words += [param.opts[0], str(value)]
     return shlex.join(words)
+
+
+def config_from_options(cls: type[C], ctx: typer.Context, **converted: Any) -> C:
+    """The config dataclass `cls` from the running command's options.
+
+    CLI options map onto config fields one to one: each field takes the option of its name;
+    `converted` gives the fields whose option needs converting or is named otherwise, and wins.
+    Fields with neither keep their defaults; options that are no field are left out.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {name: value for name, value in ctx.params.items() if name in names}
+    return cls(**(given | converted))

@@ -1,14 +1,22 @@
-"""engine/console.py: a command run as a `python -m` script, and the command line it records."""
+"""engine/console.py: a command run as a `python -m` script, the command line it records, and
+the config it makes from its options."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import pytest
 import typer
 
-from engine.console import EXIT_FATAL, command_line, fatal_errors, run_script
+from engine.console import (
+    EXIT_FATAL,
+    command_line,
+    config_from_options,
+    fatal_errors,
+    run_script,
+)
 from engine.errors import ConfigError
 
 SEEN: list[str] = []
@@ -46,3 +54,27 @@ def test_run_script_ends_the_process_on_a_usage_error(capsys):
         run_script(toy, ["--threads", "x"], prog="t")
     assert exc.value.code == 2
     assert "--threads" in capsys.readouterr().err
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyConfig:
+    models: Path
+    threads: int = 1
+    write: bool = False
+    names: tuple[str, ...] = ()
+
+
+def test_config_from_options_maps_options_onto_fields_of_the_same_name():
+    made: list[ToyConfig] = []
+
+    def command(
+        ctx: typer.Context,
+        models: Annotated[Path, typer.Option()],
+        name: Annotated[list[str] | None, typer.Option()] = None,
+        write: Annotated[bool, typer.Option()] = False,
+        verbose: Annotated[bool, typer.Option()] = False,  # no field: left out
+    ) -> None:
+        made.append(config_from_options(ToyConfig, ctx, names=tuple(name or ())))
+
+    assert run_script(command, ["--models", "m", "--write", "--name", "a"], prog="t") == 0
+    assert made == [ToyConfig(models=Path("m"), write=True, names=("a",))]  # threads: default

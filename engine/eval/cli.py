@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from engine.console import fatal_errors, out_console
+from engine.console import config_from_options, fatal_errors, out_console
 from engine.eval.card import card_command
 from engine.eval.release import release_command
 from engine.eval.segmentation import segmentation_command
@@ -42,6 +42,7 @@ app.command("segmentation", help="Recompute the segmenter's Dice per split again
 
 
 def evaluate(
+    ctx: typer.Context,
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT_DIR", help="Output directory of a `cxr screen` run.")
     ],
@@ -76,17 +77,7 @@ def evaluate(
     from engine.eval.results import EvalConfig
 
     with fatal_errors():
-        config = EvalConfig(
-            out=out_dir,
-            labels=labels,
-            images=images,
-            by=by,
-            report=report,
-            seed=seed,
-            bootstrap=bootstrap,
-            k=k,
-        )
-        result = run_evaluation(config)
+        result = run_evaluation(config_from_options(EvalConfig, ctx, out=out_dir))
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
         return

@@ -50,7 +50,7 @@ import typer
 
 from engine import runtime
 from engine.config import ScreenConfig, default_threads
-from engine.console import command_line, fatal_errors, run_script
+from engine.console import command_line, config_from_options, fatal_errors, run_script
 from engine.errors import ConfigError
 from engine.eval.card import Comparison, comparison_from_models, render
 from engine.models import (
@@ -486,20 +486,11 @@ def release_command(
 ) -> None:
     """Ship a trained model: pack, parity, test evaluation, shortcut check, model card."""
     try:
-        cfg = ReleaseConfig(
-            trained=trained,
-            out=out,
-            labels=labels,
-            images=images,
-            work=work,
-            classifier=classifier,
+        cfg = config_from_options(
+            ReleaseConfig,
+            ctx,
             compare=tuple(_compare(spec) for spec in compare or ()),
-            evidence=evidence,
-            backend=backend,
-            decoder=decoder,
             threads=default_threads() if threads is None else threads,
-            bootstrap=bootstrap,
-            seed=seed,
             command=command_line(ctx),
         )
     except ConfigError as exc:  # a usage error (exit code 2), as the options are checked

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from engine.console import fatal_errors
+from engine.console import config_from_options, fatal_errors
 from engine.train import require_torch
 from engine.train.parity import parity_command
 
@@ -55,6 +55,7 @@ def _threads(threads: int | None) -> int:
 
 @app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")
 def train_segmenter(
+    ctx: typer.Context,
     masks: Annotated[
         Path,
         typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
@@ -83,26 +84,12 @@ def train_segmenter(
         from engine.train.segmenter import SegmenterTrainConfig
         from engine.train.segmenter import train_segmenter as run
 
-        run(
-            SegmenterTrainConfig(
-                masks=masks,
-                out=out_dir,
-                labels=labels,
-                epochs=epochs,
-                seed=seed,
-                arch=arch,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                lr=lr,
-                patience=patience,
-                threads=_threads(threads),
-                precision=precision,
-            )
-        )
+        run(config_from_options(SegmenterTrainConfig, ctx, out=out_dir, threads=_threads(threads)))
 
 
 @app.command("classifier", help="Train the ResNet50 on lung crops.")
 def train_classifier(
+    ctx: typer.Context,
     labels: Annotated[
         list[Path],
         typer.Option(
@@ -201,33 +188,15 @@ def train_classifier(
 
         sets = pair_sets(labels, images or [])
         run(
-            ClassifierTrainConfig(
+            config_from_options(
+                ClassifierTrainConfig,
+                ctx,
                 labels=sets[0].labels,
                 images=sets[0].images,
                 extra=sets[1:],
-                segmenter=segmenter,
                 out=out_dir,
-                epochs=epochs,
-                seed=seed,
-                arch=arch,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                lr=lr,
-                patience=patience,
-                hflip=hflip,
-                epoch_images=epoch_images,
-                source_balance=source_balance,
-                select_source=select_source,
                 exclude=tuple(exclude_from_training or ()),
-                holdout=holdout,
-                acquisition=acquisition,
-                standardize=standardize,
-                cache=cache,
-                resume=resume,
-                calibration_images=calibration_images,
-                int8_tune_epochs=int8_tune_epochs,
                 threads=_threads(threads),
-                precision=precision,
             )
         )
 
