@@ -25,6 +25,10 @@ app = typer.Typer(
 OutDir = Annotated[
     str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
 ]
+MaskIndex = Annotated[
+    Path, typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder.")
+]
+ImagesRoot = Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Images per step.")]
 LearningRate = Annotated[float, typer.Option(help="Peak AdamW learning rate.")]
@@ -56,10 +60,7 @@ def _threads(threads: int | None) -> int:
 @app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")
 def train_segmenter(
     ctx: typer.Context,
-    masks: Annotated[
-        Path,
-        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
-    ],
+    masks: MaskIndex,
     out: OutDir,
     labels: Annotated[
         Path | None,
@@ -207,7 +208,7 @@ def train_int8(
         Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
     ],
     labels: Annotated[Path, typer.Option(help="The labels CSV the classifier was trained on.")],
-    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    images: ImagesRoot,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
     threads: Threads = None,
@@ -238,12 +239,9 @@ def train_segmenter_int8(
     models: Annotated[
         Path, typer.Option(help="Models directory with the FP32 segmenter and splits.csv.")
     ],
-    masks: Annotated[
-        Path,
-        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
-    ],
+    masks: MaskIndex,
     labels: Annotated[Path, typer.Option(help="Labels CSV: the images box IoU is measured on.")],
-    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    images: ImagesRoot,
     calibration_images: Annotated[
         int, typer.Option(help="Mask images of training patients to calibrate on.")
     ] = 64,
