@@ -21,6 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "kernels", "benchmarks")
 KINDS = ("module", "function", "typing")  # where an import stands (typing: TYPE_CHECKING)
 
+# Circles that a later part of issue 15 removes, each with the reason. The test fails on any
+# other circle, and on a listed one that is gone while its modules are there (drop it here then).
+KNOWN = {
+    # The Ray executor (issue 18, engine/distributed/) imports engine/runner.py's Screener,
+    # reader side and run record, and runner.screen hands --ray runs to it. Splitting runner.py
+    # into screener.py, io/reader.py, io/shards.py and run_record.py (the next part) removes it.
+    frozenset({"engine.distributed.executor", "engine.distributed.shard", "engine.runner"}),
+}
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -170,8 +179,12 @@ def test_no_import_circle_in_engine_kernels_or_benchmarks():
     edges = import_graph()
     assert len(edges) > 200  # the walk found the imports (engine alone has several hundred)
     found = circles(edges)
+    new = [c for c in found if frozenset(c) not in KNOWN]
     why = "import circles (move what both sides need a floor below them):\n"
-    assert not found, why + describe(edges, found)
+    assert not new, why + describe(edges, new)
+    modules = module_files(REPO)
+    gone = [sorted(k) for k in KNOWN if k <= modules.keys() and sorted(k) not in found]
+    assert not gone, f"no longer circles, remove them from KNOWN: {gone}"
 
 
 def test_the_check_sees_lazy_typing_and_relative_imports(tmp_path):
