@@ -59,6 +59,7 @@ from benchmarks.common import (
     list_images,
     now_iso,
 )
+from benchmarks.screen_worker import Config, decoder_draft, worker
 from engine.errors import ConfigError, ModelError
 
 KINDS = ("model-only", "naive", "null", "engine")
@@ -108,44 +109,7 @@ class BenchOptions:
             raise ConfigError(f"--archive {self.archive} does not exist")
 
 
-def decoder_draft(decoder: str) -> int | None:
-    """None for DALI, else the Pillow preprocessor's draft factor (0: full decode)."""
-    if decoder == "dali":
-        return None
-    if decoder == "pillow":
-        return 0
-    if decoder == "pillow-draft":
-        return 2
-    if decoder.startswith("pillow-draft") and decoder[12:].isdigit() and int(decoder[12:]) > 0:
-        return int(decoder[12:])
-    raise ConfigError(
-        f"unknown --decoder {decoder!r}: dali, pillow, pillow-draft (= pillow-draft2), pillow-draftK"
-    )
-
-
 # --------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class Config:
-    kind: str
-    precision: str = "fp32"
-    batch_size: int = 1
-    decoder: str = "dali"
-    decode_threads: int = 1
-    ort_threads: int = 1
-    reference: bool = False
-
-    @property
-    def name(self) -> str:
-        if self.kind == "naive":
-            return f"naive {self.precision} b1 t{self.ort_threads}"
-        if self.kind == "model-only":
-            return f"model-only {self.precision} b{self.batch_size} t{self.ort_threads}"
-        return (
-            f"{self.kind} {self.precision} b{self.batch_size} {self.decoder} "
-            f"t{self.decode_threads}:{self.ort_threads}"
-        )
 
 
 def plan(opts: BenchOptions) -> list[Config]:
@@ -543,8 +507,6 @@ def options_from_args(argv: list[str] | None = None) -> BenchOptions:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        from benchmarks.screen_worker import worker
-
         worker(Path(argv[1]))
         return 0
     try:

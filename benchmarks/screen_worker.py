@@ -1,19 +1,58 @@
 """The child side of bench_screen.py: one configuration, measured in a process of its own.
 
 `python -m benchmarks.bench_screen --worker SPEC.json` runs `worker`, which reads the spec the
-parent wrote and writes SPEC.result.json beside it. A process per configuration keeps peak RSS,
-warm caches and patched modules from leaking from one configuration into the next.
+parent wrote (a `Config`, defined here) and writes SPEC.result.json beside it. A process per
+configuration keeps peak RSS, warm caches and patched modules from leaking from one
+configuration into the next.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_screen import Config, decoder_draft
 from benchmarks.common import Meter, cores, peak_rss_mib, percentiles_ms
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: str
+    precision: str = "fp32"
+    batch_size: int = 1
+    decoder: str = "dali"
+    decode_threads: int = 1
+    ort_threads: int = 1
+    reference: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.kind == "naive":
+            return f"naive {self.precision} b1 t{self.ort_threads}"
+        if self.kind == "model-only":
+            return f"model-only {self.precision} b{self.batch_size} t{self.ort_threads}"
+        return (
+            f"{self.kind} {self.precision} b{self.batch_size} {self.decoder} "
+            f"t{self.decode_threads}:{self.ort_threads}"
+        )
+
+
+def decoder_draft(decoder: str) -> int | None:
+    """None for DALI, else the Pillow preprocessor's draft factor (0: full decode)."""
+    if decoder == "dali":
+        return None
+    if decoder == "pillow":
+        return 0
+    if decoder == "pillow-draft":
+        return 2
+    if decoder.startswith("pillow-draft") and decoder[12:].isdigit() and int(decoder[12:]) > 0:
+        return int(decoder[12:])
+    raise ConfigError(
+        f"unknown --decoder {decoder!r}: dali, pillow, pillow-draft (= pillow-draft2), pillow-draftK"
+    )
 
 
 def worker(spec_path: Path) -> None:

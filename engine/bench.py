@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from engine.console import fatal_errors
 from engine.errors import ConfigError
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,6 @@ def bench(
     ] = None,
 ) -> None:
     """Measure `cxr screen` images/s against a naive baseline and the model-only ceiling."""
-    from engine.cli import fatal_errors
-
     with fatal_errors():
         bs = _bench_screen()
         defaults = bs.BenchOptions()

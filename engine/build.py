@@ -18,7 +18,7 @@ plan), and the precision:
 Timing cache: "Optimizing Builder Performance / Timing Cache" in the TensorRT docs
 (create_timing_cache from the saved bytes, set_timing_cache, serialize after the build).
 
-Each plan gets a ``PlanManifest`` sidecar (engine/runtime/tensorrt.py): sha256 of its ONNX and
+Each plan gets a ``PlanManifest`` sidecar (engine/runtime/plans.py): sha256 of its ONNX and
 of the plan, TensorRT version, GPU name and compute capability, precision, profile shapes,
 tensor names; the TensorRT backend refuses a plan whose record does not match.
 """
@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 import typer
 
+from engine.console import config_from_options, fatal_errors, out_console
 from engine.errors import BackendUnavailable, ConfigError, EngineError, ModelError
 from engine.models import (
     FLOAT_COMPUTE,
@@ -44,7 +45,7 @@ from engine.models import (
     sha256_file,
 )
 from engine.runtime import cuda
-from engine.runtime.tensorrt import (
+from engine.runtime.plans import (
     GPU_EXTRA_HINT,
     PLAN_PRECISIONS,
     PlanManifest,
@@ -398,6 +399,7 @@ def _load_timing_cache(config: Any, path: Path) -> Any:
 
 
 def build(
+    ctx: typer.Context,
     models: Annotated[
         Path, typer.Option("--models", help="Models directory (segmenter.json, classifier.json).")
     ],
@@ -429,19 +431,11 @@ def build(
     ] = DEFAULT_WORKSPACE_MIB,
 ) -> None:
     """Compile the segmenter and classifier ONNX into TensorRT plans for this GPU."""
-    from engine.cli import fatal_errors, out_console
     from engine.config import output_path
 
     with fatal_errors():
-        options = BuildConfig(
-            models=models,
-            precision=precision,
-            max_batch=max_batch,
-            opt_batch=opt_batch,
-            out=None if out is None else output_path(out),
-            timing_cache=timing_cache,
-            workspace_mib=workspace_mib,
-        )
+        out_dir = None if out is None else output_path(out)
+        options = config_from_options(BuildConfig, ctx, out=out_dir)
         plans = build_plans(options)
     for pm in plans:
         note = pm.builder.get("note")

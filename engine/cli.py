@@ -1,4 +1,7 @@
-"""The `cxr` command. The only place where exceptions become exit codes and messages.
+"""The `cxr` command: the app, `screen` and `similar`. The other commands and groups (models,
+train, index, eval, evaluate, bench, serve, runs, build) are defined beside their code and only
+mounted here; all of them turn exceptions into exit codes and messages the one way,
+engine/console.py's `fatal_errors`.
 
 Exit codes (also in the README):
   0  every image in the output directory was screened (status "ok")
@@ -22,46 +25,49 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine import index_cli, models_cli, runtime
+from engine.console import (
+    EXIT_DRIFT,
+    EXIT_FATAL,
+    EXIT_IMAGE_ERRORS,
+    EXIT_INTERRUPTED,
+    EXIT_NO_IMAGES,
+    EXIT_OK,
+    EXIT_USAGE,
+    err_console,
+    fatal_errors,
+    out_console,
+)
 from engine.errors import EngineError
+from engine.eval import cli as eval_cli
+from engine.train import cli as train_cli
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_IMAGE_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_NO_IMAGES, EXIT_DRIFT = 4, 5
+# The exit codes of the table above are defined in engine/console.py, beside `fatal_errors`;
+# exported here too.
+__all__ = [
+    "EXIT_DRIFT",
+    "EXIT_FATAL",
+    "EXIT_IMAGE_ERRORS",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_IMAGES",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "app",
+    "main",
+]
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Screen chest X-ray archives: lung segmentation + ResNet50, Parquet + usearch output.",
 )
-models_app = typer.Typer(no_args_is_help=True, help="Export and inspect models.")
-app.add_typer(models_app, name="models")
-train_app = typer.Typer(
-    no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
-)
-app.add_typer(train_app, name="train")
-index_app = typer.Typer(no_args_is_help=True, help="Maintain the similarity index of a run.")
-app.add_typer(index_app, name="index")
-
-out_console = Console()
-err_console = Console(stderr=True)
-
-
-@contextmanager
-def fatal_errors() -> Iterator[None]:
-    """EngineError -> message on stderr and exit code 1; Ctrl-C -> 130."""
-    try:
-        yield
-    except EngineError as exc:
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(EXIT_FATAL) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+app.add_typer(models_cli.app, name="models")
+app.add_typer(train_cli.app, name="train")
+app.add_typer(index_cli.app, name="index")
+app.add_typer(eval_cli.app, name="eval")
 
 
 @app.command()
@@ -76,7 +82,7 @@ def screen(
     models: Annotated[
         Path | None, typer.Option(help="Models directory (default: the models shipped with cxr).")
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | null")] = "auto",
+    backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     precision: Annotated[
         str,
         typer.Option(
@@ -155,7 +161,7 @@ def screen(
             inputs=tuple(inputs),
             out=output_path(out),
             models=models,
-            backend=backend,  # type: ignore[arg-type]  # validated by ScreenConfig
+            backend=backend,
             precision=precision,
             decoder=decoder,
             batch_size=batch_size,
@@ -354,124 +360,18 @@ def similar(
     out_console.print(table)
 
 
-@index_app.command("rebuild")
-def index_rebuild(
-    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output directory of cxr screen.")],
-) -> None:
-    """Rebuild OUT/index.usearch from the embeddings the run keeps (a lost or corrupt index)."""
-    from engine.config import output_path
-    from engine.io import parquet, vectors
-    from engine.io.outdir import OutputLock
-
-    with fatal_errors():
-        out = output_path(out_dir, "OUT")
-        if not parquet.list_parts(out):
-            raise EngineError(
-                f"{out}: no predictions/part-*.parquet; pass the --out of a `cxr screen` run"
-            )
-        with OutputLock(out):
-            result = vectors.rebuild_index(out)
-    out_console.print(
-        f"{escape(str(vectors.index_path(out)))}: {result.size} vectors "
-        f"({result.from_sidecars} from {vectors.EMBEDDINGS}/, {result.from_parquet} from the "
-        "Parquet embedding column)",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if result.missing:
-        err_console.print(
-            f"[bold red]error:[/] {result.missing} screened images have no kept embedding and "
-            "are not in the index (screened by an older cxr, which deleted the sidecars once "
-            "indexed); screen their inputs again into a new --out to search them",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(EXIT_FATAL)
-
-
-@models_app.command("init")
-def models_init(
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Directory to write the models into.")
-    ],
-    tiny: Annotated[
-        bool, typer.Option(help="Tiny architectures (for tests and quick demos).")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-) -> None:
-    """Export the segmenter (U-Net) and classifier (ResNet50) UNTRAINED, with manifests."""
-    from engine.config import output_path
-    from engine.models import init_models
-
-    with fatal_errors():
-        ms = init_models(output_path(out), size="tiny" if tiny else "full", seed=seed)
-    for m in (ms.segmenter, ms.classifier):
-        out_console.print(
-            f"{m.role:10s} {m.architecture:16s} {m.onnx_path}  sha256 {m.sha256[:16]}"
-        )
-    out_console.print(
-        "[bold yellow]These models are UNTRAINED (random weights): use them to test the "
-        "pipeline, not to screen.[/]"
-    )
-
-
-@models_app.command("pack")
-def models_pack(
-    models: Annotated[Path, typer.Option("--models", help="Trained models directory.")],
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Directory for the lean copy.")
-    ],
-    classifier: Annotated[
-        str,
-        typer.Option(
-            help="int8 (QDQ export, with a w8 export for TensorRT's float plans) | fp16 "
-            "(float16-stored weights)."
-        ),
-    ] = "int8",
-) -> None:
-    """A lean copy of a models directory for shipping (the chosen classifier export)."""
-    from engine.config import output_path
-    from engine.models import pack_models
-
-    with fatal_errors():
-        ms = pack_models(models, output_path(out), classifier_precision=classifier)
-    for m in (ms.segmenter, ms.classifier):
-        size = m.onnx_path.stat().st_size / 1e6
-        out_console.print(f"{m.role:10s} {m.precision:5s} {m.onnx_path}  {size:.1f} MB")
-        for precision, v in m.variants.items():
-            path = m.directory / v.onnx
-            size = path.stat().st_size / 1e6
-            out_console.print(f"{'':10s} {precision:5s} {path}  {size:.1f} MB")
-
-
 def _register_subcommands() -> None:
-    # Each command's module is imported only when its command runs (lazy imports inside).
+    # Commands defined beside their code; their modules import heavy libraries (polars, torch,
+    # TensorRT, ...) only when the command runs.
     from engine.bench import bench
     from engine.build import build
-    from engine.eval.cli import evaluate
     from engine.nightly.cli import runs
     from engine.serve.cli import serve
-    from engine.train.cli import (
-        train_classifier,
-        train_int8,
-        train_segmenter,
-        train_segmenter_int8,
-    )
 
     app.command("evaluate", help="Score a screening run against labels (metrics with CIs).")(
-        evaluate
+        eval_cli.evaluate
     )
     app.command("bench", help="Measure throughput against a naive baseline (benchmarks/).")(bench)
-    train_app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")(
-        train_segmenter
-    )
-    train_app.command("classifier", help="Train the ResNet50 on lung crops.")(train_classifier)
-    train_app.command(
-        "int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity)."
-    )(train_int8)
-    train_app.command(
-        "segmenter-int8", help="INT8 export of the segmenter, with box IoU and Dice parity."
-    )(train_segmenter_int8)
     app.command("serve", help="Review a screening run in the browser (local web app).")(serve)
     app.command("runs", help="The runs recorded in an output directory (nightly jobs).")(runs)
     app.command(

@@ -11,11 +11,10 @@ from engine.drift import DriftThresholds
 from engine.errors import ConfigError
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from engine.models import PRECISIONS
+from engine.runtime import backend_choices
 
-Backend = Literal["auto", "onnxruntime", "tensorrt", "null"]
 Device = Literal["cpu", "gpu"]
 
-BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "tensorrt", "null")
 DECODERS: tuple[str, ...] = ("auto", "dali", "pillow", "pillow-draft")
 # What `--decoder auto` uses on the CPU (DALI always decodes on the GPU path). Measured in
 # benchmarks/results/screen.jsonl: see README "Performance".
@@ -71,7 +70,7 @@ class ScreenConfig:
     inputs: tuple[Path, ...]
     out: Path
     models: Path | None = None
-    backend: Backend = "auto"
+    backend: str = "auto"  # "auto" or a registered backend (engine.runtime.backend_names)
     precision: str = "auto"  # auto | fp32 | int8: which export of each model (see models.py)
     # Preprocessing on the CPU: the DALI pipeline, or the Pillow/NumPy one with the same
     # numbers (engine/pipeline_pil.py); "pillow-draft" lets libjpeg downscale huge JPEGs;
@@ -102,9 +101,9 @@ class ScreenConfig:
         output_path(self.out)
         if not self.inputs:
             raise ConfigError("no INPUT given: name image files, directories or archives to screen")
-        if self.backend not in BACKENDS:
+        if self.backend not in backend_choices():
             raise ConfigError(
-                f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
+                f"--backend must be one of {', '.join(backend_choices())}, not {self.backend!r}"
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Typed errors. Library code raises these; only engine/cli.py turns them into exit codes.
+"""Typed errors. Library code raises these; only commands turn them into exit codes
+(engine/console.py's `fatal_errors`).
 
 Messages name the file involved and, where there is one, the fix.
 """

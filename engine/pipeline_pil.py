@@ -20,10 +20,9 @@ gray images; measured in tests/test_benchmarks.py):
 
 ``draft=k`` (k >= 1) additionally lets libjpeg scale huge JPEGs down while decoding (DCT
 scaling by 1/2, 1/4 or 1/8, never below k times the work size), which skips most of the IDCT
-and of the resize; the result is close to, not equal to, the full decode. Measured against DALI
-on 68 JPEGs of 2048-3000 px (work image 512, on [0, 1]): k = 2 mean |err| <= 1.3e-3, p99 <=
-2.7e-3, max 2.5e-2; k = 1 mean <= 1e-2, p99 <= 1.6e-2, max 0.2, mostly a different min/max
-stretch (tests/test_benchmarks.py). ``draft=0`` (the default) decodes fully. PNG and DICOM are
+and of the resize; the result is close to, not equal to, the full decode (k = 1 more so than
+k = 2, mostly a different min/max stretch; how close: docs/measurements.md, bounds in
+tests/test_benchmarks.py). ``draft=0`` (the default) decodes fully. PNG and DICOM are
 unaffected.
 
 Colour images go through Pillow's "L" conversion, which rounds where DALI truncates: one 8-bit

@@ -23,9 +23,8 @@ from engine.io.outdir import read_run_json
 from engine.models import load_models
 
 EXACT_SEARCH_UP_TO = 100_000  # below this an exact scan is fast and removes any HNSW miss
-# Above it, HNSW with this search breadth (usearch's default is 64). Measured by
-# benchmarks/bench_usearch.py on 2048-d f16 embeddings, M=16, ef_add=128, 2 cores: at 10^6,
-# recall@10 0.813 / 0.925 / 0.978 / 0.991 for ef 64 / 128 / 256 / 512, p50 7.8 ms at 512.
+# Above it, HNSW with this search breadth (usearch's default is 64): the recall at 10^6 vectors
+# keeps rising up to it for a few ms a query (benchmarks/bench_usearch.py; docs/measurements.md).
 EXPANSION_SEARCH = 512
 
 

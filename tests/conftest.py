@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,12 +66,16 @@ def data_images() -> Callable[[int], list[Path]]:
     return dev_images
 
 
+def _untrained_models(tmp_path_factory, size: str):
+    from engine.models import init_models
+
+    return init_models(tmp_path_factory.mktemp(f"models-{size}"), size=size, seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny untrained segmenter + classifier (seed 0), exported once per session."""
-    from engine.models import init_models
-
-    return init_models(tmp_path_factory.mktemp("models-tiny"), size="tiny", seed=0)
+    return _untrained_models(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +86,7 @@ def tiny_models_dir(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def full_models(tmp_path_factory):
     """The real architectures (U-Net + ResNet50, ~100 MB), untrained, seed 0. For `slow` tests."""
-    from engine.models import init_models
-
-    return init_models(tmp_path_factory.mktemp("models-full"), size="full", seed=0)
+    return _untrained_models(tmp_path_factory, "full")
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +164,138 @@ def run_cli_subprocess(
 def cli() -> Callable[[Sequence[str | os.PathLike[str]]], CliResult]:
     """Fixture form of `run_cli`."""
     return run_cli
+
+
+# ---------------------------------------------------------------------------------------------
+# a screened run to test against, and children that must not hang
+
+
+def copy_images(folder: Path, images: Sequence[Path]) -> Path:
+    """Copy `images` into `folder` (made if missing) under their own names; returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    return folder
+
+
+def screen_folder(
+    inputs: Sequence[Path], out: Path, models: Path, **options: object
+) -> list[dict[str, object]]:
+    """`cxr screen INPUTS --out OUT` in this process (2 threads, no progress bar, `options` as
+    ScreenConfig fields); the rows of OUT/predictions."""
+    import polars as pl
+
+    from engine.config import ScreenConfig
+    from engine.runner import screen
+
+    config = dict(inputs=tuple(inputs), out=out, models=models, threads=2, progress=False)
+    screen(ScreenConfig(**config | options))
+    return pl.read_parquet(out / "predictions").to_dicts()
+
+
+def screen_at_median(inputs: Path, root: Path, models: Path, **options: object) -> Path:
+    """Screen `inputs` into root/out with the threshold at the median probability of a first
+    run (root/probe), so that both decisions occur even with untrained models."""
+    rows = screen_folder([inputs], root / "probe", models, **options)
+    probs = [r["prob"] for r in rows if r["prob"] is not None]
+    screen_folder([inputs], root / "out", models, threshold=statistics.median(probs), **options)
+    return root / "out"
+
+
+def run_child(
+    args: Sequence[str | os.PathLike[str]], *, timeout: float, what: str
+) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` of this checkout in a child process (plain terminal output); fails the
+    test, saying `what` hung, when it does not finish within `timeout` seconds."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+        "TERM": "dumb",
+    }
+    try:
+        return subprocess.run(
+            [sys.executable, *map(os.fspath, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} hung (no answer in {timeout} s)")
+
+
+def replace_with_fifo(path: Path) -> None:
+    """Put a FIFO (named pipe) where the file `path` was."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM files built with pydicom
+
+
+def dicom_file(
+    pixels: np.ndarray | None,
+    *,
+    sop_uid: str,
+    study_uid: str,
+    patient_id: str,
+    sop_class: str = SecondaryCaptureImageStorage,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    frames: int | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    encapsulated: bytes | None = None,
+    **elements,
+) -> bytes:
+    """A DICOM Part 10 file (preamble + DICM) holding `pixels` natively, or `encapsulated`
+    (Pixel Data left out when both are None); `elements` (keyword=value) are set last."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID
+
+    ref = pixels if pixels is not None else np.zeros((8, 8), np.uint16)
+    frame_shape = ref.shape[1:] if frames else ref.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.PatientID = patient_id
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = frame_shape[0], frame_shape[1]
+    ds.SamplesPerPixel = 3 if len(frame_shape) == 3 else 1
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ref.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if ref.dtype.kind == "i" else 0
+    if frames:
+        ds.NumberOfFrames = frames
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    if encapsulated is not None:
+        ds.PixelData = encapsulated
+        ds["PixelData"].VR = "OB"
+    elif pixels is not None:
+        ds.PixelData = pixels.tobytes()
+        ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
+    buf = io.BytesIO()
+    uid = UID(transfer_syntax)
+    if uid.is_private:
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    else:
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

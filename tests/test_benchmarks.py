@@ -31,6 +31,15 @@ from benchmarks.naive import run_naive  # noqa: E402
 
 FORMATS = ("jpeg", "png16", "dicom")
 
+
+def small_archive(out: Path, count: int) -> ArchiveSpec:
+    """Small images of FORMATS from the real dev images, seed 3."""
+    source = str(dev_images(1)[0].parent)
+    return ArchiveSpec(
+        out=str(out), count=count, formats=FORMATS, long_side=(96, 160), seed=3, source=source
+    )
+
+
 # The naive loop and the engine run the same ONNX files on inputs that agree to float32
 # rounding (the engine's DALI resize vs Pillow's, see test_pipeline.py). Measured: 9 real dev
 # images + 24 archive images of 2048-3000 px (JPEG, 16-bit PNG, DICOM MONOCHROME1/2), tiny and
@@ -53,15 +62,7 @@ DRAFT_MEAN_TOL, DRAFT_P99_TOL = 5e-3, 1e-2
 def archive(tmp_path_factory) -> Path:
     """9 small images, 3 per format (DICOM: MONOCHROME2, 1, 2), and a tar of them."""
     out = tmp_path_factory.mktemp("archive")
-    spec = ArchiveSpec(
-        out=str(out / "tree"),
-        count=9,
-        formats=FORMATS,
-        long_side=(96, 160),
-        seed=3,
-        source=str(dev_images(1)[0].parent),
-    )
-    make_archive(spec, workers=1, tar=out / "tree.tar")
+    make_archive(small_archive(out / "tree", 9), workers=1, tar=out / "tree.tar")
     return out
 
 
@@ -98,15 +99,7 @@ def test_make_archive_formats_sizes_and_distinct_files(archive):
 
 
 def test_make_archive_is_deterministic(archive, tmp_path):
-    spec = ArchiveSpec(
-        out=str(tmp_path / "again"),
-        count=2,
-        formats=FORMATS,
-        long_side=(96, 160),
-        seed=3,
-        source=str(dev_images(1)[0].parent),
-    )
-    make_archive(spec, workers=1)
+    make_archive(small_archive(tmp_path / "again", 2), workers=1)
     made = [p for p in (tmp_path / "again").rglob("*") if p.suffix in (".jpg", ".png")]
     assert len(made) == 2
     for p in made:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from conftest import dicom_file
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from engine.errors import ImageError
 from engine.io.dicom import DicomImage, decode_dicom, read_dicom_meta
@@ -22,58 +21,11 @@ SOP_UID = "1.2.826.0.1.3680043.8.498.1001"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.2002"
 
 
-def make_dicom(
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    frames: int | None = None,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    encapsulated: bytes | None = None,
-    **elements,
-) -> bytes:
-    """A DICOM Part 10 file (preamble + DICM) holding `pixels` natively, or `encapsulated`."""
-    ref = pixels if pixels is not None else np.zeros((8, 8), np.uint16)
-    frame_shape = ref.shape[1:] if frames else ref.shape
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = SOP_UID
-    meta.TransferSyntaxUID = transfer_syntax
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = SOP_UID
-    ds.StudyInstanceUID = STUDY_UID
-    ds.PatientID = "PAT-0042"
-    ds.Modality = "DX"
-    ds.ViewPosition = "PA"
-    ds.Rows, ds.Columns = frame_shape[0], frame_shape[1]
-    ds.SamplesPerPixel = 3 if len(frame_shape) == 3 else 1
-    if ds.SamplesPerPixel == 3:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ref.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if ref.dtype.kind == "i" else 0
-    if frames:
-        ds.NumberOfFrames = frames
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    if encapsulated is not None:
-        ds.PixelData = encapsulated
-        ds["PixelData"].VR = "OB"
-    elif pixels is not None:
-        ds.PixelData = pixels.tobytes()
-        ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
-    buf = io.BytesIO()
-    uid = UID(transfer_syntax)
-    if uid.is_private:
-        ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    else:
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+def make_dicom(pixels: np.ndarray | None, **options) -> bytes:
+    """conftest.dicom_file with this module's ids (patient PAT-0042)."""
+    return dicom_file(
+        pixels, sop_uid=SOP_UID, study_uid=STUDY_UID, patient_id="PAT-0042", **options
+    )
 
 
 def ramp(start: int, step: int, dtype=np.uint16) -> np.ndarray:

@@ -192,6 +192,16 @@ def test_bootstrap_is_reproducible_with_a_seed():
     assert run(5)["roc_auc"] != run(6)["roc_auc"]
 
 
+def auc_interval(y: np.ndarray, s: np.ndarray, codes: np.ndarray, resamples: int):
+    """The patient-bootstrap interval of the ROC AUC of scores s for labels y (seed 0)."""
+    return bs.cluster_bootstrap(
+        lambda i: {"roc_auc": m.roc_auc(y[i], s[i])},
+        codes,
+        resamples=resamples,
+        rng=np.random.default_rng(0),
+    )["roc_auc"]
+
+
 def test_bootstrap_resamples_patients_not_images():
     """Two patients with 20 images each, one all positive, one all negative. Drawing patients,
     half the resamples hold one patient only, so the AUC is undefined there and dropped;
@@ -199,20 +209,10 @@ def test_bootstrap_resamples_patients_not_images():
     y = np.r_[np.ones(20, int), np.zeros(20, int)]
     s = np.random.default_rng(2).random(40)
     codes = bs.patient_codes(["a"] * 20 + ["b"] * 20)
-    ci = bs.cluster_bootstrap(
-        lambda i: {"roc_auc": m.roc_auc(y[i], s[i])},
-        codes,
-        resamples=400,
-        rng=np.random.default_rng(0),
-    )["roc_auc"]
+    ci = auc_interval(y, s, codes, 400)
     assert 140 < ci.valid < 260  # about 200 of 400 (binomial, p = 1/2)
     assert ci.resamples == 400
-    by_image = bs.cluster_bootstrap(
-        lambda i: {"roc_auc": m.roc_auc(y[i], s[i])},
-        bs.patient_codes(list(range(40))),
-        resamples=400,
-        rng=np.random.default_rng(0),
-    )["roc_auc"]
+    by_image = auc_interval(y, s, bs.patient_codes(list(range(40))), 400)
     assert by_image.valid == 400
 
 
@@ -220,12 +220,7 @@ def test_bootstrap_interval_brackets_the_spread_and_counts_valid():
     y = np.array([0, 1] * 30)
     s = np.where(y == 1, 0.7, 0.3) + np.random.default_rng(4).normal(0, 0.2, 60)
     codes = bs.patient_codes(range(60))
-    ci = bs.cluster_bootstrap(
-        lambda i: {"roc_auc": m.roc_auc(y[i], s[i])},
-        codes,
-        resamples=300,
-        rng=np.random.default_rng(0),
-    )["roc_auc"]
+    ci = auc_interval(y, s, codes, 300)
     assert ci.low < m.roc_auc(y, s) < ci.high <= 1.0
     assert ci.valid == 300
 

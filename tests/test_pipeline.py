@@ -113,7 +113,11 @@ def assert_close(got, want, mean_tol, p99_tol, what=""):
     )
 
 
-def assert_matches_reference(out_work, out_seg, a16, models, mean_tol, p99_tol, what=""):
+def assert_matches_reference(
+    out, i, a16, models, mean_tol=LOSSLESS_MEAN_TOL, p99_tol=LOSSLESS_P99_TOL, what=""
+):
+    """Image i of a preprocessor's output against the NumPy reference of the same pixels."""
+    out_work, out_seg = out.work[i], out.seg_input[i]
     want_work, want_seg = reference(a16, models)
     assert out_work.shape == want_work.shape and out_seg.shape == want_seg.shape
     assert_close(out_work, want_work, mean_tol, p99_tol, f"{what} work")
@@ -209,9 +213,7 @@ def test_real_images_match_reference(pipe, tiny, real_files, ext, mean_tol, p99_
             assert math.isclose(work.min(), 0.0, abs_tol=1e-6)
             assert math.isclose(work.max(), 1.0, abs_tol=1e-6)
             a16 = gray16(Image.open(p))
-            assert_matches_reference(
-                work, out.seg_input[i], a16, tiny, mean_tol, p99_tol, what=p.name
-            )
+            assert_matches_reference(out, i, a16, tiny, mean_tol, p99_tol, what=p.name)
 
 
 def test_batch_of_n_mixed_sizes_equals_each_alone(pipe, real_files):
@@ -237,9 +239,7 @@ def test_uniform_image_gives_zeros_not_nan(pipe, tiny):
 def test_small_image_is_upscaled_like_reference(pipe, tiny, real_gray):
     small = real_gray.crop((100, 80, 137, 103))  # 37 x 23: upscaled to S x S
     out = pipe.run([Sample(encoded=encode(small))])
-    assert_matches_reference(
-        out.work[0], out.seg_input[0], gray16(small), tiny, LOSSLESS_MEAN_TOL, LOSSLESS_P99_TOL
-    )
+    assert_matches_reference(out, 0, gray16(small), tiny)
 
 
 # --------------------------------------------------------------------------- bit depths
@@ -260,15 +260,7 @@ def test_16bit_png_is_decoded_at_full_precision(pipe, tiny, real_gray):
     data = encode(img)
     assert Image.open(io.BytesIO(data.tobytes())).mode == "I;16"  # a real 16-bit PNG
     out = pipe.run([Sample(encoded=data)])
-    assert_matches_reference(
-        out.work[0],
-        out.seg_input[0],
-        a16.astype(np.float32),
-        tiny,
-        LOSSLESS_MEAN_TOL,
-        LOSSLESS_P99_TOL,
-        "16-bit",
-    )
+    assert_matches_reference(out, 0, a16.astype(np.float32), tiny, what="16-bit")
 
 
 def test_minmax_makes_12bit_in_16_look_like_full_16bit(pipe, real_gray):
@@ -306,15 +298,7 @@ def test_fullrange_keeps_absolute_intensity(fullrange, real_gray):
     assert out.work[0].max() <= 4095 / 65535 + 1e-6
     assert math.isclose(out.work[1].max(), a8.max() / 255, abs_tol=0.02)
     for i, a in enumerate((a12.astype(np.float32), gray16(real_gray))):
-        assert_matches_reference(
-            out.work[i],
-            out.seg_input[i],
-            a,
-            models,
-            LOSSLESS_MEAN_TOL,
-            LOSSLESS_P99_TOL,
-            "fullrange",
-        )
+        assert_matches_reference(out, i, a, models, what="fullrange")
 
 
 # --------------------------------------------------------------------------- colour and formats
@@ -345,9 +329,7 @@ def test_colour_png_matches_pillow_gray(pipe, tiny, real_gray, mode):
     decoded = Image.open(io.BytesIO(data.tobytes()))
     assert decoded.mode == mode
     out = pipe.run([Sample(encoded=data)])
-    assert_matches_reference(
-        out.work[0], out.seg_input[0], gray16(decoded), tiny, COLOR_MEAN_TOL, COLOR_P99_TOL, mode
-    )
+    assert_matches_reference(out, 0, gray16(decoded), tiny, COLOR_MEAN_TOL, COLOR_P99_TOL, mode)
 
 
 def test_alpha_is_ignored(pipe, real_gray):
@@ -364,8 +346,8 @@ def test_rgb_jpeg_matches_pillow_gray(pipe, tiny, real_gray):
     decoded = Image.open(io.BytesIO(data.tobytes()))
     assert decoded.mode == "RGB"
     assert_matches_reference(
-        out.work[0],
-        out.seg_input[0],
+        out,
+        0,
         gray16(decoded),
         tiny,
         COLOR_MEAN_TOL + JPEG_MEAN_TOL,
@@ -392,15 +374,7 @@ def test_raw_pixels_equal_encoded_png_of_the_same_pixels(pipe, tiny, real_gray):
     assert_close(out.work[0], out.work[1], LOSSLESS_MEAN_TOL, LOSSLESS_P99_TOL, "16-bit pixels")
     assert_close(out.seg_input[0], out.seg_input[1], LOSSLESS_MEAN_TOL, LOSSLESS_P99_TOL)
     assert_close(out.work[2], out.work[3], LOSSLESS_MEAN_TOL, LOSSLESS_P99_TOL, "8-bit pixels")
-    assert_matches_reference(
-        out.work[0],
-        out.seg_input[0],
-        a16.astype(np.float32),
-        tiny,
-        LOSSLESS_MEAN_TOL,
-        LOSSLESS_P99_TOL,
-        "pixels",
-    )
+    assert_matches_reference(out, 0, a16.astype(np.float32), tiny, what="pixels")
 
 
 def test_sample_without_data_is_a_value_error(pipe):
@@ -428,13 +402,7 @@ def test_hand_built_manifests_with_other_sizes(tiny, real_files):
     assert out.seg_input.shape == (3, 1, 48, 80)
     for i, p in enumerate(files):
         assert_matches_reference(
-            out.work[i],
-            out.seg_input[i],
-            gray16(Image.open(p)),
-            models,
-            JPEG_MEAN_TOL,
-            JPEG_P99_TOL,
-            p.name,
+            out, i, gray16(Image.open(p)), models, JPEG_MEAN_TOL, JPEG_P99_TOL, p.name
         )
 
 

@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import runtime
+from engine.config import ScreenConfig
 from engine.errors import BackendUnavailable, ConfigError, ModelError
 from engine.models import ModelSet, TensorSpec, init_models, load_models
-from engine.runtime import get_backend, resolve_backend
+from engine.runtime import backend_choices, backend_names, get_backend, resolve_backend
+from engine.runtime.base import REGISTRY, Backend, register
 from engine.runtime.null import NullBackend
 from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.runtime.tensorrt import TensorRTBackend, missing_requirements
@@ -60,6 +63,41 @@ def test_unknown_backend_is_a_config_error(name):
     # "auto" is resolved first (resolve_backend); get_backend wants a concrete name
     with pytest.raises(ConfigError, match="choose auto, onnxruntime, tensorrt or null"):
         get_backend(name)
+
+
+def test_every_backend_comes_from_the_registry():
+    assert backend_names() == ("onnxruntime", "tensorrt", "null")
+    assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "null")
+    assert runtime.choices_text() == "auto | onnxruntime | tensorrt | null"
+    # every Backend class in engine/runtime/ is registered (a forgotten @register shows here)
+    found = {cls for cls in _subclasses(Backend) if cls.__module__.startswith("engine.runtime.")}
+    assert found == set(REGISTRY.values()) == {OnnxRuntimeBackend, TensorRTBackend, NullBackend}
+    with pytest.raises(ConfigError, match="--backend must be one of auto, onnxruntime, tensorrt"):
+        ScreenConfig(inputs=(Path("x"),), out=Path("o"), backend="openvino")
+
+
+def _subclasses(cls: type) -> set[type]:
+    direct = set(cls.__subclasses__())
+    return direct.union(*(_subclasses(c) for c in direct))
+
+
+def test_a_registered_backend_is_listed_and_chosen_by_name():
+    @register
+    class EchoBackend(NullBackend):
+        name = "echo"
+        rank = 15
+
+    try:
+        assert backend_names() == ("onnxruntime", "echo", "tensorrt", "null")
+        assert get_backend("echo") is EchoBackend
+        ScreenConfig(inputs=(Path("x"),), out=Path("o"), backend="echo")
+        with pytest.raises(ValueError, match="taken by"):
+            register(type("Other", (NullBackend,), {"name": "echo"}))
+        with pytest.raises(ValueError, match="cannot name a backend"):
+            register(type("Auto", (NullBackend,), {"name": "auto"}))
+    finally:
+        del REGISTRY["echo"]
+    assert "echo" not in backend_choices()
 
 
 def test_resolve_backend():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import dev_images, plain, run_cli, run_cli_subprocess
+from conftest import dev_images, dicom_file, plain, run_cli, run_cli_subprocess
 from PIL import Image
 
 from engine.io.archive import image_key
@@ -125,40 +125,29 @@ def make_dicom(pixels: np.ndarray | None, *, transfer_syntax: str | None = None)
     covering the data: decoding must invert it back to the real image. `pixels=None` leaves out
     Pixel Data; `transfer_syntax` (with pixels=None) writes encapsulated junk under that syntax.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
-    rows, cols = pixels.shape if pixels is not None else (512, 480)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = SOP_UID
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = SOP_UID
-    ds.StudyInstanceUID = STUDY_UID
-    ds.PatientID = PATIENT_ID
-    ds.Modality = "DX"
-    ds.ViewPosition = "PA"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = "2", "-1024"
     # stored = (255 - p) * 16 in 0..4080 -> rescaled -1024..7136; window over exactly that
-    ds.WindowCenter, ds.WindowWidth = "3056", "8161"
+    header = dict(
+        sop_uid=SOP_UID,
+        study_uid=STUDY_UID,
+        patient_id=PATIENT_ID,
+        sop_class=DigitalXRayImageStorageForPresentation,
+        photometric="MONOCHROME1",
+        bits_stored=12,
+        transfer_syntax=transfer_syntax or ExplicitVRLittleEndian,
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        WindowCenter="3056",
+        WindowWidth="8161",
+    )
     if pixels is not None:
-        stored = (255 - pixels.astype(np.uint16)) * 16
-        ds.PixelData = stored.astype("<u2").tobytes()
-        ds["PixelData"].VR = "OW"
-    elif transfer_syntax is not None:
-        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
-        ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+        return dicom_file(((255 - pixels.astype(np.uint16)) * 16).astype("<u2"), **header)
+    junk = None
+    if transfer_syntax is not None:
+        junk = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    return dicom_file(None, encapsulated=junk, Rows=512, Columns=480, **header)
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import statistics
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from conftest import dev_images
+from conftest import dev_images, dicom_file, screen_at_median, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
@@ -34,26 +33,16 @@ SEARCHED = ("source", "member", "patient_id", "study_uid", "sop_uid")
 
 def make_dicom(pixels: np.ndarray) -> bytes:
     """A 12-bit MONOCHROME2 DX DICOM of a real image's pixels, with ids to search for."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = SOP_UID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.PatientID = SOP_UID, STUDY_UID, PATIENT_ID
-    ds.Modality, ds.ViewPosition = "DX", "PA"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).astype("<u2").tobytes()
-    ds["PixelData"].VR = "OW"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_file(
+        (pixels.astype(np.uint16) * 16).astype("<u2"),
+        sop_uid=SOP_UID,
+        study_uid=STUDY_UID,
+        patient_id=PATIENT_ID,
+        sop_class=DigitalXRayImageStorageForPresentation,
+        bits_stored=12,
+    )
 
 
 def build_inputs(root: Path, n_plain: int) -> dict[str, Path]:
@@ -96,37 +85,11 @@ def build_inputs(root: Path, n_plain: int) -> dict[str, Path]:
     }
 
 
-def screen_run(root: Path, models_dir: Path, inputs: Path) -> Path:
-    """Screen `inputs` with a threshold at the median probability, so both decisions occur."""
-    from engine.config import ScreenConfig
-    from engine.io.parquet import read_predictions
-    from engine.runner import screen
-
-    def run(out: Path, threshold: float | None) -> None:
-        config = ScreenConfig(
-            inputs=(inputs,),
-            out=out,
-            models=models_dir,
-            threshold=threshold,
-            shard_size=8,
-            batch_size=8,
-            threads=2,
-            progress=False,
-        )
-        screen(config)
-
-    run(root / "probe", None)
-    probs = read_predictions(root / "probe", ["prob"])["prob"].drop_nulls().to_list()
-    out = root / "out"
-    run(out, statistics.median(probs))
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("serve")
     files = build_inputs(root, n_plain=18)
-    out = screen_run(root, tiny_models_dir, files["dir"])
+    out = screen_at_median(files["dir"], root, tiny_models_dir, shard_size=8, batch_size=8)
     from engine.eval.evaluate import EvalConfig, evaluate
 
     evaluate(
@@ -509,8 +472,6 @@ def test_summary_without_report_and_report_dir_option(run, tmp_path):
 
 def test_new_parts_are_picked_up_while_serving(run, tmp_path):
     """A `cxr screen` still adding to the directory: the next request sees the new rows."""
-    from engine.config import ScreenConfig
-    from engine.runner import screen
     from engine.serve.app import create_app
 
     out = tmp_path / "growing"
@@ -523,15 +484,7 @@ def test_new_parts_are_picked_up_while_serving(run, tmp_path):
     shutil.copy(new, extra / new.name)
     # the run's own threshold: another one on the same directory is refused (issue 16)
     threshold = run["rows"][0]["threshold"]
-    config = ScreenConfig(
-        inputs=(extra,),
-        out=out,
-        models=run["models"],
-        threshold=threshold,
-        progress=False,
-        threads=2,
-    )
-    screen(config)
+    screen_folder([extra], out, run["models"], threshold=threshold)
     got = app.get("/api/images", params={"q": new.name}).json()
     assert app.get("/api/images").json()["total"] == before + 1
     assert got["total"] == 1

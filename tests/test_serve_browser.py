@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import statistics
 import tarfile
 import threading
 import time
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import dev_images
+from conftest import copy_images, dev_images, screen_at_median
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -45,38 +44,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def screened(tmp_path_factory, tiny_models_dir) -> Path:
-    from engine.config import ScreenConfig
-    from engine.io.parquet import read_predictions
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("serve-browser")
-    src = root / "in"
-    src.mkdir()
     real = dev_images(15)
-    for p in real[:14]:
-        shutil.copy(p, src / p.name)
+    src = copy_images(root / "in", real[:14])
     with tarfile.open(src / "archive.tar", "w") as tar:
         tar.add(real[14], arcname=f"scans/{real[14].name}")
     (src / "broken.png").write_text("not an image\n")
 
-    def run(out: Path, threshold: float | None) -> None:
-        config = ScreenConfig(
-            inputs=(src,),
-            out=out,
-            models=tiny_models_dir,
-            threshold=threshold,
-            shard_size=8,
-            threads=2,
-            progress=False,
-        )
-        screen(config)
-
     # the untrained models' probabilities bunch up: a threshold at their median makes both
     # decisions occur, so the decision filter has something to show
-    run(root / "probe", None)
-    probs = read_predictions(root / "probe", ["prob"])["prob"].drop_nulls().to_list()
-    run(root / "out", statistics.median(probs))
-    return root / "out"
+    return screen_at_median(src, root, tiny_models_dir, shard_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,9 @@ from gpu_utils import requires_cupy, requires_tensorrt
 from engine.errors import BackendUnavailable, ModelError
 from engine.models import ModelSet, Variant, init_models
 from engine.runtime import cuda, resolve_backend
-from engine.runtime.tensorrt import (
+from engine.runtime.plans import (
     PLAN_FORMAT,
     PlanManifest,
-    TensorRTBackend,
     default_plans_dir,
     find_plan,
     missing_requirements,
@@ -38,9 +37,14 @@ from engine.runtime.tensorrt import (
     plans_usable,
     read_plan_manifest,
 )
+from engine.runtime.tensorrt import TensorRTBackend
 
 REPO = Path(__file__).resolve().parents[1]
-SCANNED = [REPO / "engine" / "runtime" / "tensorrt.py", REPO / "engine" / "build.py"]
+SCANNED = [
+    REPO / "engine" / "runtime" / "tensorrt.py",
+    REPO / "engine" / "runtime" / "plans.py",
+    REPO / "engine" / "build.py",
+]
 H100 = cuda.GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 TRT = "10.13.0.35"
 
@@ -395,7 +399,7 @@ def test_tensorrt_backend_without_gpu_refuses_at_once(tiny):
 
 def test_stubs_are_not_mistaken_for_tensorrt():
     # tensorrt-stubs installs a code-less `tensorrt` namespace package
-    from engine.runtime.tensorrt import _module_present
+    from engine.runtime.plans import _module_present
 
     try:
         importlib.metadata.distribution("tensorrt-stubs")

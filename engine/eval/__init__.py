@@ -1,6 +1,7 @@
 """`cxr evaluate`: score a screened run against labels.
 
 labels.py (CSV + join), metrics.py (NumPy, as scikit-learn defines them), bootstrap.py (patient
-cluster bootstrap), retrieval.py (index quality), caveats.py, plots.py, report.py (HTML),
-evaluate.py (orchestration), cli.py (the Typer command engine/cli.py registers).
+cluster bootstrap), retrieval.py (index quality), results.py (EvalConfig and what an evaluation
+finds), caveats.py, plots.py, report.py (HTML), evaluate.py (orchestration), cli.py (the Typer
+command engine/cli.py registers).
 """

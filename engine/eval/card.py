@@ -5,24 +5,25 @@
         [--evidence DIR] --out MODEL_CARD.md
     python -m engine.eval.card --models DIR --segmenter-only --out MODEL_CARD.md
 
-Every number comes from those files; nothing is typed in by hand. `python -m engine.eval.release`
-makes those files and renders the card in one command (see there). --eval-int8 is the old name
-of --eval-shipped. --segmenter-only re-renders
+(the same command as `cxr eval card ...`). Every number comes from those files; nothing is typed
+in by hand. `python -m engine.eval.release` makes those files and renders the card in one
+command (see there). --eval-int8 is the old name of --eval-shipped. --segmenter-only re-renders
 just the "## Segmenter" section of an existing card of the same models (after
 `python -m engine.eval.segmentation --write`), leaving the rest as it is.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from engine.console import command_line, run_script
 from engine.errors import ConfigError
 from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models, meets_parity_bar
 
@@ -317,11 +318,6 @@ def _data_counts(card: dict[str, Any]) -> tuple[Any, Any]:
     return images if images is not None else "?", patients if patients is not None else "?"
 
 
-def command_line(module: str) -> str:
-    """The command that is running now, as one shell line (`python -m MODULE ARGS`)."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
-
-
 def render(
     models_dir: Path,
     ev: dict,
@@ -473,63 +469,74 @@ def parse_compare(spec: str) -> Comparison:
     return comparison_from_eval(name.strip(), ev, sc)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--eval", type=Path, help="evaluation of the FP32 reference (test patients)")
-    p.add_argument(
-        "--eval-shipped",
-        "--eval-int8",
-        dest="eval_shipped",
-        type=Path,
-        help="the same evaluation of the shipped export",
-    )
-    p.add_argument("--shortcut", type=Path)
-    p.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR]",
-        help="another classifier scored the same way (repeatable)",
-    )
-    p.add_argument("--evidence", help="where the repository keeps the JSON inputs (footer)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument(
-        "--segmenter-only",
-        action="store_true",
-        help="re-render only the segmenter section of the existing card at --out",
-    )
-    a = p.parse_args()
-    if a.segmenter_only:
-        if a.eval or a.eval_shipped or a.shortcut or a.compare:
-            p.error("--segmenter-only takes no --eval, --eval-shipped, --shortcut or --compare")
+def card_command(
+    ctx: typer.Context,
+    models: Annotated[Path, typer.Option(help="Models directory the card is about.")],
+    out: Annotated[Path, typer.Option(help="The card to write (MODEL_CARD.md).")],
+    eval_json: Annotated[
+        Path | None,
+        typer.Option("--eval", help="Evaluation of the FP32 reference (test patients)."),
+    ] = None,
+    eval_shipped: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval-shipped", "--eval-int8", help="The same evaluation of the shipped export."
+        ),
+    ] = None,
+    shortcut: Annotated[Path | None, typer.Option(help="The shortcut check's JSON.")] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR]",
+            help="Another classifier scored the same way (repeatable).",
+        ),
+    ] = None,
+    evidence: Annotated[
+        str | None, typer.Option(help="Where the repository keeps the JSON inputs (footer).")
+    ] = None,
+    segmenter_only: Annotated[
+        bool,
+        typer.Option(help="Re-render only the segmenter section of the existing card at --out."),
+    ] = False,
+) -> None:
+    """Render a model card from the manifests, `cxr evaluate --json` and the shortcut check."""
+    if segmenter_only:
+        if eval_json or eval_shipped or shortcut or compare:
+            raise typer.BadParameter(
+                "--segmenter-only takes no --eval, --eval-shipped, --shortcut or --compare"
+            )
         try:
-            a.out.write_text(replace_segmenter_section(a.out.read_text(), a.models))
+            out.write_text(replace_segmenter_section(out.read_text(), models))
         except (OSError, ConfigError) as exc:
-            p.error(str(exc))
-        print(f"updated the segmenter section of {a.out}")
+            raise typer.BadParameter(str(exc)) from None
+        print(f"updated the segmenter section of {out}")
         return
-    if a.eval is None:
-        p.error("--eval is required (or --segmenter-only)")
+    if eval_json is None:
+        raise typer.BadParameter("--eval is required (or --segmenter-only)")
     try:
-        ev = json.loads(a.eval.read_text())
-        ev_shipped = json.loads(a.eval_shipped.read_text()) if a.eval_shipped else None
-        sc = json.loads(a.shortcut.read_text()) if a.shortcut else None
-        comparisons = [parse_compare(spec) for spec in a.compare]
+        ev = json.loads(eval_json.read_text())
+        ev_shipped = json.loads(eval_shipped.read_text()) if eval_shipped else None
+        sc = json.loads(shortcut.read_text()) if shortcut else None
+        comparisons = [parse_compare(spec) for spec in compare or ()]
     except (OSError, ValueError, ConfigError) as exc:
-        p.error(str(exc))
+        raise typer.BadParameter(str(exc)) from None
     text = render(
-        a.models,
+        models,
         ev,
         ev_shipped,
         sc,
         comparisons,
-        command=command_line("engine.eval.card"),
-        evidence=a.evidence,
+        command=command_line(ctx),
+        evidence=evidence,
     )
-    a.out.write_text(text)
-    print(f"wrote {a.out}")
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.card ARGS`: the exit code of `cxr eval card ARGS`."""
+    return run_script(card_command, argv, prog="python -m engine.eval.card")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,8 +15,8 @@ import polars as pl
 from engine.eval.metrics import METRIC_LABELS, METRICS
 
 if TYPE_CHECKING:
-    from engine.eval.evaluate import EvalConfig, GroupScore
     from engine.eval.labels import MatchCounts
+    from engine.eval.results import EvalConfig, GroupScore
     from engine.eval.retrieval import Retrieval
 
 FEW_IMAGES = 30  # below this (or below FEW_PER_CLASS of a class) intervals are very wide

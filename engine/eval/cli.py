@@ -1,7 +1,9 @@
-"""The `cxr evaluate` command, registered by engine/cli.py (``app.command("evaluate")(evaluate)``).
+"""The `cxr evaluate` command and the `cxr eval` group (engine/cli.py registers and mounts them).
 
-Same conventions as engine/cli.py: EngineError -> message and exit code 1 through
-`fatal_errors`, a rich table on stdout, or `--json` for a JSON document.
+`cxr evaluate`: EngineError -> message and exit code 1 through engine.console's `fatal_errors`,
+a rich table on stdout, or `--json` for a JSON document. `cxr eval release | card |
+segmentation`: the commands of engine/eval/release.py, card.py and segmentation.py, which also
+run as `python -m engine.eval.NAME`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,32 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from engine.console import config_from_options, fatal_errors, out_console
+from engine.eval.card import card_command
+from engine.eval.release import release_command
+from engine.eval.segmentation import segmentation_command
+
 if TYPE_CHECKING:
-    from engine.eval.evaluate import Evaluation
+    from engine.eval.results import Evaluation
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Release a trained model with its evidence and card (release and segmentation need "
+    "the `train` extra).",
+)
+app.command(
+    "release", help="Pack, parity, test evaluation, shortcut check, card, install in one go."
+)(release_command)
+app.command("card", help="Render a model card from the manifests and evaluation JSONs.")(
+    card_command
+)
+app.command("segmentation", help="Recompute the segmenter's Dice per split against its card.")(
+    segmentation_command
+)
 
 
 def evaluate(
+    ctx: typer.Context,
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT_DIR", help="Output directory of a `cxr screen` run.")
     ],
@@ -50,22 +73,11 @@ def evaluate(
 ) -> None:
     """Score a `cxr screen` run against labels: metrics with patient-bootstrap CIs, per group,
     calibration, retrieval quality of the index; optionally an HTML report."""
-    from engine.cli import fatal_errors, out_console
-    from engine.eval.evaluate import EvalConfig
     from engine.eval.evaluate import evaluate as run_evaluation
+    from engine.eval.results import EvalConfig
 
     with fatal_errors():
-        config = EvalConfig(
-            out=out_dir,
-            labels=labels,
-            images=images,
-            by=by,
-            report=report,
-            seed=seed,
-            bootstrap=bootstrap,
-            k=k,
-        )
-        result = run_evaluation(config)
+        result = run_evaluation(config_from_options(EvalConfig, ctx, out=out_dir))
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
         return

@@ -4,6 +4,8 @@
         --labels LABELS.csv --images ROOT --work WORKDIR [--classifier fp16|int8] \\
         [--compare NAME=OTHER_TRAINED_DIR ...] [--evidence docs/model-eval]
 
+(the same command as `cxr eval release ...`; `python -m` runs it through `main`.)
+
 TRAINED_DIR is what `cxr train segmenter` + `cxr train classifier` wrote (FP32 exports, the INT8
 variant, splits.csv). In WORKDIR, step by step:
 
@@ -27,30 +29,30 @@ new manifests do not name (e.g. classifier.int8.onnx after an fp16 release) are 
 files in --out are left alone. --evidence DIR receives the eval, shortcut and parity-reference
 JSONs (not the runs) so that the repository keeps the inputs of the card.
 
-Needs the train extra (torch) for the parity step.
+Needs the train extra (torch) for the parity step. `cxr` mounts the command, so this module
+imports polars, the evaluation and the shortcut check only when a release runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
 import re
-import shlex
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import polars as pl
+import typer
 
+from engine import runtime
 from engine.config import ScreenConfig, default_threads
-from engine.errors import ConfigError, EngineError
+from engine.console import command_line, config_from_options, fatal_errors, run_script
+from engine.errors import ConfigError
 from engine.eval.card import Comparison, comparison_from_models, render
-from engine.eval.evaluate import EvalConfig, evaluate
-from engine.eval.shortcut import ShortcutConfig, run_check
 from engine.models import (
     ROLES,
     load_manifest,
@@ -68,7 +70,10 @@ PARITY_REFERENCE = "parity-reference.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Model files of a release in --out: what the manifests do not name is stale and removed.
 MODEL_FILES = ("classifier*.onnx", "segmenter*.onnx")
-_C = TypeVar("_C", ScreenConfig, ShortcutConfig)
+_C = TypeVar("_C", ScreenConfig, "ShortcutConfig")
+
+if TYPE_CHECKING:
+    from engine.eval.shortcut import ShortcutConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +197,8 @@ def _norm(p: str) -> str:
 
 def held_out_labels(labels: Path, splits: Path, dest: Path) -> Path:
     """The rows of `labels` whose path `splits` (path, split[, label]) puts in "test"."""
+    import polars as pl
+
     table = pl.read_csv(labels, infer_schema=False)
     parts = pl.read_csv(splits, infer_schema=False)
     for csv, frame, need in (
@@ -231,6 +238,10 @@ def screen_and_evaluate(
     cfg: ReleaseConfig, models: Path, precision: str, test_csv: Path, run: Path
 ) -> dict[str, Any]:
     """`cxr screen` the images of test_csv into a fresh `run`, then `cxr evaluate --by source`."""
+    import polars as pl
+
+    from engine.eval.evaluate import evaluate
+    from engine.eval.results import EvalConfig
     from engine.runner import screen
 
     paths = pl.read_csv(test_csv, infer_schema=False)["path"].to_list()
@@ -241,7 +252,7 @@ def screen_and_evaluate(
         out=run,
         models=models,
         precision=precision,
-        backend=cfg.backend,  # type: ignore[arg-type]  # checked by ScreenConfig
+        backend=cfg.backend,
         threads=cfg.threads,
         progress=False,
     )
@@ -263,6 +274,8 @@ def screen_and_evaluate(
 
 def shortcut_check(cfg: ReleaseConfig, models: Path) -> dict[str, Any]:
     """The shortcut check of the FP32 models of a trained dir on its test split."""
+    from engine.eval.shortcut import ShortcutConfig, run_check
+
     log(f"shortcut check of {models} (fp32) on its test split")
     config = ShortcutConfig(
         models=models,
@@ -401,6 +414,8 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
 
 def _differences(ref: Any, directory: Path, test_csv: Path, other_csv: Path) -> str | None:
     """A note when a comparison is not scored on the same test images or segmenter."""
+    import polars as pl
+
     notes = []
     a = set(pl.read_csv(test_csv, infer_schema=False)["path"].to_list())
     b = set(pl.read_csv(other_csv, infer_schema=False)["path"].to_list())
@@ -437,65 +452,51 @@ def _copy(src: Path, dst: Path) -> None:
 def _compare(spec: str) -> tuple[str, Path]:
     name, sep, directory = spec.partition("=")
     if not sep or not name or not directory:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=TRAINED_DIR")
+        raise typer.BadParameter(f"{spec!r}: expected NAME=TRAINED_DIR", param_hint="--compare")
     return name, Path(directory)
 
 
-def parse_args(argv: list[str]) -> ReleaseConfig:
-    p = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--trained", type=Path, required=True, help="trained models dir (FP32)")
-    p.add_argument("--out", type=Path, required=True, help="where the release goes")
-    p.add_argument("--labels", type=Path, required=True, help="labels CSV of the training")
-    p.add_argument("--images", type=Path, required=True, help="root of the CSV's paths")
-    p.add_argument("--work", type=Path, required=True, help="scratch dir for runs and JSONs")
-    p.add_argument("--classifier", choices=("fp16", "int8"), default="fp16")
-    p.add_argument(
-        "--compare",
-        type=_compare,
-        action="append",
-        default=[],
-        metavar="NAME=TRAINED_DIR",
-        help="another trained classifier to score the same way (repeatable)",
-    )
-    p.add_argument("--evidence", type=Path, help="copy the eval/shortcut JSONs here")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--decoder", help="preprocessing (default: that of `cxr screen`)")
-    p.add_argument("--threads", type=int, default=default_threads())
-    p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+def release_command(
+    ctx: typer.Context,
+    trained: Annotated[Path, typer.Option(help="Trained models directory (FP32 exports).")],
+    out: Annotated[Path, typer.Option(help="Where the release goes (e.g. engine/models).")],
+    labels: Annotated[Path, typer.Option(help="Labels CSV of the training.")],
+    images: Annotated[Path, typer.Option(help="Root of the CSV's paths.")],
+    work: Annotated[Path, typer.Option(help="Scratch folder for the runs and JSONs.")],
+    classifier: Annotated[
+        str, typer.Option(help="fp16 | int8: the classifier export that ships.")
+    ] = "fp16",
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=TRAINED_DIR",
+            help="Another trained classifier to score the same way (repeatable).",
+        ),
+    ] = None,
+    evidence: Annotated[
+        Path | None, typer.Option(help="Copy the eval, shortcut and parity JSONs here.")
+    ] = None,
+    backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
+    decoder: Annotated[
+        str | None, typer.Option(help="Preprocessing (default: that of `cxr screen`).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Patient bootstrap resamples for the CIs.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Ship a trained model: pack, parity, test evaluation, shortcut check, model card."""
     try:
-        return ReleaseConfig(
-            trained=a.trained,
-            out=a.out,
-            labels=a.labels,
-            images=a.images,
-            work=a.work,
-            classifier=a.classifier,
-            compare=tuple(a.compare),
-            evidence=a.evidence,
-            backend=a.backend,
-            decoder=a.decoder,
-            threads=a.threads,
-            bootstrap=a.bootstrap,
-            seed=a.seed,
-            command=shlex.join(["python", "-m", MODULE, *argv]),
+        cfg = config_from_options(
+            ReleaseConfig,
+            ctx,
+            compare=tuple(_compare(spec) for spec in compare or ()),
+            threads=default_threads() if threads is None else threads,
+            command=command_line(ctx),
         )
-    except ConfigError as exc:
-        p.error(str(exc))
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+    except ConfigError as exc:  # a usage error (exit code 2), as the options are checked
+        raise typer.BadParameter(str(exc)) from None
+    with fatal_errors():
         result = release(cfg)
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     text = result.card.read_text()
     sections = [s for s in text.split("\n## ") if s.startswith("Comparison: ")]
     for s in sections:
@@ -508,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.removed:
         print(f"removed stale: {', '.join(result.removed)}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.release ARGS`: the exit code of `cxr eval release ARGS`."""
+    return run_script(release_command, argv, prog=f"python -m {MODULE}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from engine.eval import plots
 from engine.eval.bootstrap import METHOD
 
 if TYPE_CHECKING:
-    from engine.eval.evaluate import Evaluation, GroupScore
+    from engine.eval.results import Evaluation, GroupScore
 
 LABELS = m.METRIC_LABELS
 

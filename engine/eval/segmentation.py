@@ -3,8 +3,10 @@
     python -m engine.eval.segmentation --models DIR --masks MASKS [--labels LABELS.csv]
         [--threads 2] [--resamples 2000] [--seed S] [--write [--replace]]
 
-`dice_summary` is what `cxr train segmenter` stores per split in the segmenter's card. The entry
-point recomputes it for an existing models directory: per-image hard Dice of DIR's segmenter
+(the same command as `cxr eval segmentation ...`).
+
+engine.eval.dice.dice_summary is what `cxr train segmenter` stores per split in the segmenter's
+card. This recomputes it for an existing models directory: per-image hard Dice of DIR's segmenter
 scored exactly as the trainer scores it (engine.train.segmenter.decode_pairs + served_dice: the
 engine's Preprocessor, masks resized bilinear then >= 0.5, the exported ONNX under ONNX Runtime
 FP32) on the pairs of each split of DIR/segmenter_splits.csv, and prints them beside the values
@@ -19,82 +21,23 @@ was given) and the card's seed; the rebuilt split must give the card's image and
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
+import typer
 
-from engine.errors import ConfigError, EngineError
-from engine.eval.bootstrap import CONFIDENCE, cluster_bootstrap, patient_codes
+from engine.console import fatal_errors, run_script
+from engine.errors import ConfigError
+from engine.eval.dice import BOOTSTRAP_RESAMPLES, dice_definition
 from engine.train.splits import SPLITS
 
 if TYPE_CHECKING:
     from engine.train.data import MaskPair
 
-BOOTSTRAP_RESAMPLES = 2000
 MATCH_TOL = 1e-6  # the same ONNX Runtime build reproduces the stored Dice to rounding
-DICE_DEFINITION = (
-    "hard Dice per image at the segmenter's input size (mask resized bilinear, >= 0.5), "
-    "exported model under ONNX Runtime FP32"
-)
-
-
-def dice_definition(*, seed: int, resamples: int) -> str:
-    """The card's metrics definition: the Dice and how its interval was made."""
-    return (
-        f"{DICE_DEFINITION}; ci95: {CONFIDENCE:.0%} percentile bootstrap of the split's mean "
-        "Dice, resampling its patients with replacement (all images of each drawn patient; "
-        f"engine.eval.bootstrap), {resamples} resamples, seed {seed}"
-    )
-
-
-def dice_summary(
-    dice: np.ndarray,
-    patients: Sequence[object],
-    *,
-    rng: np.random.Generator,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, Any]:
-    """images, patients, mean, min, median of per-image Dice, and ci95 (None with 0 resamples):
-    the percentile interval of the mean over patient-bootstrap resamples."""
-    dice = np.asarray(dice, np.float64).reshape(-1)
-    if dice.size == 0 or dice.size != len(patients):
-        raise ValueError(f"need one patient per Dice value, got {dice.size} and {len(patients)}")
-    codes = patient_codes(patients)
-    ci = cluster_bootstrap(
-        lambda idx: {"mean": float(dice[idx].mean())}, codes, resamples=resamples, rng=rng
-    ).get("mean")
-    return {
-        "images": int(dice.size),
-        "patients": int(codes.max()) + 1,
-        "mean": float(dice.mean()),
-        "min": float(dice.min()),
-        "median": float(np.median(dice)),
-        "ci95": ci.to_json() if ci is not None else None,
-    }
-
-
-def dice_summaries(
-    per_split: Mapping[str, tuple[np.ndarray, Sequence[object]]],
-    *,
-    seed: int,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, dict[str, Any]]:
-    """`dice_summary` per split (train, val, test order), each split with its own stream of
-    np.random.SeedSequence(seed), so a split's interval does not depend on the others."""
-    unknown = sorted(set(per_split) - set(SPLITS))
-    if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; expected {SPLITS}")
-    streams = np.random.SeedSequence(seed).spawn(len(SPLITS))
-    return {
-        name: dice_summary(*per_split[name], rng=np.random.default_rng(stream), resamples=resamples)
-        for name, stream in zip(SPLITS, streams, strict=True)
-        if name in per_split
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,31 +226,29 @@ def format_table(result: SegmenterDice) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.eval.segmentation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--models", type=Path, required=True, help="models directory")
-    p.add_argument("--masks", type=Path, required=True, help="mask folder or index CSV")
-    p.add_argument("--labels", type=Path, help="labels CSV, to rebuild a missing split file")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES)
-    p.add_argument("--seed", type=int, help="bootstrap seed (default: the card's split seed)")
-    p.add_argument("--write", action="store_true", help="store the result in the segmenter card")
-    p.add_argument(
-        "--replace", action="store_true", help="with --write: also when the card's values differ"
-    )
-    a = p.parse_args(argv)
-    try:
+def segmentation_command(
+    models: Annotated[Path, typer.Option(help="Models directory.")],
+    masks: Annotated[Path, typer.Option(help="Mask folder or index CSV.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels CSV, to rebuild a missing split file.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    resamples: Annotated[int, typer.Option(help="Patient bootstrap resamples.")] = (
+        BOOTSTRAP_RESAMPLES
+    ),
+    seed: Annotated[
+        int | None, typer.Option(help="Bootstrap seed (default: the card's split seed).")
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Store the result in the segmenter card.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--replace", help="With --write: also when the card's values differ."),
+    ] = False,
+) -> None:
+    """Recompute the segmenter's Dice per split (as the trainer scores it) beside its card's."""
+    with fatal_errors():
         result = recompute(
-            a.models,
-            a.masks,
-            labels=a.labels,
-            threads=a.threads,
-            seed=a.seed,
-            resamples=a.resamples,
+            models, masks, labels=labels, threads=threads, seed=seed, resamples=resamples
         )
         print(f"split: {result.split_from}")
         for image, why in result.skipped.items():
@@ -320,17 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("recomputed Dice differs from the card:\n  " + "\n  ".join(diffs))
         else:
             print(f"recomputed Dice matches the card (to {MATCH_TOL:g})")
-        if a.write:
-            if diffs and not a.replace:
+        if write:
+            if diffs and not overwrite:
                 raise ConfigError(
                     "not writing: the recomputed Dice does not reproduce the card's (above); "
                     "check --masks, or pass --replace to store the recomputed values"
                 )
-            print(f"wrote {write_metrics(a.models, result)}")
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            print(f"wrote {write_metrics(models, result)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.segmentation ARGS`: the exit code of `cxr eval segmentation ARGS`."""
+    return run_script(segmentation_command, argv, prog="python -m engine.eval.segmentation")
 
 
 if __name__ == "__main__":

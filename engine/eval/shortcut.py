@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +35,9 @@ import numpy as np
 import polars as pl
 import typer
 
+from engine import runtime
 from engine.config import default_threads
+from engine.console import fatal_errors, out_console, run_script
 from engine.errors import ConfigError, EngineError
 from engine.eval.bootstrap import METHOD, Interval, cluster_bootstrap, patient_codes
 from engine.eval.labels import read_labels
@@ -439,8 +441,6 @@ def print_tables(r: ShortcutResult) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from engine.cli import out_console
-
     t = Table(title="ROC AUC (95% CI, patient bootstrap)", title_justify="left")
     for col in ("group", "comparison", "images", "as is", "lungs masked", "lungs only"):
         t.add_column(col, justify="left" if col in ("group", "comparison") else "right")
@@ -481,7 +481,7 @@ def shortcut(
         Path | None, typer.Option(help="CSV with path, split (default: MODELS/splits.csv).")
     ] = None,
     split: Annotated[str | None, typer.Option(help="Only images of this split, e.g. test.")] = None,
-    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt")] = "auto",
+    backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     decoder: Annotated[str, typer.Option(help="auto | dali | pillow | pillow-draft")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Decision threshold.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
@@ -490,8 +490,6 @@ def shortcut(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Shortcut-learning check: AUC as is, with the lungs masked out, and lungs only."""
-    from engine.cli import fatal_errors
-
     with fatal_errors():
         cfg = ShortcutConfig(
             models=models, labels=labels, images=images, splits=splits, split=split,
@@ -505,9 +503,10 @@ def shortcut(
         print_tables(result)
 
 
-def main() -> None:
-    typer.run(shortcut)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.shortcut ARGS`: the command's exit code."""
+    return run_script(shortcut, argv, prog="python -m engine.eval.shortcut")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

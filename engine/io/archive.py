@@ -41,7 +41,7 @@ Errors
 Memory
   Nothing is extracted to disk; members are read into memory one at a time. Tar archives are read
   in one sequential pass (mode "r|*"), so a .tar.gz is never decompressed twice or seeked in.
-  What grows with the input is the set of keys already seen (about 150 bytes per item, measured).
+  What grows with the input is the set of keys already seen (per item: docs/measurements.md).
 """
 
 from __future__ import annotations

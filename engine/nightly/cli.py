@@ -12,6 +12,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from engine.console import fatal_errors, out_console
+
 
 def runs(
     out: Annotated[Path, typer.Argument(help="Output directory of cxr screen.")],
@@ -22,7 +24,6 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """The runs recorded in OUT/run.json: counts, speed, models, changes and drift per run."""
-    from engine.cli import fatal_errors
     from engine.nightly import runs as recorded
 
     with fatal_errors():
@@ -33,12 +34,6 @@ def runs(
         _print_run(doc)
     else:
         _print_runs(out, doc["runs"])
-
-
-def _console():
-    from engine.cli import out_console
-
-    return out_console
 
 
 def _time(iso: str | None) -> str:
@@ -90,7 +85,7 @@ def drift_word(d: dict[str, Any] | None) -> str:
 
 
 def _print_runs(out: Path, views: list[dict[str, Any]]) -> None:
-    console = _console()
+    console = out_console
     if not views:
         console.print(f"no runs recorded in {escape(str(out))}")
         return
@@ -147,7 +142,7 @@ def _table(title: str | None) -> Table:
 
 
 def _print_run(doc: dict[str, Any]) -> None:
-    console = _console()
+    console = out_console
     v = doc["run"]
     images = v["images"]
     console.print(
@@ -171,7 +166,7 @@ def _print_run(doc: dict[str, Any]) -> None:
 
 def _rows_table(title: str, rows: list[dict[str, Any]], extra: list[str]) -> None:
     if not rows:
-        _console().print(f"{title}: none", highlight=False)
+        out_console.print(f"{title}: none", highlight=False)
         return
     table = _table(title)
     for col in ("key", "source", "member", *extra):
@@ -186,6 +181,6 @@ def _rows_table(title: str, rows: list[dict[str, Any]], extra: list[str]) -> Non
             superseded = True
             cells[0] += " *"
         table.add_row(*cells)
-    _console().print(table)
+    out_console.print(table)
     if superseded:
-        _console().print("  * superseded: the file was rescreened by a later run")
+        out_console.print("  * superseded: the file was rescreened by a later run")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.runtime.base import Backend
+from engine.runtime.base import Backend, register
 
 
+@register
 class NullBackend(Backend):
     name = "null"
+    rank = 90  # last: it measures the harness, it does not screen
 
     def load(self) -> None:
         self._shapes = {t.name: tuple(t.shape[1:]) for t in self.manifest.outputs}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import ModelError
-from engine.runtime.base import Backend
+from engine.runtime.base import Backend, register
 
 
+@register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    rank = 10  # first: the embedded default
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -30,19 +32,11 @@ class OnnxRuntimeBackend(Backend):
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
-        self._check_names()
-
-    def _check_names(self) -> None:
-        got_in = {i.name for i in self._session.get_inputs()}
-        got_out = {o.name for o in self._session.get_outputs()}
-        want_in = {t.name for t in self.manifest.inputs}
-        want_out = {t.name for t in self.manifest.outputs}
-        if not want_in <= got_in or not want_out <= got_out:
-            raise ModelError(
-                f"{self.manifest.onnx_path}: tensors do not match the manifest: model has "
-                f"inputs {sorted(got_in)} / outputs {sorted(got_out)}, manifest names "
-                f"{sorted(want_in)} / {sorted(want_out)}"
-            )
+        self.check_names(
+            path,
+            (i.name for i in self._session.get_inputs()),
+            (o.name for o in self._session.get_outputs()),
+        )
         self._outputs = [t.name for t in self.manifest.outputs]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from engine.console import err_console, fatal_errors, out_console
+
 
 def serve(
     out_dir: Annotated[
@@ -35,7 +37,6 @@ def serve(
     ] = 64,
 ) -> None:
     """Review a screening run in the browser: table, cases, similar cases, summary."""
-    from engine.cli import err_console, fatal_errors, out_console
     from engine.errors import ConfigError, EngineError
 
     with fatal_errors():

@@ -14,8 +14,8 @@ commits. The text columns (paths, DICOM ids, errors) stay on disk:
 * a deep page (offset beyond 20 000) sorts fully once and keeps that order for the next pages;
 * counts come from the slim frame; the summary is kept until the parts change.
 
-Measured on 10^6 rows in 3907 parts, 2 cores: first request 1-2 s (building the slim frame),
-then 10-600 ms a page, up to about 2 s for a new free-text search.
+The first request pays for building the slim frame, the later ones for a page or a scan
+(latencies measured on 10^6 rows: docs/measurements.md).
 
 Only current rows are shown: a file rescreened by `cxr screen --rescreen-changed` has its old row
 in an earlier part, which `parquet.current` (the highest-numbered part wins) leaves out of the
@@ -526,7 +526,8 @@ def _read_slim(parts: list[tuple[int, Path]]) -> pl.DataFrame:
         .select(*SLIM_COLUMNS, "file")
         .collect()
     )
-    # Series.replace_strict: the same in an expression context costs 30x more (polars 2.1)
+    # Series.replace_strict: the same in an expression context costs far more (measured:
+    # docs/measurements.md)
     part = df["file"].replace_strict(number_of, return_dtype=pl.Int32()).alias("part")
     status = df["status"].cast(STATUS, strict=False)
     return df.drop("file").with_columns(status, part)

@@ -9,7 +9,8 @@ not mirror-symmetric (heart on the left), and nothing has shown that flips help 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,17 +141,9 @@ class Acquisition:
 
     @classmethod
     def off(cls) -> Acquisition:
-        return cls(
-            curve_p=0.0,
-            equalize_p=0.0,
-            match_p=0.0,
-            downscale_p=0.0,
-            blur_p=0.0,
-            jpeg_p=0.0,
-            noise_p=0.0,
-            marker_p=0.0,
-            border_p=0.0,
-        )
+        """Every transform's probability 0 (the fields named *_p)."""
+        zero: dict[str, Any] = {f.name: 0.0 for f in fields(cls) if f.name.endswith("_p")}
+        return replace(cls(), **zero)
 
 
 def _u(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:

@@ -13,7 +13,7 @@ import csv
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ from engine.models import (
 from engine.train import loop
 from engine.train.augment import Acquisition, CropAugment
 from engine.train.cache import open_or_build
+from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData, fit, train_batch
 from engine.train.data import log
-from engine.train.datasets import HOLDOUT, UNSEEN, LabelSet, load_sets, parse_group
+from engine.train.datasets import HOLDOUT, UNSEEN, load_sets
 from engine.train.export import (
     PARITY_INPUTS,
     Int8Recipe,
@@ -49,7 +50,7 @@ from engine.train.export import (
 from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
 from engine.train.metrics import THRESHOLD_RULE, binary_metrics, youden_threshold
 from engine.train.segmenter import SPLITS_FILE as SEGMENTER_SPLITS
-from engine.train.specs import CLASSIFIER_ARCHS, classifier_manifest
+from engine.train.specs import classifier_manifest
 from engine.train.splits import SPLITS
 
 SPLITS_FILE = "splits.csv"
@@ -74,77 +75,6 @@ METRICS_NOTE = (
     "(every positive is ieee8023), so read the per-source rows"
 )
 PARTS = (*SPLITS, HOLDOUT, UNSEEN)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClassifierTrainConfig:
-    labels: Path
-    images: Path
-    segmenter: Path
-    out: Path
-    epochs: int = 80
-    seed: int = 0
-    arch: str = "resnet50"
-    max_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    # = epochs: run the whole schedule and keep the best validation epoch. On a validation
-    # split of ~50 images the ROC AUC jumps by up to 0.3 between epochs; with patience 20 the
-    # shipped run would have stopped at epoch 24 on a lucky epoch 4 (AUC 0.88, loss 0.64).
-    patience: int = 80
-    hflip: bool = False  # off: anatomy is not mirror-symmetric; turn on only if val shows a gain
-    calibration_images: int = 256
-    int8_tune_epochs: int = 12  # 0: calibration only
-    threads: int = 2
-    precision: str = "auto"
-    # Further labelled sets (training data; a seeded slice per source held out), see datasets.py
-    extra: tuple[LabelSet, ...] = ()
-    holdout: float = 0.05
-    exclude: tuple[str, ...] = ()  # SOURCE:LABEL groups never trained on (leave-one-source-out)
-    cache: Path | None = None  # crop cache folder (default: OUT/crop-cache)
-    epoch_images: int | None = None  # draws per epoch (default: the training images)
-    source_balance: float = 0.5  # 0: sources as in the data, 1: equal per source, per class
-    select_source: str | None = None  # choose the epoch on this source's validation images
-    acquisition: bool = True  # randomise the acquisition look (augment.Acquisition)
-    standardize: bool = True  # per-image standardisation inside the network
-    resume: bool = False
-
-    @property
-    def augment(self) -> CropAugment:
-        return CropAugment(hflip=self.hflip)
-
-    @property
-    def sets(self) -> tuple[LabelSet, ...]:
-        return (LabelSet(self.labels, self.images), *self.extra)
-
-    @property
-    def excluded(self) -> tuple[tuple[str, int], ...]:
-        return tuple(parse_group(g) for g in self.exclude)
-
-    def __post_init__(self) -> None:
-        loop.check_common(
-            arch=self.arch,
-            archs=CLASSIFIER_ARCHS,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            patience=self.patience,
-            max_steps=self.max_steps,
-        )
-        if self.calibration_images < 1:
-            raise ConfigError(
-                f"--calibration-images must be at least 1, not {self.calibration_images}"
-            )
-        if self.int8_tune_epochs < 0:
-            raise ConfigError(f"--int8-tune-epochs must be 0 or more, not {self.int8_tune_epochs}")
-        if self.epoch_images is not None and self.epoch_images < self.batch_size:
-            raise ConfigError(
-                f"--epoch-images must be at least --batch-size ({self.batch_size}), "
-                f"not {self.epoch_images}"
-            )
-        if not 0.0 <= self.source_balance <= 1.0:
-            raise ConfigError(f"--source-balance must be in [0, 1], not {self.source_balance}")
-        _ = self.excluded  # parse now: a typo fails before hours of decoding
 
 
 def load_segmenter(directory: Path) -> Manifest:
@@ -555,13 +485,7 @@ def _training_card(
     precision: str,
 ) -> dict[str, Any]:
     rates = [h["img_per_s"] for h in history]
-    return {
-        "epochs_max": cfg.epochs,
-        "epochs_run": len(history),
-        "best_epoch": stopper.best_epoch,
-        "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+    return loop.schedule_card(cfg, stopper, len(history)) | {
         "early_stopping": f"validation ROC AUC, patience {cfg.patience}",
         "selection": "validation ROC AUC"
         + (f" of source {cfg.select_source} only" if cfg.select_source else ""),

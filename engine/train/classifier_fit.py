@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +27,11 @@ from engine.errors import ConfigError
 from engine.models import Manifest
 from engine.train import loop, sampling
 from engine.train.augment import Acquisition, CropAugment, acquisition, augment_crops
+from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.data import LabelledImage, crops01, jitter_boxes, log, normalise
 from engine.train.datasets import HOLDOUT
 from engine.train.metrics import binary_metrics
 from engine.train.resnet import build_classifier
-
-if TYPE_CHECKING:
-    from engine.train.classifier import ClassifierTrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 

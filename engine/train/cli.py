@@ -1,8 +1,9 @@
-"""Typer commands `cxr train segmenter`, `cxr train classifier` and `cxr train int8`.
+"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8, parity (engine/cli.py
+mounts `app`).
 
-engine/cli.py registers these functions; they only map options onto a config and call the
-trainer inside engine.cli.fatal_errors, so EngineError becomes a message and exit code 1.
-torch is imported only when a command runs.
+The commands only map options onto a config and call the trainer inside
+engine.console.fatal_errors, so EngineError becomes a message and exit code 1. torch is imported
+only when a command runs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,25 @@ from typing import Annotated
 
 import typer
 
-from engine.errors import ConfigError
+from engine.console import config_from_options, fatal_errors
+from engine.train import require_torch
+from engine.train.parity import parity_command
 
+app = typer.Typer(
+    no_args_is_help=True, help="Train the segmenter and the classifier (needs the `train` extra)."
+)
+
+# Options both trainers (or all three train commands) take; their defaults are the command's.
+OutDir = Annotated[
+    str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
+]
+MaskIndex = Annotated[
+    Path, typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder.")
+]
+ImagesRoot = Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")]
+Epochs = Annotated[int, typer.Option(help="Maximum epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Images per step.")]
+LearningRate = Annotated[float, typer.Option(help="Peak AdamW learning rate.")]
 Threads = Annotated[
     int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores).")
 ]
@@ -33,73 +51,46 @@ MaxSteps = Annotated[
 ]
 
 
-def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"training needs PyTorch ({exc}); install the train extra: pip install -e '.[train]'"
-        ) from None
-
-
 def _threads(threads: int | None) -> int:
     from engine.config import check_threads, default_threads
 
     return check_threads(threads) if threads else default_threads()
 
 
+@app.command("segmenter", help="Train the lung U-Net on image/mask pairs.")
 def train_segmenter(
-    masks: Annotated[
-        Path,
-        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
-    ],
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
-    ],
+    ctx: typer.Context,
+    masks: MaskIndex,
+    out: OutDir,
     labels: Annotated[
         Path | None,
         typer.Option(help="The classifier's labels CSV: share its patient split (recommended)."),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+    epochs: Epochs = 60,
     seed: Seed = 0,
     arch: Annotated[str, typer.Option(help="unet | tiny-unet")] = "unet",
     max_steps: MaxSteps = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    batch_size: BatchSize = 8,
+    lr: LearningRate = 1e-3,
     patience: Annotated[int, typer.Option(help="Epochs without a better val Dice.")] = 12,
     threads: Threads = None,
     precision: Precision = "auto",
 ) -> None:
     """Train the lung U-Net on image/mask pairs; write segmenter.onnx + segmenter.json."""
-    from engine.cli import fatal_errors
     from engine.config import output_path
 
     with fatal_errors():
         out_dir = output_path(out)
-        _require_torch()
+        require_torch()
         from engine.train.segmenter import SegmenterTrainConfig
         from engine.train.segmenter import train_segmenter as run
 
-        run(
-            SegmenterTrainConfig(
-                masks=masks,
-                out=out_dir,
-                labels=labels,
-                epochs=epochs,
-                seed=seed,
-                arch=arch,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                lr=lr,
-                patience=patience,
-                threads=_threads(threads),
-                precision=precision,
-            )
-        )
+        run(config_from_options(SegmenterTrainConfig, ctx, out=out_dir, threads=_threads(threads)))
 
 
+@app.command("classifier", help="Train the ResNet50 on lung crops.")
 def train_classifier(
+    ctx: typer.Context,
     labels: Annotated[
         list[Path],
         typer.Option(
@@ -111,9 +102,7 @@ def train_classifier(
     segmenter: Annotated[
         Path, typer.Option(help="Models directory holding the trained segmenter.json.")
     ],
-    out: Annotated[
-        str, typer.Option("--out", "-o", metavar="DIR", help="Models directory to write.")
-    ],
+    out: OutDir,
     images: Annotated[
         list[Path] | None,
         typer.Option(
@@ -121,15 +110,15 @@ def train_classifier(
             "the same order (default: each CSV's own folder)."
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 80,
+    epochs: Epochs = 80,
     seed: Seed = 0,
     arch: Annotated[
         str,
         typer.Option(help="resnet50 | tiny-classifier | efficientnet-lite0 (ImageNet-pretrained)"),
     ] = "resnet50",
     max_steps: MaxSteps = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    batch_size: BatchSize = 16,
+    lr: LearningRate = 5e-4,
     patience: Annotated[
         int,
         typer.Option(
@@ -189,64 +178,45 @@ def train_classifier(
     precision: Precision = "auto",
 ) -> None:
     """Train the classifier on lung crops; write classifier.onnx (+ INT8) + classifier.json."""
-    from engine.cli import fatal_errors
     from engine.config import output_path
 
     with fatal_errors():
         out_dir = output_path(out)
-        _require_torch()
+        require_torch()
         from engine.train.classifier import ClassifierTrainConfig
         from engine.train.classifier import train_classifier as run
         from engine.train.datasets import pair_sets
 
         sets = pair_sets(labels, images or [])
         run(
-            ClassifierTrainConfig(
+            config_from_options(
+                ClassifierTrainConfig,
+                ctx,
                 labels=sets[0].labels,
                 images=sets[0].images,
                 extra=sets[1:],
-                segmenter=segmenter,
                 out=out_dir,
-                epochs=epochs,
-                seed=seed,
-                arch=arch,
-                max_steps=max_steps,
-                batch_size=batch_size,
-                lr=lr,
-                patience=patience,
-                hflip=hflip,
-                epoch_images=epoch_images,
-                source_balance=source_balance,
-                select_source=select_source,
                 exclude=tuple(exclude_from_training or ()),
-                holdout=holdout,
-                acquisition=acquisition,
-                standardize=standardize,
-                cache=cache,
-                resume=resume,
-                calibration_images=calibration_images,
-                int8_tune_epochs=int8_tune_epochs,
                 threads=_threads(threads),
-                precision=precision,
             )
         )
 
 
+@app.command("int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity).")
 def train_int8(
     models: Annotated[
         Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
     ],
     labels: Annotated[Path, typer.Option(help="The labels CSV the classifier was trained on.")],
-    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    images: ImagesRoot,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
     threads: Threads = None,
 ) -> None:
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
-    from engine.cli import fatal_errors
 
     with fatal_errors():
-        _require_torch()
+        require_torch()
         from engine.train.classifier import requantize_int8
 
         m = requantize_int8(
@@ -264,26 +234,22 @@ def train_int8(
         )
 
 
+@app.command("segmenter-int8", help="INT8 export of the segmenter, with box IoU and Dice parity.")
 def train_segmenter_int8(
     models: Annotated[
         Path, typer.Option(help="Models directory with the FP32 segmenter and splits.csv.")
     ],
-    masks: Annotated[
-        Path,
-        typer.Option(help="Mask index CSV (image_path, mask_path, patient_id) or its folder."),
-    ],
+    masks: MaskIndex,
     labels: Annotated[Path, typer.Option(help="Labels CSV: the images box IoU is measured on.")],
-    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    images: ImagesRoot,
     calibration_images: Annotated[
         int, typer.Option(help="Mask images of training patients to calibrate on.")
     ] = 64,
     threads: Threads = None,
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
-    from engine.cli import fatal_errors
-
     with fatal_errors():
-        _require_torch()
+        require_torch()
         from engine.train.segmenter_int8 import export_segmenter_int8
 
         par = export_segmenter_int8(
@@ -299,3 +265,9 @@ def train_segmenter_int8(
             f"{par['images']} images, Dice drop {par['dice_drop']:.4f}; meets the bar: "
             f"{'yes' if par['meets_bar'] else 'no'}"
         )
+
+
+app.command(
+    "parity",
+    help="Parity of a packed classifier with its FP32 export (python -m engine.train.parity).",
+)(parity_command)

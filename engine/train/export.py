@@ -142,8 +142,8 @@ class _Calibration:
     """onnxruntime CalibrationDataReader over an array of inputs, in batches. It also serves
     quantize_static's strided calibration (len + set_range, in batches): ORT then collects one
     batch at a time and merges ranges/histograms, so memory stays one batch of activations
-    (Percentile and Entropy otherwise keep every activation of every input: >21 GB for 256
-    ResNet50 crops)."""
+    (Percentile and Entropy otherwise keep every activation of every input: tens of GB for a
+    few hundred ResNet50 crops, docs/measurements.md)."""
 
     def __init__(self, x: np.ndarray, batch: int = 16) -> None:
         self._x, self._batch = x, batch

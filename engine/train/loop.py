@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -121,26 +121,49 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_common(
-    *,
-    arch: str,
-    archs: tuple[str, ...],
-    epochs: int,
-    batch_size: int,
-    patience: int,
-    max_steps: int | None,
-) -> None:
+class Schedule(Protocol):
+    """The options both trainers' configs have (SegmenterTrainConfig, ClassifierTrainConfig)."""
+
+    @property
+    def arch(self) -> str: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def max_steps(self) -> int | None: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def patience(self) -> int: ...
+
+
+def check_common(cfg: Schedule, archs: tuple[str, ...]) -> None:
     """The option checks both trainers share; ConfigError names the option."""
-    if arch not in archs:
-        raise ConfigError(f"--arch must be one of {', '.join(archs)}, not {arch!r}")
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1, not {epochs}")
-    if batch_size < 2:
-        raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), not {batch_size}")
-    if patience < 1:
-        raise ConfigError(f"--patience must be at least 1, not {patience}")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"--max-steps must be at least 1, not {max_steps}")
+    if cfg.arch not in archs:
+        raise ConfigError(f"--arch must be one of {', '.join(archs)}, not {cfg.arch!r}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, not {cfg.epochs}")
+    if cfg.batch_size < 2:
+        raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), not {cfg.batch_size}")
+    if cfg.patience < 1:
+        raise ConfigError(f"--patience must be at least 1, not {cfg.patience}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, not {cfg.max_steps}")
+
+
+def schedule_card(cfg: Schedule, stopper: EarlyStopping, epochs_run: int) -> dict[str, Any]:
+    """The first entries of both trainers' training card: the schedule that ran."""
+    return {
+        "epochs_max": cfg.epochs,
+        "epochs_run": epochs_run,
+        "best_epoch": stopper.best_epoch,
+        "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
+        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+    }
 
 
 @dataclass(frozen=True, slots=True)

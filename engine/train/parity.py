@@ -3,6 +3,8 @@
     python -m engine.train.parity --models TRAINED_DIR --packed PACKED_DIR \
         --labels LABELS.csv --images ROOT [--write]
 
+(the same command as `cxr train parity ...`).
+
 Both classifiers score the same served lung crops of every labelled image (the engine pipeline,
 the trained segmenter, engine.stages.crop: exactly what `cxr train classifier` measures INT8
 parity on), and the packed export is compared with the FP32 one: same decision at the manifest's
@@ -10,28 +12,36 @@ threshold, ROC AUC of each, probabilities, embedding cosine; each export the pac
 lists (its own and its variants) is measured. --write records the results in the packed
 manifest's card under each precision (e.g. card["fp16"]["parity"]) and in the variant entries;
 the ONNX files are unchanged.
+
+`cxr` mounts the command, so torch (the train extra) is imported only when parity is measured.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+import typer
 
+from engine.console import fatal_errors, run_script
 from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
-from engine.train.classifier import CropData, reference_outputs
-from engine.train.data import log
-from engine.train.export import PARITY_INPUTS, export_parity
+from engine.train import require_torch
+
+if TYPE_CHECKING:
+    from engine.train.classifier import CropData
 
 
 def reference_logits(ref: Manifest, data: CropData, fp32: dict[str, np.ndarray]) -> dict[str, Any]:
     """The FP32 export's logit on each crop parity is measured on, by the image's path as the
     labels CSV gives it: what a test of the shipped export can re-measure parity against
     without the FP32 file (tests/test_shipped_models.py)."""
+    from engine.train.export import PARITY_INPUTS
+
     logits = fp32["logit"].reshape(-1)
     return {
         "reference": f"{ref.onnx} (fp32), sha256 {ref.sha256}",
@@ -56,6 +66,10 @@ def packed_parity(
     """Parity with the FP32 export of each export the packed classifier lists (its own and
     its variants, e.g. the w8 one a release with INT8 carries), keyed by precision.
     reference_json: where to write the FP32 logits it was measured against."""
+    from engine.train.classifier import reference_outputs
+    from engine.train.data import log
+    from engine.train.export import PARITY_INPUTS, export_parity
+
     got = load_manifest(manifest_path(packed, "classifier"))
     ref, data, fp32 = reference_outputs(trained, labels, images, threads=threads)
     if reference_json is not None:
@@ -100,20 +114,27 @@ def record_parity(packed: Path, pars: dict[str, dict[str, Any]]) -> Manifest:
     return recorded
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", type=Path, required=True, help="trained models dir (FP32 export)")
-    p.add_argument("--packed", type=Path, required=True, help="packed models dir")
-    p.add_argument("--labels", type=Path, required=True)
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write", action="store_true", help="record it in the packed card")
-    a = p.parse_args()
-    pars = packed_parity(a.models, a.packed, a.labels, a.images, threads=a.threads)
-    print(json.dumps(pars, indent=2))
-    if a.write:
-        record_parity(a.packed, pars)
+def parity_command(
+    models: Annotated[Path, typer.Option(help="Trained models directory (the FP32 export).")],
+    packed: Annotated[Path, typer.Option(help="Packed models directory.")],
+    labels: Annotated[Path, typer.Option(help="Labels CSV of the training.")],
+    images: Annotated[Path, typer.Option(help="Folder the CSV's 'path' column is relative to.")],
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    write: Annotated[bool, typer.Option(help="Record it in the packed card.")] = False,
+) -> None:
+    """Parity of a packed classifier's exports with the FP32 export (JSON on stdout)."""
+    with fatal_errors():
+        require_torch()
+        pars = packed_parity(models, packed, labels, images, threads=threads)
+        print(json.dumps(pars, indent=2))
+        if write:
+            record_parity(packed, pars)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.train.parity ARGS`: the exit code of `cxr train parity ARGS`."""
+    return run_script(parity_command, argv, prog="python -m engine.train.parity")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
-from engine.eval.segmentation import BOOTSTRAP_RESAMPLES, dice_definition, dice_summaries
+from engine.eval.dice import BOOTSTRAP_RESAMPLES, dice_definition, dice_summaries
 from engine.models import Manifest, ModelSet, export_model
 from engine.train import loop
 from engine.train.augment import Geometry, Photometry, augment_pair
@@ -67,14 +67,7 @@ class SegmenterTrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        loop.check_common(
-            arch=self.arch,
-            archs=SEGMENTER_ARCHS,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            patience=self.patience,
-            max_steps=self.max_steps,
-        )
+        loop.check_common(self, SEGMENTER_ARCHS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +239,7 @@ def served_dice(
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, dict[str, Any]]:
     """Dice of the exported model under ONNX Runtime (what is served), per split with images:
-    engine.eval.segmentation.dice_summary (mean, median, min, patient-bootstrap CI of the mean)."""
+    engine.eval.dice.dice_summary (mean, median, min, patient-bootstrap CI of the mean)."""
     session = ort_session(model, threads)
     per_split = {}
     for name in SPLITS:
@@ -278,13 +271,7 @@ def _training_card(
     seconds: float,
     precision: str,
 ) -> dict[str, Any]:
-    return {
-        "epochs_max": cfg.epochs,
-        "epochs_run": len(history),
-        "best_epoch": stopper.best_epoch,
-        "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up + cosine",
+    return loop.schedule_card(cfg, stopper, len(history)) | {
         "loss": "BCE + soft Dice",
         "early_stopping": f"validation Dice, patience {cfg.patience}",
         "augmentation": {

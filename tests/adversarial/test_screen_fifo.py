@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, dev_images
+from conftest import dev_images, replace_with_fifo, run_child
 
 import engine.io.archive as archive
 from engine.io.archive import iter_items
@@ -28,18 +27,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfi
 
 def _cxr(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """This checkout's `cxr`, in a child process killed after TIMEOUT_S."""
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            env=env,
-            cwd=REPO,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"cxr {' '.join(map(str, args[:2]))} hung on a FIFO ({TIMEOUT_S} s)")
+    what = f"cxr {' '.join(map(str, args[:2]))} on a FIFO"
+    return run_child(["-m", "engine.cli", *args], timeout=TIMEOUT_S, what=what)
 
 
 def test_fifo_in_a_tree_and_named_on_the_command_line_are_error_rows(tmp_path, tiny_models_dir):
@@ -62,11 +51,6 @@ def test_fifo_in_a_tree_and_named_on_the_command_line_are_error_rows(tmp_path, t
     assert set(errors) == {str(inp / "pipe.png"), str(named)}
     assert all("not a regular file" in e for e in errors.values())
     assert (df["status"] == "ok").sum() == 2
-
-
-def _swap_for_fifo(path: Path) -> None:
-    path.unlink()
-    os.mkfifo(path)
 
 
 def _items_within_timeout(inputs: list[Path], fifo: Path) -> list[archive.Item]:
@@ -100,7 +84,7 @@ def test_a_file_replaced_by_a_fifo_after_listing_is_not_opened_blocking(
 
         def kind(name: str) -> str:  # called once the entry is listed as a regular file
             if name == target.name and not stat_is_fifo(target):
-                _swap_for_fifo(target)
+                replace_with_fifo(target)
             return real_kind(name)
 
         monkeypatch.setattr(archive, "_kind", kind)
@@ -110,7 +94,7 @@ def test_a_file_replaced_by_a_fifo_after_listing_is_not_opened_blocking(
 
         def is_archive(name: str) -> bool:  # called once os.stat said "regular file"
             if name == str(target) and not stat_is_fifo(target):
-                _swap_for_fifo(target)
+                replace_with_fifo(target)
             return real_is_archive(name)
 
         monkeypatch.setattr(archive, "_is_archive_name", is_archive)

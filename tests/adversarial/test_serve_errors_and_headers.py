@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from conftest import dev_images
+from conftest import copy_images, dev_images, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
@@ -24,18 +23,11 @@ HUGE = "99999999999999999999"  # above 2**64
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
-    from engine.config import ScreenConfig
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("adv-headers")
-    src = root / "in"
-    src.mkdir()
-    for p in dev_images(3):
-        shutil.copy(p, src / p.name)
+    src = copy_images(root / "in", dev_images(3))
     (src / "broken.png").write_text("not an image\n")
     out = root / "out"
-    screen(ScreenConfig(inputs=(src,), out=out, models=tiny_models_dir, threads=2, progress=False))
-    rows = pl.read_parquet(out / "predictions")
+    rows = pl.DataFrame(screen_folder([src], out, tiny_models_dir))
     ok = str(rows.filter(pl.col("status") == "ok")["key"][0])
     error = str(rows.filter(pl.col("status") == "error")["key"][0])
     return {"out": out, "ok": ok, "error": error, "image": next(src.glob("*.png"))}

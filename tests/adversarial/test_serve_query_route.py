@@ -9,12 +9,11 @@ bytes, or start the pipeline.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import dev_images
+from conftest import copy_images, dev_images, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
@@ -26,17 +25,11 @@ SECRET = "root:*:19000:0:99999:7:::\nTOPSECRET-5f1c\n"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
-    from engine.config import ScreenConfig
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("adv-query")
-    src = root / "in"
-    src.mkdir()
     images = dev_images(3)
-    for p in images:
-        shutil.copy(p, src / p.name)
+    src = copy_images(root / "in", images)
     out = root / "out"
-    screen(ScreenConfig(inputs=(src,), out=out, models=tiny_models_dir, threads=2, progress=False))
+    screen_folder([src], out, tiny_models_dir)
     secret = root / "shadow"
     secret.write_text(SECRET)
     return {"out": out, "secret": secret, "image": src / images[0].name, "root": root}

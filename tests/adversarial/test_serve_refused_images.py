@@ -15,9 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
-from conftest import dev_images
+from conftest import copy_images, dev_images, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
@@ -52,14 +51,9 @@ def write_zip(path: Path, members: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
-    from engine.config import ScreenConfig
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("adv-refused")
-    src = root / "in"
-    src.mkdir()
     real = dev_images(2)
-    shutil.copy(real[0], src / real[0].name)
+    src = copy_images(root / "in", real[:1])
     members = {
         "scans/zeros.png": bytes(BOMB_BYTES),
         "scans/giant.png": png_claiming(BOMB_SIDE),
@@ -68,8 +62,7 @@ def served(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
     write_zip(src / "archive.zip", members)
     (src / "zeros-file.png").write_bytes(bytes(1 << 20))
     out = root / "out"
-    screen(ScreenConfig(inputs=(src,), out=out, models=tiny_models_dir, threads=2, progress=False))
-    rows = pl.read_parquet(out / "predictions").to_dicts()
+    rows = screen_folder([src], out, tiny_models_dir)
     by_name = {(r["member"] or r["source"]).rsplit("/", 1)[-1]: r for r in rows}
     return {"out": out, "zip": src / "archive.zip", "members": members, "rows": by_name}
 

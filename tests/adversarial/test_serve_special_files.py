@@ -11,23 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
-from conftest import dev_images
+from conftest import copy_images, dev_images, replace_with_fifo, run_child, screen_folder
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2", reason="FastAPI's TestClient needs httpx2")
 if not hasattr(os, "mkfifo"):
     pytest.skip("needs os.mkfifo", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60  # a child imports the engine and answers one request in a few seconds
 
 CHILD = """
@@ -48,26 +44,15 @@ else:
 
 @pytest.fixture(scope="module")
 def screened(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
-    from engine.config import ScreenConfig
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("adv-fifo")
-    src = root / "in"
-    src.mkdir()
     real = dev_images(4)
-    for p in real[:2]:
-        shutil.copy(p, src / p.name)
+    src = copy_images(root / "in", real[:2])
     with tarfile.open(src / "scans.tar", "w") as tar:
         tar.add(real[2], arcname=f"t/{real[2].name}")
     with zipfile.ZipFile(src / "scans.zip", "w") as z:
         z.write(real[3], arcname=f"z/{real[3].name}")
     out = root / "out"
-    screen(
-        ScreenConfig(
-            inputs=(src,), out=out, models=tiny_models_dir, shard_size=2, threads=2, progress=False
-        )
-    )
-    rows = pl.read_parquet(out / "predictions").to_dicts()
+    rows = screen_folder([src], out, tiny_models_dir, shard_size=2)
     assert {r["status"] for r in rows} == {"ok"}
     keys = {(r["member"] or Path(r["source"]).name).rsplit("/", 1)[-1]: r["key"] for r in rows}
     return {"root": root, "src": src, "out": out, "real": real, "keys": keys}
@@ -75,28 +60,9 @@ def screened(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
 
 def ask(out: Path, url: str) -> dict[str, Any]:
     """Build the app over `out` and GET `url` in a child process; fail if it does not answer."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(out), url],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            cwd=REPO,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"GET {url} hung on a FIFO (no answer in {TIMEOUT_S} s)")
+    done = run_child(["-c", CHILD, out, url], timeout=TIMEOUT_S, what=f"GET {url} on a FIFO")
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def as_fifo(path: Path) -> None:
-    path.unlink()
-    os.mkfifo(path)
 
 
 @pytest.mark.parametrize("which", ["file", "tar", "zip"])
@@ -109,7 +75,7 @@ def test_a_fifo_in_place_of_a_recorded_source_is_refused(screened, tmp_path, whi
         "zip": (src / "scans.zip", keys[real[3].name]),
     }[which]
     original = source.read_bytes()
-    as_fifo(source)
+    replace_with_fifo(source)
     try:
         got = ask(screened["out"], f"/api/image/{key}")
     finally:
@@ -126,7 +92,7 @@ def test_a_fifo_in_place_of_the_runs_own_files_is_refused(screened, tmp_path, re
     """issue 16 #10: run.json, a Parquet part or index.usearch as a FIFO hung the server too."""
     out = tmp_path / "out"
     shutil.copytree(screened["out"], out)
-    as_fifo(out / relative)
+    replace_with_fifo(out / relative)
     if relative == "run.json":  # `cxr serve` stops with the message
         got = ask(out, "/api/run")
         assert got["status"] is None and "run.json: not a regular file" in got["text"], got

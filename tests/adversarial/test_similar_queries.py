@@ -6,15 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
-from conftest import dev_images, plain, run_cli
+from conftest import copy_images, dev_images, plain, run_child, run_cli, screen_folder
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120  # a child loads the engine and the models in a few seconds
 
 
@@ -22,22 +18,15 @@ TIMEOUT_S = 120  # a child loads the engine and the models in a few seconds
 def screened(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
     """Three real CXRs, a byte-identical copy of the first under another name, and a text file
     named .png (an error row)."""
-    from engine.config import ScreenConfig
-    from engine.runner import screen
-
     root = tmp_path_factory.mktemp("adv-similar")
-    src = root / "in"
-    src.mkdir()
     real = dev_images(3)
-    for p in real:
-        shutil.copy(p, src / p.name)
+    src = copy_images(root / "in", real)
     original, copy = src / real[0].name, src / f"copy-of-{real[0].name}"
     shutil.copy(real[0], copy)
     broken = src / "broken.png"
     broken.write_text("this is not an image\n")
     out = root / "out"
-    screen(ScreenConfig(inputs=(src,), out=out, models=tiny_models_dir, threads=2, progress=False))
-    rows = {r["source"]: r for r in pl.read_parquet(out / "predictions").to_dicts()}
+    rows = {r["source"]: r for r in screen_folder([src], out, tiny_models_dir)}
     return {
         "root": root,
         "out": out,
@@ -51,22 +40,8 @@ def screened(tmp_path_factory, tiny_models_dir) -> dict[str, Any]:
 def cxr(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
     """`cxr ARGS` of this checkout in a child process; fails the test if it does not finish."""
     code = "import sys; from engine.cli import main; sys.argv[0] = 'cxr'; main()"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.update(COLUMNS="200", NO_COLOR="1", TERM="dumb")
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", code, *map(os.fspath, args)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            cwd=REPO,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"cxr {' '.join(map(str, args))} did not finish in {TIMEOUT_S} s")
+    what = f"cxr {' '.join(map(str, args))}"
+    return run_child(["-c", code, *args], timeout=TIMEOUT_S, what=what)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
