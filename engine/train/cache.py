@@ -36,6 +36,7 @@ from engine.stages.crop import lung_crops
 from engine.stages.segment import segment
 from engine.train.data import LabelledImage, decode_all, log
 from engine.train.datasets import LabelSet
+from engine.train.loop import write_json
 
 CACHE_VERSION = 1
 CHUNK = 128
@@ -167,14 +168,14 @@ def _build(
             for a in arrays.values():
                 a.flush()  # type: ignore[attr-defined]  # np.memmap
             _save_partial(entry, small, ok, errors)
-            _write_json(progress_file, {"done": stop})
+            write_json(progress_file, {"done": stop})
             rate = (stop - done) / max(time.perf_counter() - t0, 1e-9)
             log(f"cache {entry.name}: {stop}/{n} images ({rate:.1f} img/s)")
     del arrays
     np.save(entry / "boxes.npy", small["boxes"])
     np.save(entry / "fraction.npy", small["fraction"])
     np.save(entry / "ok.npy", ok)
-    _write_json(entry / "meta.json", {"images": n, "ok": int(ok.sum()), "version": CACHE_VERSION})
+    write_json(entry / "meta.json", {"images": n, "ok": int(ok.sum()), "version": CACHE_VERSION})
 
 
 def _save_partial(
@@ -184,10 +185,4 @@ def _save_partial(
         tmp = entry / f".{name}.partial.tmp-{os.getpid()}.npy"
         np.save(tmp, v)
         os.replace(tmp, entry / f"{name}.partial.npy")
-    _write_json(entry / "errors.json", {str(k): v for k, v in errors.items()})
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
+    write_json(entry / "errors.json", {str(k): v for k, v in errors.items()})

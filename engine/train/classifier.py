@@ -149,6 +149,7 @@ def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict
         np.concatenate([p["inputs"] for p in parts]),
         np.concatenate([p["fraction"] for p in parts]),
         np.concatenate([p["dataset"] for p in parts]),
+        np.array([im.source for im in kept]),
     )
     for name in SPLITS:
         if len(set(data.labels[data.split == name].tolist())) < (2 if name != "test" else 1):

@@ -46,10 +46,7 @@ class CropData:
     inputs: np.ndarray  # (n, C, h, w) unaugmented classifier inputs (the served ones)
     lung_fraction: np.ndarray  # (n,)
     dataset: np.ndarray  # (n,) index of the labelled set (0: the primary one)
-
-    @property
-    def sources(self) -> np.ndarray:
-        return np.array([im.source for im in self.images])
+    sources: np.ndarray  # (n,) each image's source, read per batch (so stored, not rebuilt)
 
 
 def train_batch(
