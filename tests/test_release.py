@@ -320,3 +320,48 @@ def test_parity_line_gives_counts_so_a_miss_by_one_image_reads_as_one():
     )
     w8 = parity_line("w8", {"images": 4, "same_decision": 1.0}, shipped=False)
     assert "TensorRT's fp16/fp32 plans build from it" in w8 and "(4 of 4)" in w8
+
+
+def _loso_run(directory: Path, specificity: float) -> Path:
+    """The parts of a leave-one-source-out `cxr train classifier` manifest the card reads."""
+    directory.mkdir(parents=True)
+    m = {"n": 50, "n_pos": 0, "n_neg": 50, "roc_auc": None, "specificity": specificity}
+    card = {
+        "threshold": 0.5,
+        "data": {"excluded_from_training": ["nih-chestxray14:0"]},
+        "metrics": {"unseen": {"all": m, "source=nih-chestxray14": m}},
+    }
+    (directory / "classifier.json").write_text(json.dumps({"card": card}))
+    return directory
+
+
+def test_card_side_by_side_with_loso_runs_and_ship_rule(released, tmp_path, monkeypatch, capsys):
+    work = released["root"] / "work"
+    out = tmp_path / "CARD.md"
+    argv = [
+        "card", "--models", str(released["out"]), "--eval", str(work / "eval-fp32.json"),
+        "--shortcut", str(work / "shortcut.json"),
+        "--compare", f"eff={work / 'compare-eff-eval.json'},{work / 'compare-eff-shortcut.json'}",
+        "--unseen", f"release={_loso_run(tmp_path / 'a', 0.9)}",
+        "--unseen", f"eff={_loso_run(tmp_path / 'b', 0.8)}",
+        "--baseline", "eff", "--out", str(out),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    assert card_mod.main() == 0
+    text = out.read_text()
+    side = text.split("## Side by side", 1)[1].split("\n## ", 1)[0]
+    assert "| | this release (" in side and " | eff | paper |" in side
+    row = next(ln for ln in side.splitlines() if ln.startswith("| unseen nih-chestxray14"))
+    assert "0.900 [" in row and "0.800 [" in row and "of 50" in row
+    assert (
+        "Ship rule, this release" in side and "| unseen-source specificity no worse | yes |" in side
+    )
+    gen = text.split("## Generalisation", 1)[1].split("\n## ", 1)[0]
+    assert "trained without nih-chestxray14:0" in gen and "specificity 0.900" in gen
+    # an --unseen or --baseline naming no --compare is a usage error
+    for bad in (["--unseen", f"nope={tmp_path / 'a'}"], ["--baseline", "nope"]):
+        monkeypatch.setattr(sys, "argv", argv[:-2] + bad + ["--out", str(out)])
+        with pytest.raises(SystemExit) as exc:
+            card_mod.main()
+        assert exc.value.code == 2
+        assert "nope" in capsys.readouterr().err

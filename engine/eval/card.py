@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,19 +24,22 @@ import typer
 
 from engine.console import command_line, run_script
 from engine.errors import ConfigError
+from engine.eval.compare import (
+    PAPER,
+    Comparison,
+    columns_of,
+    comparison_section,
+    fmt_metric,
+    initialisation,
+    parse_compare,
+    parse_unseen,
+    ship_rule_lines,
+    side_by_side,
+    unseen_of,
+)
 from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models, meets_parity_bar
 
-PAPER = {"accuracy": 0.897, "sensitivity": 0.871, "roc_auc": 0.95, "pr_auc": 0.94}
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc")
-
-
-def _fmt(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "undefined"
-    ci = m.get("ci95") or {}
-    if ci.get("low") is None:
-        return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
 def metrics_table(ev: dict[str, Any]) -> list[str]:
@@ -45,7 +47,7 @@ def metrics_table(ev: dict[str, Any]) -> list[str]:
     head = "| metric | " + " | ".join(groups) + " | paper (4 hospitals) |"
     lines = [head, "|---" * (len(groups) + 2) + "|"]
     for name in METRICS:
-        cells = [_fmt(g["metrics"].get(name)) for g in groups.values()]
+        cells = [fmt_metric(g["metrics"].get(name)) for g in groups.values()]
         paper = f"{PAPER[name]:.3f}" if name in PAPER else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} |")
     counts = ["{tp}/{fp}/{tn}/{fn}".format(**g["confusion"]) for g in groups.values()]
@@ -71,7 +73,7 @@ def shortcut_lines(sc: dict[str, Any]) -> list[str]:
         ("source_prior", "the image's source alone (share of positives per source)"),
     ):
         if key in auc:
-            lines.append(f"| {label} | {_fmt(auc[key])} |")
+            lines.append(f"| {label} | {fmt_metric(auc[key])} |")
     lines += ["", f"Verdict of the check: {sc.get('verdict', 'n/a')}"]
     return lines
 
@@ -92,7 +94,7 @@ def _dice_lines(card: dict[str, Any]) -> list[str]:
                 resamples.add(ci["resamples"])
             patients = d.get("patients", c.get("patients", "?"))
             lines.append(
-                f"| {split} | {d['images']} ({patients}) | {_fmt({'value': d['mean'], 'ci95': ci})}"
+                f"| {split} | {d['images']} ({patients}) | {fmt_metric({'value': d['mean'], 'ci95': ci})}"
                 f" | {d['median']:.3f} | {d['min']:.3f} |"
             )
     if resamples:
@@ -135,119 +137,6 @@ def replace_segmenter_section(text: str, models_dir: Path) -> str:
     return "\n".join(
         [*lines[:start], *segmenter_section(models_dir), *([""] if tail else []), *tail]
     )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Comparison:
-    """Another trained classifier scored the same way as the shipped one's FP32 reference."""
-
-    name: str
-    architecture: str
-    initialisation: str
-    eval: dict[str, Any]  # `cxr evaluate --json` (test patients, --by source)
-    shortcut: dict[str, Any] | None = None  # `python -m engine.eval.shortcut --json`
-    note: str | None = None  # e.g. that its test split differs from the shipped model's
-
-
-def initialisation(card: dict[str, Any]) -> str:
-    """How the classifier's weights started, as its training card says."""
-    return str((card.get("training") or {}).get("initialisation") or "initialisation not recorded")
-
-
-def comparison_from_models(
-    name: str,
-    models_dir: Path,
-    ev: dict[str, Any],
-    sc: dict[str, Any] | None = None,
-    *,
-    note: str | None = None,
-) -> Comparison:
-    """A Comparison whose architecture and initialisation come from its models' classifier."""
-    clf = load_models(models_dir, precision="fp32").classifier
-    return Comparison(
-        name=name,
-        architecture=clf.architecture,
-        initialisation=initialisation(clf.card),
-        eval=ev,
-        shortcut=sc,
-        note=note,
-    )
-
-
-def comparison_from_eval(name: str, ev: dict[str, Any], sc: dict[str, Any] | None) -> Comparison:
-    """A Comparison without its models: architecture from the run's model id."""
-    model_id = str((ev.get("run") or {}).get("model_id") or "")
-    arch = model_id.split("@", 1)[0].rsplit("-", 1)[0] if "@" in model_id else "unknown"
-    init = "initialisation not recorded"
-    return Comparison(name=name, architecture=arch, initialisation=init, eval=ev, shortcut=sc)
-
-
-COMPARED = (
-    ("accuracy", "accuracy"),
-    ("sensitivity", "sensitivity"),
-    ("specificity", "specificity"),
-    ("roc_auc", "ROC AUC"),
-    ("pr_auc", "PR AUC"),
-)
-SHORTCUT_COMPARED = (
-    ("as_is", "as is"),
-    ("lungs_masked", "lungs masked"),
-    ("source_prior", "source prior"),
-)
-
-
-def comparison_section(
-    ev: dict[str, Any], sc: dict[str, Any] | None, shipped: str, c: Comparison
-) -> list[str]:
-    """ "## Comparison: NAME": metric | shipped FP32 | NAME | paper, overall and per source,
-    and the shortcut AUCs of both."""
-    head = f"| metric | shipped FP32 ({shipped}) | {c.name} ({c.architecture}) | paper |"
-    lines = [head, "|---|---|---|---|"]
-    left_out = []
-    groups = {"all": ev["overall"], **ev.get("groups", {})}
-    other = {"all": c.eval["overall"], **c.eval.get("groups", {})}
-    for group in [*groups, *(g for g in other if g not in groups)]:
-        a, b = groups.get(group), other.get(group)
-        suffix = "" if group == "all" else f" ({group})"
-        for key, label in COMPARED:
-            ca = _fmt(a["metrics"].get(key)) if a else "n/a"
-            cb = _fmt(b["metrics"].get(key)) if b else "n/a"
-            if ca in ("undefined", "n/a") and cb in ("undefined", "n/a"):
-                left_out.append(f"{label}{suffix}")
-                continue
-            paper = f"{PAPER[key]:.3f}" if group == "all" and key in PAPER else ""
-            lines.append(f"| {label}{suffix} | {ca} | {cb} | {paper} |")
-        ia = f"{a['images']} ({a['patients']})" if a else "n/a"
-        ib = f"{b['images']} ({b['patients']})" if b else "n/a"
-        paper = "723" if group == "all" else ""
-        label = "images (patients)" if group == "all" else f"images of {group} (patients)"
-        lines.append(f"| {label} | {ia} | {ib} | {paper} |")
-    if sc is not None or c.shortcut is not None:
-        for key, label in SHORTCUT_COMPARED:
-            ca = _fmt(sc["overall"]["auc"].get(key)) if sc else "n/a"
-            cb = _fmt(c.shortcut["overall"]["auc"].get(key)) if c.shortcut else "n/a"
-            lines.append(f"| shortcut ROC AUC, {label} | {ca} | {cb} |  |")
-    out = [
-        f"## Comparison: {c.name}",
-        "",
-        f"{c.name}: {c.architecture}, {c.initialisation}; model id "
-        f"`{(c.eval.get('run') or {}).get('model_id')}`. Scored like the shipped model's FP32 "
-        "reference: its FP32 export on the held-out test patients, by source; 95% patient "
-        "bootstrap intervals.",
-        "",
-        *lines,
-    ]
-    if left_out:
-        out += ["", f"Undefined for both models, left out: {', '.join(left_out)}."]
-    if sc is not None or c.shortcut is not None:
-        out += [
-            "",
-            f"Shortcut check verdicts: shipped FP32: {(sc or {}).get('verdict', 'n/a')}; "
-            f"{c.name}: {(c.shortcut or {}).get('verdict', 'n/a')}.",
-        ]
-    if c.note:
-        out += ["", c.note]
-    return out
 
 
 def _num(v: Any, spec: str) -> str:
@@ -318,6 +207,103 @@ def _data_counts(card: dict[str, Any]) -> tuple[Any, Any]:
     return images if images is not None else "?", patients if patients is not None else "?"
 
 
+def _data_lines(card: dict[str, Any], n_images: Any, n_patients: Any) -> list[str]:
+    sets = (card.get("data") or {}).get("sets") or []
+    if len(sets) <= 1:
+        return [
+            f"Public, de-identified CXRs from `../shared/data` (see its README): {n_images} "
+            f"images, {n_patients} patients; COVID-19 positives all from the ieee8023 collection, "
+            "negatives from ieee8023 (other pneumonias) and NIH ChestX-ray14 (no finding / "
+            "pneumonia). Split by patient 70/15/15, stratified by label and source "
+            "(`splits.csv`), shared by both models."
+        ]
+    first, rest = sets[0], sets[1:]
+    held = (card.get("data") or {}).get("holdout") or {}
+    return [
+        f"Public, de-identified CXRs from `../shared/data` (see its README), {len(sets)} labelled "
+        f"sets, {n_images} images. The first, `{first['name']}`, is split by patient 70/15/15, "
+        "stratified by label and source (`splits.csv`): its validation patients choose the epoch "
+        "and the threshold, its test patients are this card's test. "
+        + ", ".join(f"`{s['name']}`" for s in rest)
+        + f" are training data, except a held-out slice of {held.get('fraction', '?')} of each "
+        "source's patients (`holdout`, scored every epoch as a second signal, and below). "
+        "Training images per source and label are in `train_counts`.",
+    ]
+
+
+def _data_summary(card: dict[str, Any]) -> dict[str, Any]:
+    data = dict(card.get("data") or {})
+    splits = dict(card.get("splits") or {})
+    return data | {"splits": splits}
+
+
+def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]]) -> list[str]:
+    """## Generalisation: the held-out slices per source, the source probe, the downscale
+    agreement and the leave-one-source-out figures, where the training recorded them."""
+    out: list[str] = []
+    holdout = (card.get("metrics") or {}).get("holdout") or {}
+    rows = [
+        f"| {k.removeprefix('source=')} | {v['n']} | {_num(v.get('roc_auc'), '.3f')} | "
+        f"{_num(v.get('specificity'), '.3f')} | {_num(v.get('sensitivity'), '.3f')} |"
+        for k, v in holdout.items()
+        if k.startswith("source=")
+    ]
+    if rows:
+        out += [
+            "Held-out slice of the further sets (patients never trained on; the threshold above):",
+            "",
+            "| source | images | ROC AUC | specificity | sensitivity |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    probe = card.get("source_probe") or {}
+    prows = [
+        f"| {k.removeprefix('label=')} | {', '.join(f'{s} {n}' for s, n in v['images'].items())} | "
+        f"{_num(v.get('roc_auc'), '.3f')} | {_num(v.get('roc_auc_max'), '.3f')} |"
+        for k, v in probe.items()
+        if k.startswith("label=")
+    ]
+    if prows:
+        out += [
+            "Source probe (can a linear model on the embedding tell the source within one class? "
+            f"0.5: no, 1: yes; {probe.get('images', 'images not trained on')}; "
+            f"{probe.get('method', '')}):",
+            "",
+            "| label | images per source | mean ROC AUC | max ROC AUC |",
+            "|---|---|---|---|",
+            *prows,
+            "",
+        ]
+    da = card.get("downscale_agreement") or {}
+    if da:
+        out += [
+            f"Resolution: the {da['images']} test images screened at full size and downscaled to "
+            f"{da['side']} px (cxr-train's size) get the same decision in "
+            f"{_num(da.get('same_decision'), '.3f')} of cases; ROC AUC "
+            f"{_num(da.get('roc_auc_full'), '.3f')} at full size, "
+            f"{_num(da.get('roc_auc_downscaled'), '.3f')} downscaled; mean |prob diff| "
+            f"{_num(da.get('mean_abs_prob_diff'), '.3f')}.",
+            "",
+        ]
+    for run in unseen:
+        figures = "; ".join(
+            f"{g['group']} {g['metric']} {g['value']:.3f} [{g['ci95'][0]:.3f}, "
+            f"{g['ci95'][1]:.3f}] of {g['images']} images"
+            for g in run["groups"]
+            if g["value"] is not None
+        )
+        out += [
+            f"Leave one source out: the same recipe trained without {', '.join(run['excluded'])} "
+            f"(`{run['run']}`, its own threshold {_num(run.get('threshold'), '.4f')}) scored "
+            f"those images, never seen: {figures or 'nothing scored'} ({run['interval']}).",
+            "",
+        ]
+    if not out:
+        return []
+    return ["## Generalisation", "", *out[:-1]]
+
+
 def render(
     models_dir: Path,
     ev: dict,
@@ -327,11 +313,22 @@ def render(
     *,
     command: str | None = None,
     evidence: str | None = None,
+    unseen: dict[str, list[dict[str, Any]]] | None = None,
+    baseline: str | None = None,
 ) -> str:
     """The card. ev: evaluation of the FP32 reference on the test patients; ev_shipped: the
     same of the shipped export; sc: shortcut check of the FP32 reference; comparisons: other
     classifiers scored the same way; command: the command line that reproduces the card;
-    evidence: where the repository keeps the JSON inputs."""
+    evidence: where the repository keeps the JSON inputs; unseen: {column: [unseen_of(LOSO
+    run), ...]} with column `release` (this classifier) or a comparison's name; baseline: the
+    comparison the ship rule measures this classifier against."""
+    unseen = unseen or {}
+    names = {c.name for c in comparisons}
+    for key in unseen:
+        if key != "release" and key not in names:
+            raise ConfigError(f"--unseen {key}=...: no --compare named {key!r} (or `release`)")
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"--baseline {baseline!r}: no --compare of that name")
     ms = load_models(models_dir, precision="auto")
     seg, clf = ms.segmenter, ms.classifier
     card = clf.card
@@ -353,13 +350,10 @@ def render(
         "",
         "## Data and splits",
         "",
-        f"Public, de-identified CXRs from `../shared/data` (see its README): {n_images} images, "
-        f"{n_patients} patients; COVID-19 positives all from the ieee8023 collection, negatives "
-        "from ieee8023 (other pneumonias) and NIH ChestX-ray14 (no finding / pneumonia). Split by "
-        "patient 70/15/15, stratified by label and source (`splits.csv`), shared by both models.",
+        *_data_lines(card, n_images, n_patients),
         "",
         "```json",
-        json.dumps(card.get("data", {}) | {"splits": card.get("splits")}, indent=1)[:3000],
+        json.dumps(_data_summary(card), indent=1)[:4000],
         "```",
         "",
         *segmenter_section(models_dir),
@@ -404,6 +398,23 @@ def render(
             "",
             *shortcut_lines(sc),
         ]
+    out += ["", *generalisation_lines(card, unseen.get("release", []))]
+    if comparisons:
+        cols = columns_of(f"this release ({clf.architecture})", ev, sc, card, comparisons, unseen)
+        out += [
+            "",
+            "## Side by side",
+            "",
+            "Every classifier scored the same way: its FP32 export on the held-out test "
+            "patients (95% patient-bootstrap intervals), its shortcut check, the source probe and "
+            "downscale agreement its training recorded, and the unseen-source figures of its "
+            "leave-one-source-out run (same recipe, one group never trained on; Wilson 95% "
+            "intervals over images). n/a: not measured for that classifier.",
+            "",
+            *side_by_side(cols),
+        ]
+        if baseline is not None:
+            out += ["", *ship_rule_lines(cols[0], next(c for c in cols if c.name == baseline))]
     for c in comparisons:
         out += ["", *comparison_section(ev, sc, clf.architecture, c)]
     trained_on = f"{train_images} training images" if train_images else "the training patients"
@@ -446,27 +457,13 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def parse_compare(spec: str) -> Comparison:
-    """NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR] (MODELS_DIR: for the architecture and
-    initialisation of its classifier)."""
-    name, sep, rest = spec.partition("=")
-    parts = [Path(x) for x in rest.split(",") if x.strip()]
-    if not sep or not name.strip() or not parts:
-        raise ConfigError(
-            f"--compare {spec!r}: expected NAME=EVAL.json[,SHORTCUT.json][,MODELS_DIR]"
-        )
-    dirs = [x for x in parts[1:] if x.is_dir()]
-    files = [x for x in parts[1:] if not x.is_dir()]
-    if len(dirs) > 1 or len(files) > 1:
-        raise ConfigError(f"--compare {spec!r}: at most one SHORTCUT.json and one MODELS_DIR")
-    try:
-        ev = json.loads(parts[0].read_text())
-        sc = json.loads(files[0].read_text()) if files else None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--compare {spec!r}: {exc}") from None
-    if dirs:
-        return comparison_from_models(name.strip(), dirs[0], ev, sc)
-    return comparison_from_eval(name.strip(), ev, sc)
+def unseen_runs(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """{NAME: [unseen_of(dir), ...]} of --unseen NAME=LOSO_DIR options."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        name, directory = parse_unseen(spec)
+        out.setdefault(name, []).append(unseen_of(directory))
+    return out
 
 
 def card_command(
@@ -494,6 +491,19 @@ def card_command(
     evidence: Annotated[
         str | None, typer.Option(help="Where the repository keeps the JSON inputs (footer).")
     ] = None,
+    unseen: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=LOSO_DIR",
+            help="A leave-one-source-out run (`cxr train classifier --exclude-from-training`) "
+            "of the recipe of `release` (this card's classifier) or of a --compare NAME "
+            "(repeatable).",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="The --compare NAME the ship rule measures this classifier against."),
+    ] = None,
     segmenter_only: Annotated[
         bool,
         typer.Option(help="Re-render only the segmenter section of the existing card at --out."),
@@ -518,17 +528,20 @@ def card_command(
         ev_shipped = json.loads(eval_shipped.read_text()) if eval_shipped else None
         sc = json.loads(shortcut.read_text()) if shortcut else None
         comparisons = [parse_compare(spec) for spec in compare or ()]
+        runs = unseen_runs(unseen or ())
+        text = render(
+            models,
+            ev,
+            ev_shipped,
+            sc,
+            comparisons,
+            command=command_line(ctx),
+            evidence=evidence,
+            unseen=runs,
+            baseline=baseline,
+        )
     except (OSError, ValueError, ConfigError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    text = render(
-        models,
-        ev,
-        ev_shipped,
-        sc,
-        comparisons,
-        command=command_line(ctx),
-        evidence=evidence,
-    )
     out.write_text(text)
     print(f"wrote {out}")
 

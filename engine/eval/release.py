@@ -52,7 +52,8 @@ from engine import runtime
 from engine.config import ScreenConfig, default_threads
 from engine.console import command_line, config_from_options, fatal_errors, run_script
 from engine.errors import ConfigError
-from engine.eval.card import Comparison, comparison_from_models, render
+from engine.eval.card import render
+from engine.eval.compare import Comparison, comparison_from_models, parse_unseen, unseen_of
 from engine.models import (
     ROLES,
     load_manifest,
@@ -85,6 +86,9 @@ class ReleaseConfig:
     work: Path
     classifier: str = "fp16"  # fp16 | int8: the export of the classifier that ships
     compare: tuple[tuple[str, Path], ...] = ()  # (name, another trained dir)
+    # (release | a compare name, a leave-one-source-out run of that recipe)
+    unseen: tuple[tuple[str, Path], ...] = ()
+    baseline: str | None = None  # the compare name the ship rule measures the release against
     evidence: Path | None = None
     backend: str = "auto"
     decoder: str | None = None  # None: the default of `cxr screen` / the shortcut check
@@ -111,6 +115,16 @@ class ReleaseConfig:
                 )
         if len(set(names)) != len(names):
             raise ConfigError("--compare: each NAME once")
+        for n, d in self.unseen:
+            if n != "release" and n not in names:
+                raise ConfigError(f"--unseen {n}={d}: no --compare named {n!r} (or `release`)")
+            if not (Path(d) / "classifier.json").is_file() and not Path(d).is_file():
+                raise ConfigError(
+                    f"--unseen {n}={d}: neither a trained directory (classifier.json) nor the "
+                    "unseen-*.json a release wrote"
+                )
+        if self.baseline is not None and self.baseline not in names:
+            raise ConfigError(f"--baseline {self.baseline!r}: no --compare of that name")
         if not Path(self.labels).is_file():
             raise ConfigError(f"--labels {self.labels}: not a file")
         if not Path(self.images).is_dir():
@@ -325,12 +339,12 @@ def install(packed: Path, out: Path) -> list[str]:
 
 
 def copy_evidence(files: dict[str, Path], evidence: Path) -> None:
-    """Copy the JSON inputs of the card to `evidence`; drop compare-* files of earlier
-    releases that this one did not make."""
+    """Copy the JSON inputs of the card to `evidence`; drop compare-* and unseen-* files of
+    earlier releases that this one did not make."""
     evidence.mkdir(parents=True, exist_ok=True)
     for name, path in files.items():
         _copy(path, evidence / name)
-    for p in evidence.glob("compare-*.json"):
+    for p in [*evidence.glob("compare-*.json"), *evidence.glob("unseen-*.json")]:
         if p.name not in files:
             log(f"removing {p}: not part of this release")
             p.unlink()
@@ -382,6 +396,9 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
         c_sc = save(f"compare-{name}-shortcut.json", shortcut_check(cfg, directory))
         note = _differences(ref, directory, test_csv, csv)
         comparisons.append(comparison_from_models(name, directory, c_ev, c_sc, note=note))
+    unseen: dict[str, list[dict[str, Any]]] = {}
+    for i, (name, directory) in enumerate(cfg.unseen):
+        unseen.setdefault(name, []).append(save(f"unseen-{name}-{i}.json", unseen_of(directory)))
     if cfg.evidence is not None:
         log(f"copying {len(files)} JSON files to {cfg.evidence}")
         copy_evidence(files, Path(cfg.evidence))
@@ -395,6 +412,8 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
             comparisons,
             command=cfg.command,
             evidence=str(cfg.evidence) if cfg.evidence is not None else None,
+            unseen=unseen,
+            baseline=cfg.baseline,
         )
     )
     log(f"installing {packed} into {cfg.out}")
@@ -476,6 +495,19 @@ def release_command(
     evidence: Annotated[
         Path | None, typer.Option(help="Copy the eval, shortcut and parity JSONs here.")
     ] = None,
+    unseen: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=LOSO_DIR",
+            help="A leave-one-source-out run (`cxr train classifier --exclude-from-training`) "
+            "of the recipe of `release` (the released classifier) or of a --compare NAME "
+            "(repeatable).",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="The --compare NAME the ship rule measures the release against."),
+    ] = None,
     backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     decoder: Annotated[
         str | None, typer.Option(help="Preprocessing (default: that of `cxr screen`).")
@@ -490,6 +522,7 @@ def release_command(
             ReleaseConfig,
             ctx,
             compare=tuple(_compare(spec) for spec in compare or ()),
+            unseen=tuple(parse_unseen(spec) for spec in unseen or ()),
             threads=default_threads() if threads is None else threads,
             command=command_line(ctx),
         )
