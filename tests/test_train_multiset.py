@@ -372,3 +372,55 @@ def test_downscale_agreement_on_a_few_images(sets, tmp_path):
     # an image already at or below the side is left as it is: same decision on itself
     same = downscale_agreement(None, [small] * 2, np.array([0, 1]), side=224, threads=1)
     assert same["same_decision"] == 1.0 and same["mean_abs_prob_diff"] < 1e-6
+
+
+def test_generalisation_of_a_models_directory_from_its_splits(sets, tmp_path):
+    """`cxr train generalisation`: a classifier trained elsewhere (here tiny untrained models
+    with a made-up splits.csv) gets the source probe on every image its splits.csv does not
+    list as `train` and the downscale agreement on the first set's test images, in its card."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.models import init_models, load_manifest, manifest_path
+    from engine.train.datasets import LabelSet, load_sets
+
+    models = tmp_path / "models"
+    init_models(models, size="tiny", seed=0)
+    sel = load_sets(
+        (LabelSet(sets["primary"], DEV), LabelSet(sets["second"], DEV / "images")), 0, holdout=0.05
+    )
+    trained = {
+        im.rel for im, s, k in zip(sel.images, sel.split, sel.dataset, strict=True) if k == 0
+        and s == "train"
+    }  # fmt: skip
+    with open(models / "splits.csv", "w", newline="") as f:  # the old format: no dataset column
+        w = csv.writer(f)
+        w.writerow(["path", "patient_id", "label", "source", "split"])
+        for im, s, k in zip(sel.images, sel.split, sel.dataset, strict=True):
+            if k == 0:
+                w.writerow([im.rel, im.patient_id, im.label, im.source, s])
+    n_test = int(((sel.split == "test") & (sel.dataset == 0)).sum())
+    out = tmp_path / "g.json"
+    argv = [
+        "train", "generalisation", "--models", str(models),
+        "--labels", str(sets["primary"]), "--labels", str(sets["second"]),
+        "--images", str(DEV), "--images", str(DEV / "images"),
+        "--cache", str(tmp_path / "cache"), "--write", "--json", str(out), "--threads", "1",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    probe = figures["source_probe"]
+    held = sum(sum(v["images"].values()) for k, v in probe.items() if k.startswith("label="))
+    # negatives come from three sources (ieee8023, NIH, the second set), positives from two
+    assert set(probe["label=0"]["images"]) == {"ieee8023", "nih-chestxray14", "extra-set"}
+    assert held == 24 - len(trained)
+    assert figures["downscale_agreement"]["images"] == n_test
+    card = load_manifest(manifest_path(models, "classifier")).card
+    assert card["source_probe"] == probe and card["downscale_agreement"]["images"] == n_test
+    # a models directory without its splits.csv is refused with a message, not a traceback
+    (models / "splits.csv").unlink()
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1 and "splits.csv" in result.output

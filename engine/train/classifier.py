@@ -47,6 +47,7 @@ from engine.train.export import (
     quantize_int8,
     to_onnx,
 )
+from engine.train.generalisation import from_training
 from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
 from engine.train.metrics import THRESHOLD_RULE, binary_metrics, youden_threshold
 from engine.train.segmenter import SPLITS_FILE as SEGMENTER_SPLITS
@@ -303,7 +304,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
     _write_splits(manifest.directory / SPLITS_FILE, data)
     _copy_segmenter(seg, manifest.directory)
     manifest = replace(
-        manifest, card=manifest.card | generalisation(manifest.directory, data, fp32, cfg.threads)
+        manifest, card=manifest.card | from_training(manifest.directory, data, fp32, cfg.threads)
     )
     save_manifest(manifest, manifest.directory)
     log_json: dict[str, Any] = {"config": asdict(cfg), "precision": precision, "history": history}
@@ -314,29 +315,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
         f"{metrics['val']['all']['roc_auc']}, threshold {threshold:.4f} -> {manifest.onnx_path}"
     )
     return manifest
-
-
-def generalisation(
-    directory: Path, data: CropData, fp32: dict[str, np.ndarray], threads: int
-) -> dict[str, Any]:
-    """Two shortcut measurements for the card: the source probe on the embeddings of every
-    image not trained on, and the primary set's test images screened at full size and
-    downscaled to 224 px (cxr-train's resolution)."""
-    from engine.eval.resolution import downscale_agreement
-    from engine.eval.source_probe import source_probe
-
-    held = data.split != "train"
-    patients = np.array([im.patient_id for im in data.images])
-    probe = source_probe(
-        fp32["embedding"][held], data.sources[held], data.labels[held], patients[held]
-    )
-    probe["images"] = "every image not trained on (val, test, holdout, unseen)"
-    test = np.flatnonzero((data.split == "test") & (data.dataset == 0))
-    log(f"downscale agreement on {len(test)} test images")
-    res = downscale_agreement(
-        directory, [data.images[i].path for i in test], data.labels[test], threads=threads
-    )
-    return {"source_probe": probe, "downscale_agreement": res}
 
 
 def requantize_int8(

@@ -1,4 +1,4 @@
-"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8, parity (engine/cli.py
+"""The `cxr train` group: segmenter, classifier, int8, segmenter-int8, generalisation, parity (engine/cli.py
 mounts `app`).
 
 The commands only map options onto a config and call the trainer inside
@@ -264,6 +264,57 @@ def train_segmenter_int8(
             f"{models}/segmenter.int8.onnx: box IoU min {par['box_iou_min']:.4f} over "
             f"{par['images']} images, Dice drop {par['dice_drop']:.4f}; meets the bar: "
             f"{'yes' if par['meets_bar'] else 'no'}"
+        )
+
+
+@app.command(
+    "generalisation",
+    help="Source probe and downscale agreement of any classifier (written into its card).",
+)
+def train_generalisation(
+    models: Annotated[Path, typer.Option(help="Models directory with its splits.csv.")],
+    labels: Annotated[
+        list[Path],
+        typer.Option(help="Labels CSVs: the classifier's own first, then further sets."),
+    ],
+    cache: Annotated[Path, typer.Option(help="Crop cache folder (shared with `cxr train`).")],
+    images: Annotated[
+        list[Path] | None, typer.Option(help="Folder of each --labels CSV (default: its own).")
+    ] = None,
+    write: Annotated[
+        bool, typer.Option(help="Write the figures into the classifier's card (classifier.json).")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
+    threads: Threads = None,
+) -> None:
+    """Measure the source probe (held-out images of every set) and the downscale agreement
+    (the first set's test images) of a classifier, e.g. one shipped before they were recorded."""
+    import json
+    from dataclasses import replace
+
+    with fatal_errors():
+        from engine.models import load_manifest, manifest_path, save_manifest
+        from engine.train.generalisation import measure_models
+
+        figures = measure_models(
+            models, list(labels), list(images or []), cache=cache, threads=_threads(threads)
+        )
+        if json_out is not None:
+            json_out.write_text(json.dumps(figures, indent=2, allow_nan=False) + "\n")
+        if write:
+            m = load_manifest(manifest_path(models, "classifier"))
+            save_manifest(replace(m, card=dict(m.card) | figures), m.directory)
+        da = figures["downscale_agreement"]
+        probe = {
+            k: v["roc_auc"]
+            for k, v in figures["source_probe"].items()
+            if k != "method" and isinstance(v, dict)
+        }
+        typer.echo(
+            f"source probe ROC AUC {probe}; downscale agreement {da['same_decision']} "
+            f"(ROC AUC {da['roc_auc_full']} full, {da['roc_auc_downscaled']} at {da['side']} px)"
         )
 
 

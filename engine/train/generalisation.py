@@ -1,0 +1,108 @@
+"""Two shortcut measurements of a classifier, for its card: the source probe on the embeddings
+of every labelled image it was not trained on, and the primary set's test images screened at
+full size and downscaled to 224 px (cxr-train's resolution).
+
+`cxr train classifier` records them at the end of training (`from_training`); `cxr train
+generalisation` measures them for any models directory afterwards (e.g. a classifier shipped
+before these measurements existed), from its splits.csv: an image is "trained on" where that file
+says `train`, every other labelled image of the sets given is held out.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ConfigError
+from engine.eval.resolution import downscale_agreement
+from engine.eval.source_probe import source_probe
+from engine.train.classifier_fit import CropData
+from engine.train.data import log
+
+HELD_OUT = "every labelled image not trained on (val, test, holdout, unseen, further sets)"
+
+
+def measure(
+    directory: Path,
+    data: CropData,
+    embedding: np.ndarray,
+    trained: np.ndarray,
+    threads: int,
+) -> dict[str, Any]:
+    """{"source_probe", "downscale_agreement"} of the classifier in `directory`: embedding are
+    its outputs on data.inputs; trained marks the images it was trained on."""
+    held = ~np.asarray(trained, bool)
+    patients = np.array([im.patient_id for im in data.images])
+    probe = source_probe(embedding[held], data.sources[held], data.labels[held], patients[held])
+    probe["images"] = HELD_OUT
+    test = np.flatnonzero((data.split == "test") & (data.dataset == 0))
+    log(f"downscale agreement on {len(test)} test images")
+    res = downscale_agreement(
+        directory, [data.images[i].path for i in test], data.labels[test], threads=threads
+    )
+    return {"source_probe": probe, "downscale_agreement": res}
+
+
+def from_training(
+    directory: Path, data: CropData, fp32: dict[str, np.ndarray], threads: int
+) -> dict[str, Any]:
+    """The measurements at the end of `cxr train classifier` (its own split)."""
+    return measure(directory, data, fp32["embedding"], data.split == "train", threads)
+
+
+def trained_mask(splits_csv: Path, data: CropData) -> np.ndarray:
+    """Which of data's images a models directory's splits.csv lists as `train` (rows without a
+    `dataset` column belong to the first set)."""
+    if not Path(splits_csv).is_file():
+        raise ConfigError(f"{splits_csv}: missing; it records what the classifier was trained on")
+    with open(splits_csv, newline="") as f:
+        trained = {
+            (row.get("dataset") or "0", row["path"])
+            for row in csv.DictReader(f)
+            if row.get("split") == "train"
+        }
+    return np.array(
+        [(str(int(k)), im.rel) in trained for im, k in zip(data.images, data.dataset, strict=True)]
+    )
+
+
+def measure_models(
+    models: Path,
+    labels: list[Path],
+    images: list[Path],
+    *,
+    cache: Path,
+    threads: int,
+) -> dict[str, Any]:
+    """Load every labelled image of the sets (the crop cache), run the classifier of `models`
+    on the served crops and measure both figures."""
+    from engine.models import load_manifest, manifest_path
+    from engine.train.classifier import load_data, load_segmenter
+    from engine.train.classifier_config import ClassifierTrainConfig
+    from engine.train.datasets import pair_sets
+    from engine.train.export import ort_run, ort_session
+
+    clf = load_manifest(manifest_path(models, "classifier"))
+    sets = pair_sets(labels, images)
+    seed = int((clf.card.get("splits") or {}).get("seed", 0))
+    cfg = ClassifierTrainConfig(
+        labels=sets[0].labels,
+        images=sets[0].images,
+        extra=sets[1:],
+        segmenter=models,
+        out=models,
+        cache=cache,
+        arch=clf.architecture,
+        seed=seed,
+        threads=threads,
+    )
+    data, _ = load_data(cfg, load_segmenter(models))
+    trained = trained_mask(Path(models) / "splits.csv", data)
+    log(
+        f"embedding {len(data.inputs)} crops with {clf.onnx_path} ({int(trained.sum())} trained on)"
+    )
+    out = ort_run(ort_session(clf.onnx_path, threads), data.inputs)
+    return measure(Path(models), data, out["embedding"], trained, threads)
