@@ -117,7 +117,10 @@ def _columns(tmp_path, new=(0.9, 0.86, 0.95, 0.6, 0.92), old=(0.8, 0.74, 0.9, 0.
     cols = []
     for name, (auc, ieee, nih, masked, unseen_spec) in (("new", new), ("old", old)):
         u = unseen_of(_loso(tmp_path / name, unseen_spec))
-        card = {"downscale_agreement": {"same_decision": 0.95, "roc_auc_full": auc}}
+        card = {
+            "downscale_agreement": {"same_decision": 0.95, "roc_auc_full": auc},
+            "held_out_by_group": {"radiography-db:0": {"images": 100, "specificity": nih}},
+        }
         cols.append(Column(name, _eval(auc, ieee, nih), _shortcut(masked), card, (u,)))
     return cols
 
@@ -132,6 +135,10 @@ def test_side_by_side_has_one_row_per_figure_and_a_column_per_model(tmp_path):
     assert "shortcut ROC AUC, lungs masked out | 0.600 [0.400, 0.700]" in text
     unseen = next(ln for ln in lines if ln.startswith("| unseen nih-chestxray14 (label 0)"))
     assert "0.920 [" in unseen and "of 597" in unseen and "0.850 [" in unseen
+    assert (
+        "| not trained on, radiography-db (label 0): specificity | 0.950 of 100 | 0.900 of 100 |"
+        in text
+    )
     # never measured for any column: no row (e.g. the source probe here)
     assert "source probe" not in text
     assert "nih-chestxray14: ROC AUC" not in text  # undefined for every column

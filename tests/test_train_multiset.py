@@ -418,6 +418,10 @@ def test_generalisation_of_a_models_directory_from_its_splits(sets, tmp_path):
     assert set(probe["label=0"]["images"]) == {"ieee8023", "nih-chestxray14", "extra-set"}
     assert held == 24 - len(trained)
     assert figures["downscale_agreement"]["images"] == n_test
+    groups = figures["held_out_by_group"]
+    assert sum(g["images"] for g in groups.values()) == held
+    assert all(0.0 <= g.get("specificity", g.get("sensitivity")) <= 1.0 for g in groups.values())
+    assert "specificity" in groups["nih-chestxray14:0"] and "sensitivity" in groups["ieee8023:1"]
     card = load_manifest(manifest_path(models, "classifier")).card
     assert card["source_probe"] == probe and card["downscale_agreement"]["images"] == n_test
     # a models directory without its splits.csv is refused with a message, not a traceback

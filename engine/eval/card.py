@@ -257,6 +257,20 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
             *rows,
             "",
         ]
+    groups = card.get("held_out_by_group") or {}
+    if groups:
+        out += [
+            "Every labelled image not trained on (validation, test, held-out slices, excluded "
+            "groups), per source and label, at the threshold above:",
+            "",
+            "| source:label | images | share right (specificity / sensitivity) |",
+            "|---|---|---|",
+            *[
+                f"| {g} | {v['images']} | {v.get('specificity', v.get('sensitivity')):.3f} |"
+                for g, v in groups.items()
+            ],
+            "",
+        ]
     probe = card.get("source_probe") or {}
     prows = [
         f"| {k.removeprefix('label=')} | {', '.join(f'{s} {n}' for s, n in v['images'].items())} | "

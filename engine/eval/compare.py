@@ -245,10 +245,19 @@ def _unseen_cell(col: Column, group: str) -> str:
     return "n/a"
 
 
+def _held_cell(col: Column, group: str) -> str:
+    g = ((col.card or {}).get("held_out_by_group") or {}).get(group)
+    if not g:
+        return "n/a"
+    value = g.get("specificity", g.get("sensitivity"))
+    return f"{value:.3f} of {g['images']}"
+
+
 def side_by_side(columns: Sequence[Column]) -> list[str]:
     """One table: every column's internal test metrics (patient-bootstrap CIs), per source,
-    the shortcut figures, the source probe, the downscale agreement and the unseen-source
-    figures of its leave-one-source-out runs."""
+    the shortcut figures, the source probe, the downscale agreement, its scores on the labelled
+    images it was not trained on per source and label (`held_out_by_group` of its card), and the
+    unseen-source figures of its leave-one-source-out runs."""
     lines = [
         "| | " + " | ".join(c.name for c in columns) + " | paper |",
         "|---" * (len(columns) + 2) + "|",
@@ -301,6 +310,15 @@ def side_by_side(columns: Sequence[Column]) -> list[str]:
             for d in da
         ],
     )
+    held: list[str] = []
+    for c in columns:
+        held += [g for g in (c.card or {}).get("held_out_by_group") or {} if g not in held]
+    for g in held:
+        source, _, label = g.rpartition(":")
+        what = "specificity" if label == "0" else "sensitivity"
+        row(
+            f"not trained on, {source} (label {label}): {what}", [_held_cell(c, g) for c in columns]
+        )
     excluded: list[str] = []
     for c in columns:
         for run in c.unseen:

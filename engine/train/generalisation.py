@@ -25,32 +25,58 @@ from engine.train.data import log
 HELD_OUT = "every labelled image not trained on (val, test, holdout, unseen, further sets)"
 
 
+def held_out_by_group(
+    probs: np.ndarray, data: CropData, held: np.ndarray, threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Per source:label of the held-out images: how many, and the share the classifier gets
+    right at its threshold (specificity for label 0, sensitivity for label 1)."""
+    out: dict[str, dict[str, Any]] = {}
+    for src in sorted(set(data.sources[held].tolist())):
+        for y in (0, 1):
+            sel = held & (data.sources == src) & (data.labels == y)
+            if sel.any():
+                called = probs[sel] >= threshold
+                right = called if y == 1 else ~called
+                out[f"{src}:{y}"] = {
+                    "images": int(sel.sum()),
+                    "specificity" if y == 0 else "sensitivity": float(right.mean()),
+                }
+    return out
+
+
 def measure(
     directory: Path,
     data: CropData,
-    embedding: np.ndarray,
+    outputs: dict[str, np.ndarray],
     trained: np.ndarray,
     threads: int,
 ) -> dict[str, Any]:
-    """{"source_probe", "downscale_agreement"} of the classifier in `directory`: embedding are
-    its outputs on data.inputs; trained marks the images it was trained on."""
+    """{"source_probe", "downscale_agreement", "held_out_by_group"} of the classifier in
+    `directory`: outputs are its ONNX outputs on data.inputs ("logit", "embedding"); trained
+    marks the images it was trained on."""
+    from engine.models import load_manifest, manifest_path
+
     held = ~np.asarray(trained, bool)
     patients = np.array([im.patient_id for im in data.images])
+    embedding = outputs["embedding"]
     probe = source_probe(embedding[held], data.sources[held], data.labels[held], patients[held])
     probe["images"] = HELD_OUT
+    threshold = load_manifest(manifest_path(directory, "classifier")).threshold
+    probs = 1 / (1 + np.exp(-outputs["logit"].reshape(-1).astype(np.float64)))
+    groups = held_out_by_group(probs, data, held, 0.5 if threshold is None else threshold)
     test = np.flatnonzero((data.split == "test") & (data.dataset == 0))
     log(f"downscale agreement on {len(test)} test images")
     res = downscale_agreement(
         directory, [data.images[i].path for i in test], data.labels[test], threads=threads
     )
-    return {"source_probe": probe, "downscale_agreement": res}
+    return {"source_probe": probe, "downscale_agreement": res, "held_out_by_group": groups}
 
 
 def from_training(
     directory: Path, data: CropData, fp32: dict[str, np.ndarray], threads: int
 ) -> dict[str, Any]:
     """The measurements at the end of `cxr train classifier` (its own split)."""
-    return measure(directory, data, fp32["embedding"], data.split == "train", threads)
+    return measure(directory, data, fp32, data.split == "train", threads)
 
 
 def trained_mask(splits_csv: Path, data: CropData) -> np.ndarray:
@@ -105,4 +131,4 @@ def measure_models(
         f"embedding {len(data.inputs)} crops with {clf.onnx_path} ({int(trained.sum())} trained on)"
     )
     out = ort_run(ort_session(clf.onnx_path, threads), data.inputs)
-    return measure(Path(models), data, out["embedding"], trained, threads)
+    return measure(Path(models), data, out, trained, threads)
