@@ -385,22 +385,27 @@ class _Walker:
             yield from self._error(path, None, f"cannot open archive: {_why(exc)}")
             return
         with archive:
-            where = "at the start"
-            while True:
-                try:
-                    member = archive.next()
-                    if member is None:
-                        return
-                    _forget_members(archive)
-                    where = f"at member {member.name!r}"
-                    item = self._tar_member(path, archive, member)
-                    where = f"after member {member.name!r}"
-                except _ARCHIVE_ERRORS as exc:
-                    message = f"corrupt or truncated archive {where}: {_why(exc)}"
-                    yield from self._error(path, None, message)
+            yield from self._tar_members(path, archive)
+
+    def _tar_members(self, path: str, archive: tarfile.TarFile) -> Iterator[Item]:
+        """Every member's item in stored order; a read error ends the archive with one error
+        item that says where (the shard listing runs this loop on a tar opened for seeking)."""
+        where = "at the start"
+        while True:
+            try:
+                member = archive.next()
+                if member is None:
                     return
-                if item is not None:
-                    yield item
+                _forget_members(archive)
+                where = f"at member {member.name!r}"
+                item = self._tar_member(path, archive, member)
+                where = f"after member {member.name!r}"
+            except _ARCHIVE_ERRORS as exc:
+                message = f"corrupt or truncated archive {where}: {_why(exc)}"
+                yield from self._error(path, None, message)
+                return
+            if item is not None:
+                yield item
 
     def _tar_member(
         self, path: str, archive: tarfile.TarFile, member: tarfile.TarInfo

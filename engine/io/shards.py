@@ -171,25 +171,6 @@ class _Lister(_Walker):
             yield from self._tar_members(path, archive)
         self.seekable = False
 
-    def _tar_members(self, path: str, archive: tarfile.TarFile) -> Iterator[Item]:
-        """_Walker._tar's loop, on an archive opened for seeking (same messages)."""
-        where = "at the start"
-        while True:
-            try:
-                member = archive.next()
-                if member is None:
-                    return
-                _forget_members(archive)
-                where = f"at member {member.name!r}"
-                item = self._tar_member(path, archive, member)
-                where = f"after member {member.name!r}"
-            except _ARCHIVE_ERRORS as exc:
-                message = f"corrupt or truncated archive {where}: {_why(exc)}"
-                yield from self._error(path, None, message)
-                return
-            if item is not None:
-                yield item
-
     def _tar_member(
         self, path: str, archive: tarfile.TarFile, member: tarfile.TarInfo
     ) -> Item | None:
