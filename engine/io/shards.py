@@ -29,15 +29,19 @@ from dataclasses import dataclass
 from typing import IO
 
 from engine.io.archive import (
-    _ARCHIVE_ERRORS,
-    _PEEK,
-    _SNIFFED,
-    _ZIP_MEMBER_ERRORS,
     DEFAULT_MAX_FILE_BYTES,
     ArchiveStats,
     ImageRef,
     Item,
     _as_list,
+    _Walker,
+    image_key,
+)
+from engine.io.members import (
+    _ARCHIVE_ERRORS,
+    _PEEK,
+    _SNIFFED,
+    _ZIP_MEMBER_ERRORS,
     _forget_members,
     _kind,
     _read_file,
@@ -45,10 +49,8 @@ from engine.io.archive import (
     _sniff,
     _tar_refusal,
     _too_big,
-    _Walker,
     _why,
     _zip_refusal,
-    image_key,
 )
 
 __all__ = ["Entry", "Shard", "ShardReader", "list_entries", "plan_shards"]
