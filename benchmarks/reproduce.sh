@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README "Performance" tables in one command (about 2 hours on 2 cores, ~20 GB):
+# Reproduce the tables of docs/performance.md in one command (about 2 hours on 2 cores, ~20 GB):
 #
 #     bash benchmarks/reproduce.sh MODELS_DIR [WORK_DIR]
 #

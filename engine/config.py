@@ -17,7 +17,7 @@ Device = Literal["cpu", "gpu"]
 
 DECODERS: tuple[str, ...] = ("auto", "dali", "pillow", "pillow-draft")
 # What `--decoder auto` uses on the CPU (DALI always decodes on the GPU path). Measured in
-# benchmarks/results/screen.jsonl: see README "Performance".
+# benchmarks/results/screen.jsonl: see docs/performance.md.
 CPU_DECODER = "pillow-draft"
 
 
