@@ -10,7 +10,7 @@ from engine.models.manifest import ROLES, Manifest, Role, load_manifest, manifes
 from engine.models.precision import at_precision, choose_precision, why_chosen
 
 # Where trained default models ship inside the package (filled by `cxr train`, issue 3).
-PACKAGED_MODELS = Path(__file__).parent
+PACKAGED_MODELS = Path(__file__).parents[1] / "shipped_models"
 
 
 @dataclass(frozen=True, kw_only=True)
