@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Reproduce the README "Performance" tables in one command (about 2 hours on 2 cores, ~20 GB):
+# Reproduce the tables of docs/performance.md in one command (about 2 hours on 2 cores, ~20 GB):
 #
 #     bash benchmarks/reproduce.sh MODELS_DIR [WORK_DIR]
 #
 # MODELS_DIR: a trained models directory with FP32 exports (what `cxr train` writes; the shipped
-# engine/models stores float16 weights and computes in float32, the same speed). Archives are
+# engine/shipped_models stores float16 weights and computes in float32, the same speed). Archives are
 # made once into WORK_DIR (default /tmp/cxr-perf) from ../shared/data/cxr-dev (CXR_DATA
 # overrides); every benchmark appends JSON lines to benchmarks/results/.
 set -euo pipefail

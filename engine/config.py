@@ -17,7 +17,7 @@ Device = Literal["cpu", "gpu"]
 
 DECODERS: tuple[str, ...] = ("auto", "dali", "pillow", "pillow-draft")
 # What `--decoder auto` uses on the CPU (DALI always decodes on the GPU path). Measured in
-# benchmarks/results/screen.jsonl: see README "Performance".
+# benchmarks/results/screen.jsonl: see docs/performance.md.
 CPU_DECODER = "pillow-draft"
 
 
@@ -41,8 +41,9 @@ def output_path(value: str | os.PathLike[str], option: str = "--out") -> Path:
 
 
 # --threads above this many per usable core is refused: each stage sizes its pools from it
-# (ONNX Runtime's intra-op pool per session, the decoder's), so 10000 started over 16 000
-# threads; more threads than cores only add switching once a few cover I/O waits.
+# (ONNX Runtime's intra-op pool per session, the decoder's), so a huge value starts tens of
+# thousands of threads (docs/measurements.md); more threads than cores only add switching once
+# a few cover I/O waits.
 MAX_THREADS_PER_CORE = 4
 
 

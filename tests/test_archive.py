@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigError
-from engine.io import archive
+from engine.io import archive, members
 from engine.io.archive import (
     ArchiveStats,
     ImageRef,
@@ -409,7 +409,7 @@ def test_permission_denied_becomes_an_error_item(tmp_path, images, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(archive, "open", deny, raising=False)
+    monkeypatch.setattr(members, "open", deny, raising=False)
     items = run([tmp_path])
     assert errors(items) == {"locked.png": "cannot read: permission denied"}
     assert items[1].data == images[1]
@@ -471,7 +471,7 @@ def test_skip_means_no_item_and_no_read(tmp_path, images, monkeypatch):
         return real_read_stream(stream, *args)
 
     real_read_stream = archive._read_stream
-    monkeypatch.setattr(archive, "open", guarded, raising=False)
+    monkeypatch.setattr(members, "open", guarded, raising=False)
     monkeypatch.setattr(archive, "_read_stream", counting)
     have = {image_key(unreadable, None)}
     have |= {image_key(str(tar), m) for m in ("0.png", "2.png")}

@@ -421,15 +421,16 @@ def test_config_round_trip_for_workers(tiny_models_dir, tmp_path):
 
 
 def readme_ray_blocks() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("### On a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    """The bash blocks of the Ray guide (docs/scale.md, linked from the README)."""
+    text = (REPO / "docs" / "scale.md").read_text()
+    section = text.split("## On a Ray cluster", 1)[1].split("\n## ", 1)[0]
     return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
 
 
 def test_readme_ray_examples_run_and_equal_the_local_run(cluster, tmp_path):
-    """The README's --ray examples, on its example images: `--ray auto` joins the cluster
-    RAY_ADDRESS names (the fixture's three nodes stand for `ray start --head`), `--ray local`
-    starts its own; both give the single-process run's rows."""
+    """The Ray guide's --ray examples (docs/scale.md), on the README's example images:
+    `--ray auto` joins the cluster RAY_ADDRESS names (the fixture's three nodes stand for
+    `ray start --head`), `--ray local` starts its own; both give the single-process run's rows."""
     install, auto, local = readme_ray_blocks()
     assert install in (REPO / ".ci" / "run").read_text(), "CI installs the extra as documented"
     shutil.copytree(REPO / "examples", tmp_path / "examples")

@@ -1,7 +1,7 @@
 """Segmenter Dice with patient-bootstrap intervals: known answers, seeding, the entry point that
 writes them into a copy of the shipped segmenter's card (3 real mask pairs), and the card table.
 
-Everything is written under tmp_path; the data folder and engine/models are only read.
+Everything is written under tmp_path; the data folder and engine/shipped_models are only read.
 """
 
 from __future__ import annotations

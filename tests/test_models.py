@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 
-from engine import models as models_mod
 from engine.errors import ModelError
 from engine.models import (
     MANIFEST_FORMAT,
@@ -21,6 +20,7 @@ from engine.models import (
     load_models,
     manifest_path,
 )
+from engine.models import modelset as models_mod
 
 
 @pytest.fixture(scope="module")

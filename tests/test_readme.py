@@ -1,4 +1,5 @@
-"""The README's quick start, run as a new user would: the docs cannot rot."""
+"""The README's quick start and the nightly job of docs/nightly.md, run as a new user would:
+the docs cannot rot."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+NIGHTLY = REPO / "docs" / "nightly.md"  # the nightly job's guide, examples included
 
 
 def quick_start_blocks() -> list[str]:
@@ -72,12 +74,33 @@ def test_readme_main_job_and_similar_run_on_the_examples(tmp_path):
     assert neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_readme_model_numbers_are_the_cards():
+    """The README's model table is copied from the shipped model card: every number in it, and
+    every value with its interval, stands in the card as written."""
+    from engine.models import PACKAGED_MODELS
+
+    card = (PACKAGED_MODELS / "MODEL_CARD.md").read_text()
+    section = README.read_text().split("## Models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 4, rows  # the header and three models
+    found = 0
+    for row in rows[1:]:
+        for value in re.findall(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row):
+            assert value in card, value
+        for number in re.findall(r"\d\.\d{3}", row):
+            assert number in card, number
+            found += 1
+        for count in re.findall(r"\d+ \(\d+\)", row):
+            assert count in card, count
+    assert found >= 12
+
+
 # ---------------------------------------------------------------------------------------------
-# Nightly jobs: the cron line, the systemd units and the summary reader
+# Nightly jobs (docs/nightly.md): the cron line, the systemd units and the summary reader
 
 
 def nightly_blocks() -> dict[str, list[str]]:
-    section = README.read_text().split("## Nightly jobs", 1)[1].split("\n## ", 1)[0]
+    section = NIGHTLY.read_text().split("## Nightly jobs", 1)[1].split("\n## ", 1)[0]
     blocks: dict[str, list[str]] = {}
     for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S):
         blocks.setdefault(lang, []).append(body)
@@ -85,7 +108,7 @@ def nightly_blocks() -> dict[str, list[str]]:
 
 
 def local_paths(text: str, root: Path) -> str:
-    """The README's system paths -> places under `root` (and this environment's cxr)."""
+    """The guide's system paths -> places under `root` (and this environment's cxr)."""
     cxr = Path(sys.executable).with_name("cxr")
     for system, here in (
         ("/opt/cxr/.venv/bin/cxr", str(cxr) if cxr.is_file() else "cxr"),

@@ -806,9 +806,9 @@ def test_corrupted_onnx_is_fatal_and_named(tmp_path, tiny_models_dir, no_reading
 
 
 def test_without_models_the_message_says_how_to_get_them(tmp_path, monkeypatch, no_reading):
-    import engine.models
+    from engine.models import modelset
 
-    monkeypatch.setattr(engine.models, "PACKAGED_MODELS", tmp_path / "packaged")
+    monkeypatch.setattr(modelset, "PACKAGED_MODELS", tmp_path / "packaged")
     inp, out = _good_dir(tmp_path / "in", []), tmp_path / "out"
     code, stdout, stderr = run_cli(["screen", inp, "--out", out])
     assert code == 1

@@ -24,7 +24,7 @@ from conftest import DATA  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 
 DEV = DATA / "cxr-dev"
-SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "models"
+SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "shipped_models"
 
 
 def _rows() -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
 """Ship a trained model in one command: pack, parity, test evaluation, shortcut check, card.
 
-    python -m engine.eval.release --trained TRAINED_DIR --out engine/models \\
+    python -m engine.eval.release --trained TRAINED_DIR --out engine/shipped_models \\
         --labels LABELS.csv --images ROOT --work WORKDIR [--classifier fp16|int8] \\
         [--compare NAME=OTHER_TRAINED_DIR ...] [--evidence docs/model-eval]
 
@@ -478,7 +478,7 @@ def _compare(spec: str) -> tuple[str, Path]:
 def release_command(
     ctx: typer.Context,
     trained: Annotated[Path, typer.Option(help="Trained models directory (FP32 exports).")],
-    out: Annotated[Path, typer.Option(help="Where the release goes (e.g. engine/models).")],
+    out: Annotated[Path, typer.Option(help="Where the release goes (e.g. engine/shipped_models).")],
     labels: Annotated[Path, typer.Option(help="Labels CSV of the training.")],
     images: Annotated[Path, typer.Option(help="Root of the CSV's paths.")],
     work: Annotated[Path, typer.Option(help="Scratch folder for the runs and JSONs.")],

@@ -29,15 +29,19 @@ from dataclasses import dataclass
 from typing import IO
 
 from engine.io.archive import (
-    _ARCHIVE_ERRORS,
-    _PEEK,
-    _SNIFFED,
-    _ZIP_MEMBER_ERRORS,
     DEFAULT_MAX_FILE_BYTES,
     ArchiveStats,
     ImageRef,
     Item,
     _as_list,
+    _Walker,
+    image_key,
+)
+from engine.io.members import (
+    _ARCHIVE_ERRORS,
+    _PEEK,
+    _SNIFFED,
+    _ZIP_MEMBER_ERRORS,
     _forget_members,
     _kind,
     _read_file,
@@ -45,10 +49,8 @@ from engine.io.archive import (
     _sniff,
     _tar_refusal,
     _too_big,
-    _Walker,
     _why,
     _zip_refusal,
-    image_key,
 )
 
 __all__ = ["Entry", "Shard", "ShardReader", "list_entries", "plan_shards"]
@@ -170,25 +172,6 @@ class _Lister(_Walker):
         with archive:
             yield from self._tar_members(path, archive)
         self.seekable = False
-
-    def _tar_members(self, path: str, archive: tarfile.TarFile) -> Iterator[Item]:
-        """_Walker._tar's loop, on an archive opened for seeking (same messages)."""
-        where = "at the start"
-        while True:
-            try:
-                member = archive.next()
-                if member is None:
-                    return
-                _forget_members(archive)
-                where = f"at member {member.name!r}"
-                item = self._tar_member(path, archive, member)
-                where = f"after member {member.name!r}"
-            except _ARCHIVE_ERRORS as exc:
-                message = f"corrupt or truncated archive {where}: {_why(exc)}"
-                yield from self._error(path, None, message)
-                return
-            if item is not None:
-                yield item
 
     def _tar_member(
         self, path: str, archive: tarfile.TarFile, member: tarfile.TarInfo

@@ -405,7 +405,8 @@ class RunStore:
             for k, t, m in zip(df["key"], df["thumb_jpeg"], df["mask_png"], strict=True)
         }
         with self._lock:
-            # a thumbs part holds up to shard-size previews of about 10 KB: keep a few parts
+            # a thumbs part holds up to shard-size previews (docs/measurements.md, Thumbnails):
+            # keep a few parts
             self._thumb_cache[number] = by_key
             while len(self._thumb_cache) > 16:
                 self._thumb_cache.popitem(last=False)

@@ -1,8 +1,8 @@
 """INT8 tuning: the QDQ export's integer weights (and activation scales) fine-tuned to follow
 the FP32 model.
 
-Post-training calibration alone leaves the ResNet50's logit 0.12-0.15 away from FP32 on average
-(per-tensor U8 activations in every block; docs/model-eval/int8-recipes.jsonl), too far for the
+Post-training calibration alone leaves the ResNet50's logit too far from FP32 on average
+(per-tensor U8 activations in every block; the errors: docs/model-eval/int8-recipes.md) for the
 same decision on 99% of images when many logits sit near the threshold. Here the calibrated
 QDQ model is mirrored in torch with ONNX Runtime's arithmetic (the same scales, zero points,
 round-half-to-even and saturation), and its integer weights and biases are fine-tuned against
