@@ -30,6 +30,7 @@ from engine.eval.release import (  # noqa: E402
     install,
     main,
     pack,
+    reference_precision,
 )
 from engine.models import (  # noqa: E402
     Variant,
@@ -365,3 +366,9 @@ def test_card_side_by_side_with_loso_runs_and_ship_rule(released, tmp_path, monk
             card_mod.main()
         assert exc.value.code == 2
         assert "nope" in capsys.readouterr().err
+
+
+def test_a_packed_release_is_compared_through_its_shipped_export(released):
+    """--compare may name the release shipped before (no FP32 export, only its fp16 one)."""
+    assert reference_precision(released["trained"]) == "fp32"
+    assert reference_precision(released["out"]) == "fp16"

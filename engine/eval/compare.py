@@ -67,7 +67,7 @@ def comparison_from_models(
     note: str | None = None,
 ) -> Comparison:
     """A Comparison whose architecture, initialisation and card come from its classifier."""
-    clf = load_models(models_dir, precision="fp32").classifier
+    clf = load_models(models_dir, precision="auto").classifier
     return Comparison(
         name=name,
         architecture=clf.architecture,
@@ -458,7 +458,7 @@ def comparison_section(
         "",
         f"{c.name}: {c.architecture}, {c.initialisation}; model id "
         f"`{(c.eval.get('run') or {}).get('model_id')}`. Scored like the shipped model's FP32 "
-        "reference: its FP32 export on the held-out test patients, by source; 95% patient "
+        "reference: its FP32 export (a packed release: its shipped export) on the held-out test patients, by source; 95% patient "
         "bootstrap intervals.",
         "",
         *lines,

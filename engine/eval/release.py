@@ -286,18 +286,27 @@ def screen_and_evaluate(
     return result.to_json()
 
 
+def reference_precision(models: Path) -> str:
+    """fp32 where the classifier has an FP32 export (a `cxr train` directory), else the one
+    export it has (a packed release compared with a new one: its shipped export)."""
+    m = load_manifest(manifest_path(models, "classifier"))
+    return "fp32" if "fp32" in (m.precision, *m.variants) else m.precision
+
+
 def shortcut_check(cfg: ReleaseConfig, models: Path) -> dict[str, Any]:
-    """The shortcut check of the FP32 models of a trained dir on its test split."""
+    """The shortcut check of the reference models (FP32 where there) of a dir on its test
+    split."""
     from engine.eval.shortcut import ShortcutConfig, run_check
 
-    log(f"shortcut check of {models} (fp32) on its test split")
+    precision = reference_precision(models)
+    log(f"shortcut check of {models} ({precision}) on its test split")
     config = ShortcutConfig(
         models=models,
         labels=cfg.labels,
         images=cfg.images,
         splits=Path(models) / "splits.csv",
         split="test",
-        precision="fp32",
+        precision=precision,
         backend=cfg.backend,
         threads=cfg.threads,
         bootstrap=cfg.bootstrap,
@@ -391,7 +400,9 @@ def release(cfg: ReleaseConfig) -> ReleaseResult:
         held_out_labels(cfg.labels, Path(directory) / "splits.csv", csv)
         c_ev = save(
             f"compare-{name}-eval.json",
-            screen_and_evaluate(cfg, directory, "fp32", csv, work / f"run-compare-{name}"),
+            screen_and_evaluate(
+                cfg, directory, reference_precision(directory), csv, work / f"run-compare-{name}"
+            ),
         )
         c_sc = save(f"compare-{name}-shortcut.json", shortcut_check(cfg, directory))
         note = _differences(ref, directory, test_csv, csv)
@@ -443,7 +454,7 @@ def _differences(ref: Any, directory: Path, test_csv: Path, other_csv: Path) -> 
             f"Its own splits.csv puts {len(b)} images in test ({len(a & b)} shared with the "
             f"shipped model's {len(a)}): the test sets differ."
         )
-    seg = load_models(directory, precision="fp32").segmenter
+    seg = load_models(directory, precision="auto").segmenter
     if seg.sha256 != ref.segmenter.sha256:
         notes.append(
             f"It uses its own segmenter ({seg.architecture}@{seg.sha256[:8]}, the shipped one is "

@@ -106,8 +106,8 @@ def measure_models(
     """Load every labelled image of the sets (the crop cache), run the classifier of `models`
     on the served crops and measure both figures."""
     from engine.models import load_manifest, manifest_path
-    from engine.train.classifier import load_data, load_segmenter
     from engine.train.classifier_config import ClassifierTrainConfig
+    from engine.train.crops import load_data, load_segmenter
     from engine.train.datasets import pair_sets
     from engine.train.export import ort_run, ort_session
 
