@@ -47,11 +47,11 @@ from engine.io.probe import check_limits, probe
 from engine.io.resume import check_resumable
 from engine.models import ModelSet, load_models
 from engine.nightly import monitor, runs
-from engine.pipeline import DeviceBatch, Preprocessed, Preprocessor, Sample
+from engine.pipeline import DeviceBatch, ImagePreprocessor, Preprocessed, Preprocessor, Sample
 from engine.runtime import get_backend, resolve_backend
-from engine.stages.classify import classify
-from engine.stages.crop import lung_crops
-from engine.stages.segment import logit_threshold, segment
+from engine.runtime.base import Backend, DeviceBackend
+from engine.stages.base import Predictions, StageClock, Stages
+from engine.stages.cpu import CpuStages
 from kernels.reference import box_to_pixels
 
 QUEUE_DEPTH = 2  # batches in flight between two stages
@@ -71,33 +71,12 @@ class Batch:
     pre: Preprocessed | DeviceBatch | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Predictions:
-    prob: np.ndarray  # (n,)
-    boxes: np.ndarray  # (n, 4) normalised
-    fraction: np.ndarray  # (n,)
-    embedding: np.ndarray  # (n, D)
-    lung_mask: np.ndarray  # (n, h, w) bool, at the segmenter's resolution
-    work: np.ndarray | None = None  # (n, S, S) work images, when the batch was on the device
-
-
-class StageClock:
-    """Busy seconds per stage (stages overlap, so these add up to more than the wall time)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-
 class Screener:
     """The models, the pipeline and the backends: turns samples into predictions.
 
     Shared by `cxr screen` and `cxr similar`, so a query image goes through exactly the
-    same code as the archive did.
+    same code as the archive did. It picks its objects once (backends, stages, preprocessor)
+    and then only delegates.
     """
 
     def __init__(
@@ -117,98 +96,65 @@ class Screener:
         self._clf = cls(models.classifier, threads=threads)
         self._seg.load()
         self._clf.load()
-        self._gpu: Any = None
-        if self.backend_name == "tensorrt":
-            # Masks, boxes and the classifier input stay on the device between the two plans
-            # (kernels/*.cu); DALI decodes on the GPU too. Not yet run on a GPU: see README.
-            from engine.stages.gpu import GpuStages
-
-            self._gpu = GpuStages(models, self._seg, self._clf)  # type: ignore[arg-type]
-            device = "gpu"
-        self.device = device
-        decoder = resolve_decoder(decoder, device)
-        self.pipeline: Any
-        if decoder == "dali":
-            self.pipeline = Preprocessor(
-                models, device=device, batch_size=batch_size, threads=threads
-            )
-        else:
-            from engine.pipeline_pil import PilPreprocessor
-
-            self.pipeline = PilPreprocessor(
-                models,
-                batch_size=batch_size,
-                threads=threads,
-                draft=2 if decoder == "pillow-draft" else 0,
-            )
-        self.decoder = decoder
+        self.stages = pick_stages(models, self._seg, self._clf)
+        self.device = device if self.stages.device == "cpu" else self.stages.device
+        self.decoder = resolve_decoder(decoder, self.device)
+        self.pipeline = make_preprocessor(
+            models, self.decoder, device=self.device, batch_size=batch_size, threads=threads
+        )
         self.clock = StageClock()
 
     def preprocess(self, samples: list[Sample]) -> Preprocessed:
+        """The batch preprocessed to host arrays."""
         t = time.perf_counter()
         pre = self.pipeline.run(samples)
         self.clock.add("decode+preprocess", time.perf_counter() - t)
         return pre
 
     def preprocess_batch(self, samples: list[Sample]) -> Preprocessed | DeviceBatch:
-        """``preprocess``, except that with TensorRT the batch stays on the device.
-
-        DALI's output is copied device to device into the GPU stages' memory here, in the
-        calling (pipeline) thread, so DALI may reuse its buffers for the next batch at once.
-        """
-        if self._gpu is None:
-            return self.preprocess(samples)
+        """The batch preprocessed into the stages' memory: with the GPU stages it stays on the
+        device, copied there in the calling (pipeline) thread, so DALI may reuse its buffers
+        for the next batch at once."""
         t = time.perf_counter()
-        pre = self.pipeline.run_device(samples, cuda_stream=self._gpu.ingest_stream)
-        if isinstance(pre, DeviceBatch):
-            pre = self._gpu.stage(pre)
+        pre = self.stages.ingest(self.pipeline, samples)
         self.clock.add("decode+preprocess", time.perf_counter() - t)
         return pre
 
     def infer(self, pre: Preprocessed | DeviceBatch) -> Predictions:
-        if self._gpu is not None:
-            t = time.perf_counter()
-            if isinstance(pre, DeviceBatch):
-                g = self._gpu.infer(pre)
-            else:
-                g = self._gpu.infer(pre.work, pre.seg_input)
-            self.clock.add("segment+crop+classify (gpu)", time.perf_counter() - t)
-            return Predictions(
-                prob=g.prob,
-                boxes=g.boxes,
-                fraction=g.fraction,
-                embedding=g.embedding,
-                lung_mask=g.lung_mask,
-                work=g.work,
-            )
-        if isinstance(pre, DeviceBatch):
-            raise ValueError("a batch on the device needs the TensorRT backend")
-        m = self.models
-        t0 = time.perf_counter()
-        masks = segment(self._seg, m.segmenter, pre.seg_input)
-        t1 = time.perf_counter()
-        crops = lung_crops(pre.work, masks, m.segmenter, m.classifier)
-        t2 = time.perf_counter()
-        prob, emb = classify(self._clf, m.classifier, crops.classifier_input)
-        t3 = time.perf_counter()
-        self.clock.add("segment", t1 - t0)
-        self.clock.add("crop", t2 - t1)
-        self.clock.add("classify", t3 - t2)
-        return Predictions(
-            prob=prob,
-            boxes=crops.boxes,
-            fraction=crops.fraction,
-            embedding=emb,
-            lung_mask=masks >= logit_threshold(m.segmenter.threshold),
-        )
+        return self.stages.predict(pre, self.clock)
 
     def close(self) -> None:
-        if self._gpu is not None and hasattr(self._gpu, "close"):
-            self._gpu.close()
-        if hasattr(self.pipeline, "close"):
-            self.pipeline.close()
+        self.stages.close()
+        self.pipeline.close()
         self._seg.close()
         self._clf.close()
+
+
+def pick_stages(models: ModelSet, segmenter: Backend, classifier: Backend) -> Stages:
+    """The GPU stages where both backends keep their tensors on the device, else the CPU ones."""
+    if isinstance(segmenter, DeviceBackend) and isinstance(classifier, DeviceBackend):
+        # Masks, boxes and the classifier input stay on the device between the two plans
+        # (kernels/*.cu); DALI decodes on the GPU too.
+        from engine.stages.gpu import GpuStages
+
+        return GpuStages(models, segmenter, classifier)
+    return CpuStages(models, segmenter, classifier)
+
+
+def make_preprocessor(
+    models: ModelSet, decoder: str, *, device: str, batch_size: int, threads: int
+) -> ImagePreprocessor:
+    """The preprocessor `decoder` names ("dali", "pillow", "pillow-draft") on `device`."""
+    if decoder == "dali":
+        return Preprocessor(models, device=device, batch_size=batch_size, threads=threads)
+    from engine.pipeline_pil import PilPreprocessor
+
+    return PilPreprocessor(
+        models,
+        batch_size=batch_size,
+        threads=threads,
+        draft=2 if decoder == "pillow-draft" else 0,
+    )
 
 
 def location(source: str, member: str | None) -> str:

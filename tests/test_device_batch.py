@@ -34,10 +34,12 @@ from engine.errors import ConfigError
 from engine.io import thumbs
 from engine.models import ModelSet, init_models
 from engine.pipeline import DeviceArray, DeviceBatch, Preprocessed, Preprocessor, Sample
-from engine.runner import Batch, Prepared, Screener, StageClock, _finish_batch
+from engine.runner import Batch, Prepared, Screener, _finish_batch
 from engine.runtime import cuda
 from engine.runtime.onnxrt import OnnxRuntimeBackend
+from engine.stages.base import StageClock
 from engine.stages.classify import classify
+from engine.stages.cpu import CpuStages
 from engine.stages.crop import lung_crops
 from engine.stages.segment import segment
 from kernels import reference
@@ -372,6 +374,7 @@ class EmulatedPlan:
     def __init__(self, manifest: Any, max_batch: int) -> None:
         self.manifest = manifest
         self.plan = SimpleNamespace(max_batch=max_batch)
+        self.max_batch = max_batch
         self.streams: list[int | None] = []
         self._ort = OnnxRuntimeBackend(manifest)
         self._ort.load()
@@ -538,7 +541,7 @@ def test_closed_stages_stage_nothing(gpu_pipe, emulated):
 def gpu_screener(models: ModelSet, stages: Any, preprocessor: Preprocessor) -> Screener:
     """A Screener on the TensorRT path, with the emulated stages and the fake pipeline."""
     s = Screener.__new__(Screener)
-    s.models, s._gpu, s.pipeline, s.clock = models, stages, preprocessor, StageClock()
+    s.models, s.stages, s.pipeline, s.clock = models, stages, preprocessor, StageClock()
     s.backend_name, s.device, s.decoder = "tensorrt", "gpu", "dali"
     return s
 
@@ -575,7 +578,7 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
 
 def test_cpu_screener_refuses_a_device_batch(tiny):
     s = Screener.__new__(Screener)
-    s.models, s._gpu, s.clock = tiny, None, StageClock()
+    s.models, s.stages, s.clock = tiny, CpuStages(tiny, None, None), StageClock()
     with pytest.raises(ValueError, match="needs the TensorRT backend"):
         s.infer(batch_of(1))
 
