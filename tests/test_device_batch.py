@@ -32,11 +32,13 @@ import kernels.nvrtc
 from engine import pipeline
 from engine.errors import ConfigError
 from engine.io import thumbs
+from engine.io.reader import Prepared
 from engine.models import ModelSet, init_models
 from engine.pipeline import DeviceArray, DeviceBatch, Preprocessed, Preprocessor, Sample
-from engine.runner import Batch, Prepared, Screener, _finish_batch
 from engine.runtime import cuda
 from engine.runtime.onnxrt import OnnxRuntimeBackend
+from engine.screener import Screener
+from engine.screening import Batch, finish_batch
 from engine.stages.base import StageClock
 from engine.stages.classify import classify
 from engine.stages.cpu import CpuStages
@@ -560,7 +562,7 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
     assert_matches(preds, cpu_path(tiny, work, seg))
     assert "H2D" not in emu.kinds()
 
-    # _finish_batch makes the previews from the work images that came back with the results
+    # finish_batch makes the previews from the work images that came back with the results
     items = [
         Prepared(
             row={"key": i, "source": f"/x/{i}.png", "member": None, "width": 90, "height": 70},
@@ -569,7 +571,7 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
         for i, s in enumerate(seeds)
     ]
     again = screener.preprocess_batch([p.sample for p in items if p.sample is not None])
-    rows, vecs, previews = _finish_batch(Batch(items=items, pre=again), screener)
+    rows, vecs, previews = finish_batch(Batch(items=items, pre=again), screener)
     assert [r["status"] for r in rows] == ["ok"] * 3
     np.testing.assert_array_equal(np.stack(vecs), preds.embedding)
     for j, p in enumerate(previews):

@@ -223,7 +223,7 @@ def test_importing_the_cpu_path_does_not_import_gpu_libraries():
     code = textwrap.dedent(
         """
         import sys
-        import engine, engine.runner, engine.cli, engine.runtime
+        import engine, engine.runner, engine.screener, engine.screening, engine.cli, engine.runtime
         heavy = ("tensorrt", "cuda", "nvidia", "torch", "torchvision", "onnxruntime", "pycuda")
         print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
         """

@@ -45,13 +45,14 @@ import numpy as np
 
 from engine.config import ScreenConfig
 from engine.errors import ConfigError, EngineError, ModelError
-from engine.io import parquet, thumbs, vectors
+from engine.io import parquet
 from engine.io.archive import ArchiveStats
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
-from engine.io.resume import check_resumable
+from engine.io.resume import check_resumable, remove_leftovers, resume
 from engine.io.shards import Shard, ShardReader, list_entries, plan_shards
 from engine.models import ModelSet, load_models, manifest_path
-from engine.runner import RunSummary, _run_record
+from engine.run_record import ERROR_SAMPLES, RunSummary, run_record
+from engine.screener import embedding_dim
 
 MODEL_CACHE_ENV = "CXR_MODEL_CACHE"  # where workers keep the shipped model files
 RAY_EXTRA_HINT = "install the ray extra: pip install 'cxr-engine[ray]'"
@@ -134,7 +135,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             out,
             previous=previous,
             model_id=models.model_id,
-            dim=int(models.classifier.output("embedding").shape[-1]),
+            dim=embedding_dim(models),
             threshold=models.classifier.threshold,
             with_embeddings=config.embeddings_in_parquet,
         )
@@ -151,7 +152,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         cluster: dict[str, Any] = {"ray_version": ray.__version__}
 
         def record(status: str) -> None:
-            data = _run_record(config, models, summary, previous, started, status)
+            data = run_record(config, models, summary, previous, started, status)
             data["cluster"] = cluster
             data["libraries"]["ray"] = ray.__version__
             write_run_json(out, data)
@@ -178,11 +179,8 @@ def _run_locked(
 ) -> None:
     if _unfinished_cluster_run(previous):
         time.sleep(FENCE_GRACE_S)
-    parquet.remove_temporaries(out)
-    thumbs.remove_orphans(out)
-    dim = int(models.classifier.output("embedding").shape[-1])
-    vectors.sync_index(out, dim)  # finish what a killed run committed
-    done = parquet.existing_keys(out)
+    dim = embedding_dim(models)
+    done = resume(out, dim)  # finish what a killed run committed
     with _connected(ray, config) as nodes:
         plan = plan_actors(nodes, config)
         cluster.update(_describe(ray, nodes, plan, config))
@@ -205,14 +203,8 @@ def _run_locked(
         finally:
             summary.wall_s = time.perf_counter() - t0
             _finish_summary(summary, fold, cluster)
-    # what workers on dead nodes left half-written (their shards were redone elsewhere)
-    parquet.remove_temporaries(out)
-    thumbs.remove_orphans(out)
-    summary.index_size = vectors.sync_index(out, dim).size
-    totals = parquet.read_predictions(out, ["status"])["status"].value_counts()
-    counts = dict(zip(totals["status"].to_list(), totals["count"].to_list(), strict=True))
-    summary.total_rows = sum(counts.values())
-    summary.total_errors = counts.get("error", 0)
+    remove_leftovers(out)  # what workers on dead nodes left (their shards were redone elsewhere)
+    summary.count_output(out, dim)
     record("interrupted" if summary.interrupted else "complete")
 
 
@@ -460,7 +452,7 @@ def _fold_row(
     summary.ok += int(row["ok"])
     summary.errors += errors
     summary.positives += int(row["positives"])
-    room = 20 - len(summary.error_samples)
+    room = ERROR_SAMPLES - len(summary.error_samples)
     if room > 0:
         summary.error_samples += json.loads(row["error_samples"])[:room]
     fold.shards_done += 1
@@ -485,12 +477,7 @@ def _finish_summary(summary: RunSummary, fold: _Fold, cluster: dict[str, Any]) -
         summary.backend = ",".join(sorted(fold.backends))
         summary.decoder = ",".join(sorted(fold.decoders))
     summary.stage_s = dict(fold.stage_s)
-    if fold.latencies_s:
-        ms = np.array(fold.latencies_s) * 1000
-        summary.batch_latency_ms = {
-            "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)),
-        }
+    summary.set_latencies(fold.latencies_s)
     cluster["shards_done"] = fold.shards_done
     cluster["shards_found_committed"] = fold.shards_found_committed
     cluster["per_node"] = [f.to_json(node_id) for node_id, f in sorted(fold.nodes.items())]
@@ -592,7 +579,8 @@ class ShardActor:
         import ray
 
         from engine.distributed.shard import check_view, fence
-        from engine.runner import Screener
+        from engine.screener import Screener
+        from engine.screening import common_columns
 
         config = spec.config
         self.spec = spec
@@ -621,12 +609,7 @@ class ShardActor:
         )
         self.reader = ShardReader()
         self.fence = fence(self.out, spec.run_id)
-        self.common = {
-            "model_id": models.model_id,
-            "backend": self.screener.backend_name,
-            "run_id": spec.run_id,
-            "threshold": models.classifier.threshold,
-        }
+        self.common = common_columns(self.screener, spec.run_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from engine.distributed.shard import screen_shard

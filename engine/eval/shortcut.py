@@ -44,9 +44,11 @@ from engine.eval.labels import read_labels
 from engine.eval.metrics import roc_auc
 from engine.io.archive import ImageRef, Item, image_key
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from engine.io.reader import prepare
 from engine.models import load_models
 from engine.pipeline import Preprocessed
-from engine.runner import Predictions, Screener, prepare
+from engine.screener import Screener
+from engine.stages.base import Predictions
 from engine.stages.classify import classify
 from kernels.reference import crop_resize_normalize
 
