@@ -21,6 +21,7 @@ from engine import __version__
 from engine.config import ScreenConfig
 from engine.cpu import this_cpu
 from engine.io import parquet, vectors
+from engine.io.parquet import Row
 from engine.models import ModelSet
 from engine.nightly import runs
 
@@ -67,16 +68,16 @@ class RunSummary:
         """No INPUT held an image, not even one screened before (a finished run)."""
         return not self.interrupted and self.processed == 0 and self.skipped_existing == 0
 
-    def count(self, row: dict[str, Any]) -> None:
+    def count(self, row: Row) -> None:
         """One finished row."""
         self.processed += 1
-        if row["status"] == "ok":
+        if row.status == "ok":
             self.ok += 1
-            self.positives += bool(row["decision"])
+            self.positives += bool(row.decision)
         else:
             self.errors += 1
             if len(self.error_samples) < ERROR_SAMPLES:
-                self.error_samples.append(row["error"])
+                self.error_samples.append(row.error or "")
 
     def set_latencies(self, seconds: Sequence[float]) -> None:
         """p50 and p99 of the batches' inference latencies, in milliseconds."""

@@ -14,8 +14,9 @@ pipeline thread copies it device to device into the stages' own memory right aft
 (DALI reuses its buffers on the next run), so decoding batch n+1 overlaps inference on batch n
 as on the CPU (engine/stages/gpu.py).
 
-Every item ends as exactly one row, in input order: `finish_batch` fills a row's model outputs
-(or its error) and `common_columns` the columns every row of a run shares.
+Every item ends as exactly one row (engine/io/parquet.py `Row`), in input order: `finish_batch`
+fills a row's model outputs (or its error) and `common_columns` the columns every row of a run
+shares.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from engine.config import ScreenConfig
 from engine.io import thumbs
 from engine.io.archive import Item
+from engine.io.parquet import Row
 from engine.io.reader import Prepared, failed, location, prepare
 from engine.io.writer import ShardWriter
 from engine.pipeline import DeviceBatch, Preprocessed
@@ -127,12 +129,12 @@ def common_columns(screener: Screener, run_id: str) -> dict[str, Any]:
 
 def finish_batch(
     batch: Batch, screener: Screener
-) -> tuple[list[dict[str, Any]], list[Any], list[tuple[bytes, bytes] | None]]:
+) -> tuple[list[Row], list[Any], list[tuple[bytes, bytes] | None]]:
     """Rows (in input order), embeddings and previews (None for failed images) of one batch."""
     pre = batch.pre
     preds = screener.infer(pre) if pre is not None and pre.ok else None
     threshold = screener.models.classifier.threshold
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     vecs: list[np.ndarray | None] = []
     previews: list[tuple[bytes, bytes] | None] = []
     sample_i = 0
@@ -140,32 +142,30 @@ def finish_batch(
         row, vec, preview = p.row, None, None
         if p.sample is not None:
             assert pre is not None  # a batch with samples was preprocessed
-            where = location(row["source"], row["member"])
+            where = location(row.source, row.member)
             if sample_i in pre.errors:
                 failed(row, where, pre.errors[sample_i])
             else:
                 j = pre.ok.index(sample_i)
                 assert preds is not None
-                prob = float(preds.prob[j])
+                assert row.width is not None and row.height is not None  # probed
+                row.status = "ok"
+                row.prob = prob = float(preds.prob[j])
+                row.decision = prob >= threshold
                 box = box_to_pixels(
-                    preds.boxes[j : j + 1], np.array([row["width"]]), np.array([row["height"]])
+                    preds.boxes[j : j + 1], np.array([row.width]), np.array([row.height])
                 )[0]
-                row.update(
-                    status="ok",
-                    prob=prob,
-                    decision=prob >= threshold,
-                    lung_bbox=box.tolist(),
-                    lung_fraction=float(preds.fraction[j]),
-                )
+                row.lung_bbox = box.tolist()
+                row.lung_fraction = float(preds.fraction[j])
                 vec = preds.embedding[j]
                 work = pre.work if isinstance(pre, Preprocessed) else preds.work
                 assert work is not None  # a DeviceBatch's predictions carry its work images
                 preview = (
-                    thumbs.encode_thumb(work[j], row["width"], row["height"]),
+                    thumbs.encode_thumb(work[j], row.width, row.height),
                     thumbs.encode_mask(preds.lung_mask[j]),
                 )
             sample_i += 1
-        row["screened_at"] = datetime.now(UTC)
+        row.screened_at = datetime.now(UTC)
         rows.append(row)
         vecs.append(vec)
         previews.append(preview)

@@ -195,7 +195,7 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         min_side=int(config.get("min_side", 32)),
     )
     if prepared.sample is None:
-        raise EngineError(f"cannot screen the query: {prepared.row['error']}")
+        raise EngineError(f"cannot screen the query: {prepared.row.error}")
     screener = Screener(
         models,
         backend="onnxruntime",

@@ -32,6 +32,7 @@ import kernels.nvrtc
 from engine import pipeline
 from engine.errors import ConfigError
 from engine.io import thumbs
+from engine.io.parquet import Row
 from engine.io.reader import Prepared
 from engine.models import ModelSet, init_models
 from engine.pipeline import DeviceArray, DeviceBatch, Preprocessed, Preprocessor, Sample
@@ -565,14 +566,14 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
     # finish_batch makes the previews from the work images that came back with the results
     items = [
         Prepared(
-            row={"key": i, "source": f"/x/{i}.png", "member": None, "width": 90, "height": 70},
+            row=Row(key=i, source=f"/x/{i}.png", member=None, width=90, height=70),
             sample=sample(s),
         )
         for i, s in enumerate(seeds)
     ]
     again = screener.preprocess_batch([p.sample for p in items if p.sample is not None])
     rows, vecs, previews = finish_batch(Batch(items=items, pre=again), screener)
-    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert [r.status for r in rows] == ["ok"] * 3
     np.testing.assert_array_equal(np.stack(vecs), preds.embedding)
     for j, p in enumerate(previews):
         assert p is not None and p[0] == thumbs.encode_thumb(work[j], 90, 70)

@@ -199,7 +199,7 @@ def score_images(screener: MaskingScreener, paths: list[str], batch_size: int) -
         for i, item in enumerate(read_items(paths[start : start + batch_size]), start):
             p = prepare(item, max_pixels=DEFAULT_MAX_PIXELS, min_side=DEFAULT_MIN_SIDE)
             if p.sample is None:
-                out.failed[i] = p.row["error"]
+                out.failed[i] = p.row.error or ""
             else:
                 idx.append(i)
                 samples.append(p.sample)

@@ -1,5 +1,8 @@
 """The reader side of a run: an input's bytes -> its row so far and a pipeline Sample.
 
+`prepare` is the filler of the row's reader columns (engine/io/parquet.py `Row`): where the
+image is, its file (sha256, size, mtime), its header (format, size, bit depth) and DICOM tags.
+
 `to_sample` is the one "DICOM? decode it (pydicom, on the CPU), else pass the encoded bytes on"
 step: `cxr screen` (through `prepare`), `cxr similar`, the shortcut check, training
 (engine/train/data.py) and the review page (engine/serve/images.py) all read images through it,
@@ -11,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from engine.errors import ImageError
 from engine.io.archive import Item
 from engine.io.dicom import decode_dicom, read_dicom_meta
+from engine.io.parquet import Row
 from engine.io.probe import ImageInfo, check_limits, probe
 from engine.pipeline import Sample
 
@@ -26,7 +29,7 @@ from engine.pipeline import Sample
 class Prepared:
     """One input after the reader: its row so far, and a Sample unless it already failed."""
 
-    row: dict[str, Any]
+    row: Row
     sample: Sample | None
 
 
@@ -46,18 +49,17 @@ def to_sample(data: bytes, info: ImageInfo | None = None) -> Sample:
 def prepare(item: Item, *, max_pixels: int, min_side: int) -> Prepared:
     """Reader-side work for one item: hash, probe the header, refuse bombs, decode DICOM."""
     ref = item.ref
-    row: dict[str, Any] = {"key": ref.key, "source": ref.source, "member": ref.member}
+    row = Row(key=ref.key, source=ref.source, member=ref.member)
     where = location(ref.source, ref.member)
     if item.error is not None or item.data is None:
         return Prepared(failed(row, where, item.error or "no data"), None)
     data = item.data
-    row["sha256"] = hashlib.sha256(data).hexdigest()
+    row.sha256 = hashlib.sha256(data).hexdigest()
     row.update(source_stat(ref.source, ref.member, len(data)))
     try:
         info = probe(data)
-        row.update(
-            format=info.format, width=info.width, height=info.height, bit_depth=info.bit_depth
-        )
+        row.format, row.width, row.height = info.format, info.width, info.height
+        row.bit_depth = info.bit_depth
         if info.format == "dicom":
             row.update(read_dicom_meta(data))
         check_limits(info, max_pixels=max_pixels, min_side=min_side)
@@ -82,7 +84,7 @@ def source_stat(source: str, member: str | None, size_read: int) -> dict[str, in
     return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
-def failed(row: dict[str, Any], where: str, message: str) -> dict[str, Any]:
+def failed(row: Row, where: str, message: str) -> Row:
     """`row` as an error row: status "error", the message prefixed with the image's location."""
-    row.update(status="error", error=f"{where}: {message}")
+    row.status, row.error = "error", f"{where}: {message}"
     return row

@@ -16,6 +16,7 @@ import numpy as np
 
 from engine.errors import OutputError
 from engine.io import parquet, thumbs, vectors
+from engine.io.parquet import Row
 
 
 class ShardWriter:
@@ -26,7 +27,7 @@ class ShardWriter:
         out: Path,
         *,
         shard_size: int,
-        common: dict[str, Any],
+        common: dict[str, Any],  # columns every row shares (screening.common_columns)
         with_embeddings: bool,
         dim: int,
         number: int | None = None,  # the first part's number; None: after the last committed
@@ -38,14 +39,12 @@ class ShardWriter:
         self.dim = dim
         self.number = parquet.next_part_number(out) if number is None else number
         self.schema = parquet.directory_schema(out)  # every part keeps the first one's columns
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[Row] = []
         self._vectors: list[np.ndarray | None] = []
         self._previews: list[tuple[bytes, bytes] | None] = []
         self.parts_written = 0
 
-    def add(
-        self, row: dict[str, Any], vector: np.ndarray | None, preview: tuple[bytes, bytes] | None
-    ) -> None:
+    def add(self, row: Row, vector: np.ndarray | None, preview: tuple[bytes, bytes] | None) -> None:
         self._rows.append(row)
         self._vectors.append(vector)
         self._previews.append(preview)
@@ -73,7 +72,7 @@ class ShardWriter:
         self._advance()
 
     def _commit(self) -> None:
-        rows = [{**self.common, **r} for r in self._rows]
+        rows = [{**r.columns(), **self.common} for r in self._rows]
         ok = [i for i, v in enumerate(self._vectors) if v is not None]
         keys = np.array([rows[i]["key"] for i in ok], np.uint64)
         mat = np.stack([v for v in self._vectors if v is not None]) if ok else None
