@@ -48,7 +48,8 @@ class Row:
     """One image's row of a predictions part. SCHEMA is read off it: names, order and types.
 
     A column is a field here plus the line of its group's filler that sets it:
-        location, file, header, DICOM tags    engine/io/reader.py  `prepare`
+        location, file, header                engine/io/reader.py  `prepare`
+        DICOM tags                            engine/io/dicom.py   `_META_KEYWORDS`
         status, error, model outputs, time    engine/screening.py  `finish_batch`
         the run's models, backend, threshold  engine/screening.py  `common_columns`
     """
