@@ -37,20 +37,24 @@ class RunSummary:
     trained: bool
     decoder: str = ""
     precision_why: dict[str, str] = field(default_factory=dict)  # role -> why that export runs
+    # the images this run screened (`count`)
     processed: int = 0
     ok: int = 0
     errors: int = 0
     positives: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    # what the walk of the inputs found besides
     skipped_existing: int = 0
     ignored_files: int = 0
+    empty_inputs: list[str] = field(default_factory=list)  # INPUTs that held no image
+    # the directory once the run is over (`count_output`)
     total_rows: int = 0
     total_errors: int = 0
     index_size: int = 0
+    # timings
     wall_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
     batch_latency_ms: dict[str, float] = field(default_factory=dict)
-    error_samples: list[str] = field(default_factory=list)
-    empty_inputs: list[str] = field(default_factory=list)  # INPUTs that held no image
     interrupted: bool = False
     changes: dict[str, Any] = field(default_factory=dict)  # run.json "changes" (engine/nightly)
     drift: dict[str, Any] = field(default_factory=dict)  # run.json "drift"

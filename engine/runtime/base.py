@@ -92,14 +92,10 @@ class DeviceBackend(Backend):
 
     @abstractmethod
     def infer_device(
-        self,
-        inputs: dict[str, int],
-        batch: int,
-        *,
-        outputs: dict[str, int] | None = None,
-        stream: int | None = None,
+        self, inputs: dict[str, int], batch: int, *, stream: int | None = None
     ) -> dict[str, int]:
-        """Tensor name -> device pointer in, the same for every output; queued on `stream`."""
+        """Input name -> device pointer (`batch` samples) in, output name -> device pointer
+        out; queued on `stream`, without a synchronisation."""
 
     @abstractmethod
     def output_shape(self, name: str, batch: int) -> tuple[int, ...]:
