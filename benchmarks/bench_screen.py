@@ -20,7 +20,7 @@ the real dev images (with their labels). One JSON line per configuration goes to
 benchmarks/results/screen.jsonl.
 
 Levers (for the thread split, the Pillow decoders and anything the runner does not expose yet,
-the child process patches engine.runner before it screens; nothing in the engine changes):
+the child process patches engine.screener before it screens; nothing in the engine changes):
 
     --precision fp32,int8          (INT8 exports that do not exist are reported as skipped)
     --batch-size 1,8,16,32

@@ -86,7 +86,7 @@ def git_commit() -> str:
 def libraries() -> dict[str, str]:
     from importlib import metadata
 
-    from engine.runner import library_versions
+    from engine.run_record import library_versions
 
     versions = library_versions()
     for dist in ("pillow", "psutil"):

@@ -75,15 +75,15 @@ def worker(spec_path: Path) -> None:
 BUILT: list[str] = []
 
 
-def _patch_runner(cfg: Config) -> None:
-    """Make engine.runner build the wanted preprocessor with the wanted thread count.
+def _patch_screener(cfg: Config) -> None:
+    """Make engine.screener build the wanted preprocessor with the wanted thread count.
 
     The Screener is always asked for decoder "dali" (_screen_config), so it calls
-    engine.runner.Preprocessor, replaced here by a factory that builds the configuration's
+    engine.screener.Preprocessor, replaced here by a factory that builds the configuration's
     preprocessor (DALI, or Pillow with its draft factor) with its own decode thread count. What it
     built is recorded in the result, so a configuration cannot silently run another decoder.
     """
-    import engine.runner as runner
+    import engine.screener as screener
     from engine.pipeline import Preprocessor
 
     draft = decoder_draft(cfg.decoder)
@@ -102,7 +102,7 @@ def _patch_runner(cfg: Config) -> None:
             models, device=device, batch_size=batch_size, threads=decode_threads, draft=draft
         )
 
-    runner.Preprocessor = make  # type: ignore[assignment,misc]
+    screener.Preprocessor = make  # type: ignore[assignment,misc]
 
 
 def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
@@ -114,7 +114,7 @@ def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
         models=Path(models),
         backend="null" if cfg.kind == "null" else "onnxruntime",
         precision=cfg.precision,
-        decoder="dali",  # routes through the patched engine.runner.Preprocessor (_patch_runner)
+        decoder="dali",  # routes through the patched engine.screener.Preprocessor (_patch_screener)
         batch_size=cfg.batch_size,
         threads=cfg.ort_threads,
         progress=False,
@@ -124,7 +124,7 @@ def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
 def _child_screen(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
     from engine.runner import screen
 
-    _patch_runner(cfg)
+    _patch_screener(cfg)
     out = Path(spec["out"])
     inputs = spec["inputs"]
     warm = spec["warmup_inputs"]

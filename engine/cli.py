@@ -245,7 +245,7 @@ def _progress(enabled: bool):
         yield advance
 
 
-def _print_summary(s) -> None:  # s: engine.runner.RunSummary
+def _print_summary(s) -> None:  # s: engine.run_record.RunSummary
     table = Table(
         title=f"cxr screen -> {escape(str(s.out))}", show_header=False, title_justify="left"
     )
@@ -308,7 +308,7 @@ def _print_summary(s) -> None:  # s: engine.runner.RunSummary
         )
 
 
-def _nightly_rows(table: Table, s) -> None:  # s: engine.runner.RunSummary
+def _nightly_rows(table: Table, s) -> None:  # s: engine.run_record.RunSummary
     c = s.changes
     if c:
         rescreened = f" ({c.get('rescreened', 0)} rescreened)" if c.get("rescreen_changed") else ""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -144,6 +144,30 @@ class DeviceBatch:
                 )
             if arr.dtype != np.float32:
                 raise ValueError(f"{name} must be float32, not {arr.dtype}")
+
+
+class ImagePreprocessor(Protocol):
+    """What the Screener and the stages use of a preprocessor: ``Preprocessor`` (DALI) here,
+    ``PilPreprocessor`` (engine/pipeline_pil.py) beside it, with the same numbers."""
+
+    device: str  # "cpu" | "gpu"
+    batch_size: int
+
+    def run(self, samples: Sequence[Sample]) -> Preprocessed:
+        """A batch to the host; a bad image is an error entry, never a failed batch."""
+        ...
+
+    def run_device(
+        self, samples: Sequence[Sample], *, cuda_stream: int | None = None
+    ) -> DeviceBatch | Preprocessed:
+        """``run`` with the arrays left in GPU memory (ConfigError off the GPU)."""
+        ...
+
+    def run_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Work image (S, S) and segmenter input (1, h, w) of one sample; ImageError if bad."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _define(models: ModelSet, *, device: str, batch_size: int, threads: int):
@@ -271,6 +295,9 @@ class Preprocessor:
                 f"cannot decode: the file is truncated or corrupt ({decoder_message(exc)})"
             ) from None
         return work[0], seg[0]
+
+    def close(self) -> None:
+        pass  # nothing to release early: DALI frees the pipeline with this object
 
     def _run_one_by_one(self, samples: Sequence[Sample]) -> Preprocessed:
         # A decoder error fails DALI's whole batch; rerun singly to pin it on the bad images.

@@ -40,13 +40,13 @@ import numpy as np
 
 from engine.errors import ConfigError, ImageError
 from engine.models import ModelSet
-from engine.pipeline import UINT16_MAX, Preprocessed, Sample
+from engine.pipeline import UINT16_MAX, DeviceBatch, Preprocessed, Sample
 
 _SCALE_8BIT = 257.0  # 255 * 257 = 65535: the same 0..65535 scale as 16-bit sources
 
 
 class PilPreprocessor:
-    """Drop-in for engine.pipeline.Preprocessor (``run``, ``run_one``), without DALI."""
+    """Drop-in for engine.pipeline.Preprocessor (an ImagePreprocessor), without DALI."""
 
     def __init__(
         self,
@@ -91,6 +91,11 @@ class PilPreprocessor:
         work = np.stack([results[i][0] for i in ok])  # type: ignore[index]
         seg = np.stack([results[i][1] for i in ok])  # type: ignore[index]
         return Preprocessed(ok=ok, work=work, seg_input=seg, errors=errors)
+
+    def run_device(
+        self, samples: Sequence[Sample], *, cuda_stream: int | None = None
+    ) -> DeviceBatch | Preprocessed:
+        raise ConfigError("run_device needs DALI on the GPU; the Pillow preprocessor is CPU only")
 
     def run_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Work image (S, S) and segmenter input (1, h, w) of one sample; ImageError if bad."""

@@ -170,7 +170,8 @@ def _join_rows(out: Path, pairs: list[tuple[int, float]]) -> list[Neighbour]:
 
 
 def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
-    from engine.runner import Screener, location, prepare
+    from engine.io.reader import location, prepare
+    from engine.screener import Screener
 
     data = _read_query(path)
     run = read_run_json(out) or {}
@@ -194,7 +195,7 @@ def _embed_file(out: Path, path: Path, models_dir: Path | None) -> np.ndarray:
         min_side=int(config.get("min_side", 32)),
     )
     if prepared.sample is None:
-        raise EngineError(f"cannot screen the query: {prepared.row['error']}")
+        raise EngineError(f"cannot screen the query: {prepared.row.error}")
     screener = Screener(
         models,
         backend="onnxruntime",

@@ -32,12 +32,17 @@ import kernels.nvrtc
 from engine import pipeline
 from engine.errors import ConfigError
 from engine.io import thumbs
+from engine.io.parquet import Row
+from engine.io.reader import Prepared
 from engine.models import ModelSet, init_models
 from engine.pipeline import DeviceArray, DeviceBatch, Preprocessed, Preprocessor, Sample
-from engine.runner import Batch, Prepared, Screener, StageClock, _finish_batch
 from engine.runtime import cuda
 from engine.runtime.onnxrt import OnnxRuntimeBackend
+from engine.screener import Screener
+from engine.screening import Batch, finish_batch
+from engine.stages.base import StageClock
 from engine.stages.classify import classify
+from engine.stages.cpu import CpuStages
 from engine.stages.crop import lung_crops
 from engine.stages.segment import segment
 from kernels import reference
@@ -372,6 +377,7 @@ class EmulatedPlan:
     def __init__(self, manifest: Any, max_batch: int) -> None:
         self.manifest = manifest
         self.plan = SimpleNamespace(max_batch=max_batch)
+        self.max_batch = max_batch
         self.streams: list[int | None] = []
         self._ort = OnnxRuntimeBackend(manifest)
         self._ort.load()
@@ -538,7 +544,7 @@ def test_closed_stages_stage_nothing(gpu_pipe, emulated):
 def gpu_screener(models: ModelSet, stages: Any, preprocessor: Preprocessor) -> Screener:
     """A Screener on the TensorRT path, with the emulated stages and the fake pipeline."""
     s = Screener.__new__(Screener)
-    s.models, s._gpu, s.pipeline, s.clock = models, stages, preprocessor, StageClock()
+    s.models, s.stages, s.pipeline, s.clock = models, stages, preprocessor, StageClock()
     s.backend_name, s.device, s.decoder = "tensorrt", "gpu", "dali"
     return s
 
@@ -557,17 +563,17 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
     assert_matches(preds, cpu_path(tiny, work, seg))
     assert "H2D" not in emu.kinds()
 
-    # _finish_batch makes the previews from the work images that came back with the results
+    # finish_batch makes the previews from the work images that came back with the results
     items = [
         Prepared(
-            row={"key": i, "source": f"/x/{i}.png", "member": None, "width": 90, "height": 70},
+            row=Row(key=i, source=f"/x/{i}.png", member=None, width=90, height=70),
             sample=sample(s),
         )
         for i, s in enumerate(seeds)
     ]
     again = screener.preprocess_batch([p.sample for p in items if p.sample is not None])
-    rows, vecs, previews = _finish_batch(Batch(items=items, pre=again), screener)
-    assert [r["status"] for r in rows] == ["ok"] * 3
+    rows, vecs, previews = finish_batch(Batch(items=items, pre=again), screener)
+    assert [r.status for r in rows] == ["ok"] * 3
     np.testing.assert_array_equal(np.stack(vecs), preds.embedding)
     for j, p in enumerate(previews):
         assert p is not None and p[0] == thumbs.encode_thumb(work[j], 90, 70)
@@ -575,7 +581,7 @@ def test_runner_passes_the_device_batch_through(tiny, gpu_pipe, emulated):
 
 def test_cpu_screener_refuses_a_device_batch(tiny):
     s = Screener.__new__(Screener)
-    s.models, s._gpu, s.clock = tiny, None, StageClock()
+    s.models, s.stages, s.clock = tiny, CpuStages(tiny, None, None), StageClock()
     with pytest.raises(ValueError, match="needs the TensorRT backend"):
         s.infer(batch_of(1))
 

@@ -413,7 +413,7 @@ def test_config_round_trip_for_workers(tiny_models_dir, tmp_path):
     """What the actors receive pickles and keeps its meaning."""
     import pickle
 
-    from engine.distributed.executor import WorkerSpec
+    from engine.distributed.worker import WorkerSpec
 
     cfg = config(["/x"], tmp_path, tiny_models_dir, ray="auto")
     spec = WorkerSpec(config=replace(cfg, threads=2), model_id="m", run_id="r", inputs=["/x"])

@@ -25,7 +25,7 @@ from engine.io import parquet, thumbs, vectors
 from engine.io.outdir import write_run_json
 from engine.io.shards import ShardReader, list_entries, plan_shards
 from engine.models import load_models
-from engine.runner import Screener
+from engine.screener import Screener
 
 
 def shard_config(out: Path, models: Path, **kw) -> ScreenConfig:

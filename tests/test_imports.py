@@ -21,14 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "kernels", "benchmarks")
 KINDS = ("module", "function", "typing")  # where an import stands (typing: TYPE_CHECKING)
 
-# Circles that a later part of issue 15 removes, each with the reason. The test fails on any
-# other circle, and on a listed one that is gone while its modules are there (drop it here then).
-KNOWN = {
-    # The Ray executor (issue 18, engine/distributed/) imports engine/runner.py's Screener,
-    # reader side and run record, and runner.screen hands --ray runs to it. Splitting runner.py
-    # into screener.py, io/reader.py, io/shards.py and run_record.py (the next part) removes it.
-    frozenset({"engine.distributed.executor", "engine.distributed.shard", "engine.runner"}),
-}
+# Circles known and scheduled for removal, each with the reason (none left since the runner
+# split of issue 15). The test fails on any other circle, and on a listed one that is gone
+# while its modules are there (drop it here then).
+KNOWN: set[frozenset[str]] = set()
 
 
 @dataclass(frozen=True)

@@ -510,7 +510,7 @@ def test_decoder_auto_is_the_cpu_decoder_on_the_cpu_and_dali_on_the_gpu():
 
 def test_screener_reports_the_resolved_decoder(tiny_models):
     from engine.config import CPU_DECODER
-    from engine.runner import Screener
+    from engine.screener import Screener
 
     for asked, used in (("auto", CPU_DECODER), ("dali", "dali"), ("pillow", "pillow")):
         s = Screener(tiny_models, backend="onnxruntime", batch_size=2, threads=1, decoder=asked)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from engine.config import ScreenConfig
 from engine.errors import BackendUnavailable, ConfigError, ModelError
 from engine.models import ModelSet, TensorSpec, init_models, load_models
 from engine.runtime import backend_choices, backend_names, get_backend, resolve_backend
-from engine.runtime.base import REGISTRY, Backend, register
+from engine.runtime.base import REGISTRY, Backend, DeviceBackend, register
 from engine.runtime.null import NullBackend
 from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.runtime.tensorrt import TensorRTBackend, missing_requirements
@@ -69,8 +70,14 @@ def test_every_backend_comes_from_the_registry():
     assert backend_names() == ("onnxruntime", "tensorrt", "null")
     assert backend_choices() == ("auto", "onnxruntime", "tensorrt", "null")
     assert runtime.choices_text() == "auto | onnxruntime | tensorrt | null"
-    # every Backend class in engine/runtime/ is registered (a forgotten @register shows here)
-    found = {cls for cls in _subclasses(Backend) if cls.__module__.startswith("engine.runtime.")}
+    # every Backend class in engine/runtime/ is registered (a forgotten @register shows here),
+    # but for the abstract interfaces (runtime.base.DeviceBackend)
+    found = {
+        cls
+        for cls in _subclasses(Backend)
+        if cls.__module__.startswith("engine.runtime.") and not inspect.isabstract(cls)
+    }
+    assert DeviceBackend in _subclasses(Backend) and inspect.isabstract(DeviceBackend)
     assert found == set(REGISTRY.values()) == {OnnxRuntimeBackend, TensorRTBackend, NullBackend}
     with pytest.raises(ConfigError, match="--backend must be one of auto, onnxruntime, tensorrt"):
         ScreenConfig(inputs=(Path("x"),), out=Path("o"), backend="openvino")
@@ -216,7 +223,7 @@ def test_importing_the_cpu_path_does_not_import_gpu_libraries():
     code = textwrap.dedent(
         """
         import sys
-        import engine, engine.runner, engine.cli, engine.runtime
+        import engine, engine.runner, engine.screener, engine.screening, engine.cli, engine.runtime
         heavy = ("tensorrt", "cuda", "nvidia", "torch", "torchvision", "onnxruntime", "pycuda")
         print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
         """

@@ -719,13 +719,13 @@ def test_only_good_images_exit_0_and_resume_adds_only_new_files(tmp_path, tiny_m
 def test_interrupted_run_exits_130_keeps_its_rows_and_resumes(
     tmp_path, tiny_models_dir, monkeypatch
 ):
-    import engine.runner as runner
+    import engine.screening as screening
 
     images = dev_images(N_DIR_IMAGES + 40)[-12:]
     inp, out = _good_dir(tmp_path / "in", images), tmp_path / "out"
     args = ["screen", inp, "--out", out, "--models", tiny_models_dir]
     args += ["--batch-size", "4", "--shard-size", "4"]
-    real_finish, calls = runner._finish_batch, []
+    real_finish, calls = screening.finish_batch, []
 
     def finish_then_interrupt(batch, screener):
         calls.append(1)
@@ -733,7 +733,7 @@ def test_interrupted_run_exits_130_keeps_its_rows_and_resumes(
             raise KeyboardInterrupt  # Ctrl-C while the second batch is being inferred
         return real_finish(batch, screener)
 
-    monkeypatch.setattr(runner, "_finish_batch", finish_then_interrupt)
+    monkeypatch.setattr(screening, "finish_batch", finish_then_interrupt)
     code, stdout, _ = run_cli(args)
     assert code == 130
     assert "interrupted" in plain(stdout)
@@ -741,7 +741,7 @@ def test_interrupted_run_exits_130_keeps_its_rows_and_resumes(
     assert kept.height == 4 and (kept["status"] == "ok").all()
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
-    monkeypatch.setattr(runner, "_finish_batch", real_finish)
+    monkeypatch.setattr(screening, "finish_batch", real_finish)
     code, stdout, _ = run_cli(args)
     assert code == 0 and "screened now 8 " in plain(stdout)
     final = read_predictions(out)

@@ -29,8 +29,9 @@ from engine.eval.shortcut import (
     upsample_nearest,
 )
 from engine.io import parquet
+from engine.io.reader import prepare
 from engine.models import load_models
-from engine.runner import prepare, screen
+from engine.runner import screen
 
 DEV = DATA / "cxr-dev"
 

@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import MISSING, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import polars as pl
@@ -86,6 +88,38 @@ def test_rows_frame_schema_types_and_nulls():
     assert bad["status"] == "error" and bad["error"] == "bad"
     for col in ("prob", "decision", "lung_bbox", "lung_fraction", "width", "screened_at"):
         assert bad[col] is None, col
+
+
+def test_the_typed_row_is_the_schema():
+    """parquet.Row declares every column once: SCHEMA is its fields in order, each field's
+    Python type is what its Parquet type reads back as, and a Row goes through rows_frame."""
+    hints = get_type_hints(parquet.Row)
+    assert list(parquet.SCHEMA) == [f.name for f in fields(parquet.Row)] == list(hints)
+    python = {
+        pl.UInt64: int,
+        pl.Int64: int,
+        pl.Int32: int,
+        pl.Int16: int,
+        pl.String: str,
+        pl.Float32: float,
+        pl.Boolean: bool,
+        pl.Array: list[int],
+        pl.Datetime: datetime,
+    }
+    for name, dtype in parquet.SCHEMA.items():
+        want = python[type(dtype)]
+        assert hints[name] in (want, want | None), (name, hints[name], dtype)
+    # what every row has, even one of an input that could not be read: where it came from
+    required = [f.name for f in fields(parquet.Row) if f.default is MISSING]
+    assert required == ["key", "source", "member"]
+
+    row = parquet.Row(key=2**63 + 5, source="img.png", member=None)
+    row.update(make_rows([1])[0] | {"key": row.key, "lung_fraction": 0.375})  # float32-exact
+    df = parquet.rows_frame([row.columns()])
+    assert dict(df.schema) == parquet.SCHEMA
+    assert df.row(0, named=True) == row.columns()
+    with pytest.raises(AttributeError):
+        row.update({"no_such_column": 1})
 
 
 def test_rows_frame_embeddings_column():

@@ -19,19 +19,16 @@ The driver (this process), under the output lock for the whole cluster run:
 
 Model files go to the workers once through the object store, with their manifests; each
 worker writes them to a local cache and loads them with the usual sha256 check, and refuses
-to run models whose id differs from the driver's.
+to run models whose id differs from the driver's (the worker side: engine/distributed/worker.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import os
-import platform
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,19 +38,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.config import ScreenConfig
-from engine.errors import ConfigError, EngineError, ModelError
-from engine.io import parquet, thumbs, vectors
+from engine.distributed.worker import ShardActor, WorkerSpec, model_files
+from engine.errors import ConfigError, EngineError
+from engine.io import parquet
 from engine.io.archive import ArchiveStats
 from engine.io.outdir import OutputLock, read_run_json, write_run_json
-from engine.io.resume import check_resumable
-from engine.io.shards import Shard, ShardReader, list_entries, plan_shards
-from engine.models import ModelSet, load_models, manifest_path
-from engine.runner import RunSummary, _run_record
+from engine.io.resume import check_resumable, remove_leftovers, resume
+from engine.io.shards import Shard, list_entries, plan_shards
+from engine.models import ModelSet, load_models
+from engine.run_record import ERROR_SAMPLES, RunSummary, run_record
+from engine.screener import embedding_dim
 
-MODEL_CACHE_ENV = "CXR_MODEL_CACHE"  # where workers keep the shipped model files
 RAY_EXTRA_HINT = "install the ray extra: pip install 'cxr-engine[ray]'"
 PREFLIGHT_TIMEOUT_S = 120.0
 # A rerun after a killed cluster run waits this long after taking over run.json before it
@@ -134,7 +130,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             out,
             previous=previous,
             model_id=models.model_id,
-            dim=int(models.classifier.output("embedding").shape[-1]),
+            dim=embedding_dim(models),
             threshold=models.classifier.threshold,
             with_embeddings=config.embeddings_in_parquet,
         )
@@ -151,7 +147,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
         cluster: dict[str, Any] = {"ray_version": ray.__version__}
 
         def record(status: str) -> None:
-            data = _run_record(config, models, summary, previous, started, status)
+            data = run_record(config, models, summary, previous, started, status)
             data["cluster"] = cluster
             data["libraries"]["ray"] = ray.__version__
             write_run_json(out, data)
@@ -178,11 +174,8 @@ def _run_locked(
 ) -> None:
     if _unfinished_cluster_run(previous):
         time.sleep(FENCE_GRACE_S)
-    parquet.remove_temporaries(out)
-    thumbs.remove_orphans(out)
-    dim = int(models.classifier.output("embedding").shape[-1])
-    vectors.sync_index(out, dim)  # finish what a killed run committed
-    done = parquet.existing_keys(out)
+    dim = embedding_dim(models)
+    done = resume(out, dim)  # finish what a killed run committed
     with _connected(ray, config) as nodes:
         plan = plan_actors(nodes, config)
         cluster.update(_describe(ray, nodes, plan, config))
@@ -205,14 +198,8 @@ def _run_locked(
         finally:
             summary.wall_s = time.perf_counter() - t0
             _finish_summary(summary, fold, cluster)
-    # what workers on dead nodes left half-written (their shards were redone elsewhere)
-    parquet.remove_temporaries(out)
-    thumbs.remove_orphans(out)
-    summary.index_size = vectors.sync_index(out, dim).size
-    totals = parquet.read_predictions(out, ["status"])["status"].value_counts()
-    counts = dict(zip(totals["status"].to_list(), totals["count"].to_list(), strict=True))
-    summary.total_rows = sum(counts.values())
-    summary.total_errors = counts.get("error", 0)
+    remove_leftovers(out)  # what workers on dead nodes left (their shards were redone elsewhere)
+    summary.count_output(out, dim)
     record("interrupted" if summary.interrupted else "complete")
 
 
@@ -460,7 +447,7 @@ def _fold_row(
     summary.ok += int(row["ok"])
     summary.errors += errors
     summary.positives += int(row["positives"])
-    room = 20 - len(summary.error_samples)
+    room = ERROR_SAMPLES - len(summary.error_samples)
     if room > 0:
         summary.error_samples += json.loads(row["error_samples"])[:room]
     fold.shards_done += 1
@@ -485,12 +472,7 @@ def _finish_summary(summary: RunSummary, fold: _Fold, cluster: dict[str, Any]) -
         summary.backend = ",".join(sorted(fold.backends))
         summary.decoder = ",".join(sorted(fold.decoders))
     summary.stage_s = dict(fold.stage_s)
-    if fold.latencies_s:
-        ms = np.array(fold.latencies_s) * 1000
-        summary.batch_latency_ms = {
-            "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)),
-        }
+    summary.set_latencies(fold.latencies_s)
     cluster["shards_done"] = fold.shards_done
     cluster["shards_found_committed"] = fold.shards_found_committed
     cluster["per_node"] = [f.to_json(node_id) for node_id, f in sorted(fold.nodes.items())]
@@ -529,136 +511,3 @@ _ENGINE_ERROR_LINE = re.compile(r"^(engine(?:\.\w+)*)\.(\w+): (.+)$", re.M)
 
 def _own_message(message: str) -> str:
     return message.split("\nFailed to apply UDF transform", 1)[0].strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# models to the workers
-
-
-def model_files(models: ModelSet) -> dict[str, bytes]:
-    """The manifests and the ONNX files (and TensorRT plans, if any) the run uses."""
-    files: dict[str, bytes] = {}
-    for m in (models.segmenter, models.classifier):
-        files[f"{m.role}.json"] = manifest_path(m.directory, m.role).read_bytes()
-        files[m.onnx] = m.onnx_path.read_bytes()
-        plans = m.directory / "plans"
-        if plans.is_dir():
-            for p in sorted(plans.iterdir()):
-                if p.is_file():
-                    files[f"plans/{p.name}"] = p.read_bytes()
-    return files
-
-
-def materialise_models(files: dict[str, bytes]) -> Path:
-    """Write the shipped files once per machine (a cache keyed by their content), under
-    $CXR_MODEL_CACHE, else $TMPDIR/cxr-models-UID; load_models checks their sha256."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    default = Path(tempfile.gettempdir()) / f"cxr-models-{os.getuid()}"
-    cache = Path(os.environ.get(MODEL_CACHE_ENV) or default)
-    final = cache / digest.hexdigest()[:24]
-    if not final.is_dir():
-        tmp = cache / f".{final.name}.tmp-{os.getpid()}"
-        for name, data in files.items():
-            path = tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another actor on this machine was first: use its copy
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-# ---------------------------------------------------------------------------------------------
-# the worker side
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    config: ScreenConfig  # threads = the actor's CPUs; out absolute
-    model_id: str
-    run_id: str
-    inputs: list[str]  # absolute inputs the driver could see
-
-
-class ShardActor:
-    """A Ray Data actor: models loaded once, then one shard per call (batch_size=1)."""
-
-    def __init__(self, spec: WorkerSpec, files: list[Any]) -> None:
-        import ray
-
-        from engine.distributed.shard import check_view, fence
-        from engine.runner import Screener
-
-        config = spec.config
-        self.spec = spec
-        self.out = Path(config.out)
-        problems = check_view(self.out, spec.run_id, spec.inputs)
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.host = platform.node()
-        if problems:
-            raise EngineError(
-                f"node {self.host} cannot see the run's files (a shared filesystem is needed): "
-                + "; ".join(problems)
-            )
-        directory = materialise_models(ray.get(files[0]))
-        models = load_models(directory, precision=config.precision).with_threshold(config.threshold)
-        if models.model_id != spec.model_id:
-            raise ModelError(
-                f"node {self.host}: the shipped models load as {models.model_id}, the driver "
-                f"has {spec.model_id}; is this node's cxr-engine another version?"
-            )
-        self.screener = Screener(
-            models,
-            backend=config.backend,
-            batch_size=config.batch_size,
-            threads=config.threads,
-            decoder=config.decoder,
-        )
-        self.reader = ShardReader()
-        self.fence = fence(self.out, spec.run_id)
-        self.common = {
-            "model_id": models.model_id,
-            "backend": self.screener.backend_name,
-            "run_id": spec.run_id,
-            "threshold": models.classifier.threshold,
-        }
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from engine.distributed.shard import screen_shard
-
-        results = []
-        for number, text in zip(batch["number"], batch["entries"], strict=True):
-            shard = Shard.from_json(int(number), str(text))
-            results.append(
-                screen_shard(
-                    self.screener,
-                    self.reader,
-                    shard,
-                    config=self.spec.config,
-                    out=self.out,
-                    common=self.common,
-                    before_commit=self.fence,
-                )
-            )
-        return {
-            "number": [r.number for r in results],
-            "rows": [r.rows for r in results],
-            "ok": [r.ok for r in results],
-            "errors": [r.errors for r in results],
-            "positives": [r.positives for r in results],
-            "error_samples": [json.dumps(r.error_samples) for r in results],
-            "already_committed": [r.already_committed for r in results],
-            "started": [r.started for r in results],
-            "seconds": [r.seconds for r in results],
-            "stage_s": [json.dumps(r.stage_s) for r in results],
-            "latencies_s": [json.dumps(r.latencies_s) for r in results],
-            "node_id": [self.node_id] * len(results),
-            "host": [self.host] * len(results),
-            "backend": [self.screener.backend_name] * len(results),
-            "decoder": [self.screener.decoder] * len(results),
-        }

@@ -1,8 +1,9 @@
 """Screen one shard into its part: the unit of work a Ray actor runs (no Ray imported here).
 
-`screen_shard` reads a shard's entries (engine/io/shards.py), prepares, preprocesses and
-classifies them with the same `Screener`, batching and row code as the single-process runner
-(engine/runner.py), and commits them with its `ShardWriter` under the shard's own number:
+`screen_shard` reads a shard's entries (engine/io/shards.py) and screens them with the same
+`Screener` and `screen_items` as the single-process runner (engine/screening.py: batching,
+threads, rows), and commits them with a `ShardWriter` (engine/io/writer.py) under the shard's
+own number:
 sidecar, thumbnails, then the Parquet part (the commit point). A shard whose part exists was
 committed by an earlier attempt (a retry after a worker or node died, or a rerun): its rows are
 counted from the part and nothing is screened again, so a retried shard never duplicates rows.
@@ -16,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,22 +28,12 @@ import polars as pl
 from engine.config import ScreenConfig
 from engine.errors import EngineError
 from engine.io import parquet
-from engine.io.archive import Item
 from engine.io.outdir import RUN_JSON, read_run_json
 from engine.io.shards import Shard, ShardReader
-from engine.runner import (
-    Batch,
-    Prepared,
-    RunSummary,
-    Screener,
-    ShardWriter,
-    _count,
-    _finish_batch,
-    _threaded,
-    prepare,
-)
-
-ERROR_SAMPLES = 20  # per shard, as the run summary keeps
+from engine.io.writer import ShardWriter
+from engine.run_record import ERROR_SAMPLES, RunSummary
+from engine.screener import Screener, embedding_dim
+from engine.screening import screen_items
 
 
 class StaleRun(EngineError):
@@ -116,41 +106,13 @@ def _screen(
         shard_size=len(shard.entries) + 1,  # flushed below, once, as this shard's number
         common=common,
         with_embeddings=config.embeddings_in_parquet,
-        dim=int(screener.models.classifier.output("embedding").shape[-1]),
+        dim=embedding_dim(screener.models),
         number=shard.number,
     )
     counts = RunSummary(run_id="", out=out, backend="", model_id="", trained=False)
     latencies: list[float] = []
-    stop = threading.Event()
-
-    def preprocess(batches: Iterator[Batch]) -> Iterator[Batch]:
-        for batch in batches:
-            samples = [p.sample for p in batch.items if p.sample is not None]
-            if samples:
-                batch.pre = screener.preprocess_batch(samples)
-            yield batch
-
-    def read() -> Iterator[Batch]:
-        batches = _batches(reader.items(shard.entries), config)
-        while True:
-            t = time.perf_counter()
-            batch = next(batches, None)
-            screener.clock.add("read", time.perf_counter() - t)
-            if batch is None:
-                return
-            yield batch
-
-    try:
-        # reading, preprocessing and inference overlap as in the single-process runner
-        for batch in _threaded(preprocess(_threaded(read(), stop)), stop):
-            t = time.perf_counter()
-            rows, vecs, previews = _finish_batch(batch, screener)
-            latencies.append(time.perf_counter() - t)
-            for row, vec, preview in zip(rows, vecs, previews, strict=True):
-                _count(counts, row)
-                writer.add(row, vec, preview)
-    finally:
-        stop.set()
+    items = reader.items(shard.entries)
+    screen_items(screener, items, writer, counts, config=config, latencies=latencies)
     if counts.processed != len(shard.entries):  # every entry is one row, or nothing is written
         raise EngineError(
             f"shard {shard.number}: {counts.processed} rows for {len(shard.entries)} images"
@@ -175,21 +137,6 @@ def _screen(
         stage_s=stage_s,
         latencies_s=latencies,
     )
-
-
-def _batches(items: Iterable[Item], config: ScreenConfig) -> Iterator[Batch]:
-    """The single-process reader's batching (engine/runner.py `_reader`), over a shard."""
-    prepared: list[Prepared] = []
-    n_samples = 0
-    for item in items:
-        p = prepare(item, max_pixels=config.max_pixels, min_side=config.min_side)
-        prepared.append(p)
-        n_samples += p.sample is not None
-        if n_samples >= config.batch_size or len(prepared) >= 4 * config.batch_size:
-            yield Batch(prepared)
-            prepared, n_samples = [], 0
-    if prepared:
-        yield Batch(prepared)
 
 
 def check_view(out: Path, run_id: str, inputs: Sequence[str]) -> list[str]:

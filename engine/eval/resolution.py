@@ -20,8 +20,9 @@ from engine.errors import ConfigError
 from engine.eval.metrics import roc_auc
 from engine.io.archive import ImageRef, Item, image_key
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from engine.io.reader import prepare
 from engine.models import load_models
-from engine.runner import Screener, prepare
+from engine.screener import Screener
 
 
 def downscale(src: Path, dst: Path, side: int) -> None:

@@ -44,9 +44,11 @@ from engine.eval.labels import read_labels
 from engine.eval.metrics import roc_auc
 from engine.io.archive import ImageRef, Item, image_key
 from engine.io.probe import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from engine.io.reader import prepare
 from engine.models import load_models
 from engine.pipeline import Preprocessed
-from engine.runner import Predictions, Screener, prepare
+from engine.screener import Screener
+from engine.stages.base import Predictions
 from engine.stages.classify import classify
 from kernels.reference import crop_resize_normalize
 
@@ -197,7 +199,7 @@ def score_images(screener: MaskingScreener, paths: list[str], batch_size: int) -
         for i, item in enumerate(read_items(paths[start : start + batch_size]), start):
             p = prepare(item, max_pixels=DEFAULT_MAX_PIXELS, min_side=DEFAULT_MIN_SIDE)
             if p.sample is None:
-                out.failed[i] = p.row["error"]
+                out.failed[i] = p.row.error or ""
             else:
                 idx.append(i)
                 samples.append(p.sample)

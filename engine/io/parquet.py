@@ -21,7 +21,9 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,36 +35,65 @@ from engine.io.atomic import write_atomically
 PREDICTIONS = "predictions"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
-SCHEMA: dict[str, pl.DataType] = {
-    "key": pl.UInt64(),
-    "source": pl.String(),
-    "member": pl.String(),
-    "sha256": pl.String(),
+
+def _column(dtype: pl.DataType, *, required: bool = False) -> Any:
+    """A field of Row with its Parquet type; null (None) until a filler sets it."""
+    if required:
+        return field(metadata={"dtype": dtype})
+    return field(default=None, metadata={"dtype": dtype})
+
+
+@dataclass(slots=True)
+class Row:
+    """One image's row of a predictions part. SCHEMA is read off it: names, order and types.
+
+    A column is a field here plus the line of its group's filler that sets it:
+        location, file, header                engine/io/reader.py  `prepare`
+        DICOM tags                            engine/io/dicom.py   `_META_KEYWORDS`
+        status, error, model outputs, time    engine/screening.py  `finish_batch`
+        the run's models, backend, threshold  engine/screening.py  `common_columns`
+    """
+
+    key: int = _column(pl.UInt64(), required=True)
+    source: str = _column(pl.String(), required=True)
+    member: str | None = _column(pl.String(), required=True)
+    sha256: str | None = _column(pl.String())
     # stat of `source` (the file, or the archive holding the member) when it was read; null when
     # unknown (written by an older version, or the file changed while being read)
-    "source_size": pl.Int64(),
-    "source_mtime_ns": pl.Int64(),
-    "format": pl.String(),
-    "width": pl.Int32(),
-    "height": pl.Int32(),
-    "bit_depth": pl.Int16(),
-    "patient_id": pl.String(),
-    "study_uid": pl.String(),
-    "sop_uid": pl.String(),
-    "view_position": pl.String(),
-    "modality": pl.String(),
-    "status": pl.String(),
-    "error": pl.String(),
-    "prob": pl.Float32(),
-    "decision": pl.Boolean(),
-    "threshold": pl.Float32(),
-    "lung_bbox": pl.Array(pl.Int32(), 4),
-    "lung_fraction": pl.Float32(),
-    "model_id": pl.String(),
-    "backend": pl.String(),
-    "run_id": pl.String(),
-    "screened_at": pl.Datetime("us", "UTC"),
-}
+    source_size: int | None = _column(pl.Int64())
+    source_mtime_ns: int | None = _column(pl.Int64())
+    format: str | None = _column(pl.String())
+    width: int | None = _column(pl.Int32())
+    height: int | None = _column(pl.Int32())
+    bit_depth: int | None = _column(pl.Int16())
+    patient_id: str | None = _column(pl.String())
+    study_uid: str | None = _column(pl.String())
+    sop_uid: str | None = _column(pl.String())
+    view_position: str | None = _column(pl.String())
+    modality: str | None = _column(pl.String())
+    status: str | None = _column(pl.String())
+    error: str | None = _column(pl.String())
+    prob: float | None = _column(pl.Float32())
+    decision: bool | None = _column(pl.Boolean())
+    threshold: float | None = _column(pl.Float32())
+    lung_bbox: list[int] | None = _column(pl.Array(pl.Int32(), 4))
+    lung_fraction: float | None = _column(pl.Float32())
+    model_id: str | None = _column(pl.String())
+    backend: str | None = _column(pl.String())
+    run_id: str | None = _column(pl.String())
+    screened_at: datetime | None = _column(pl.Datetime("us", "UTC"))
+
+    def update(self, columns: Mapping[str, Any]) -> None:
+        """Set the named columns (AttributeError for a name that is not one)."""
+        for name, value in columns.items():
+            setattr(self, name, value)
+
+    def columns(self) -> dict[str, Any]:
+        """Column name -> value, in SCHEMA's order (what `rows_frame` takes)."""
+        return {name: getattr(self, name) for name in SCHEMA}
+
+
+SCHEMA: dict[str, pl.DataType] = {f.name: f.metadata["dtype"] for f in fields(Row)}
 
 
 def parts_dir(out: Path) -> Path:

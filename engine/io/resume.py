@@ -7,6 +7,9 @@ whether embeddings are stored in the rows (--embeddings-in-parquet). A run that 
 is refused with the way forward (a new --out, or the directory's own options), because one
 directory mixing them can never be read as one table
 (`pl.read_parquet("OUT/predictions/*.parquet")`) or searched as one index again.
+
+Then `resume` clears what a killed run left and says which keys are committed already: the
+single-process runner and the Ray executor start every run on a directory this way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from engine.errors import ConfigError
-from engine.io import parquet, vectors
+from engine.io import parquet, thumbs, vectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,3 +124,19 @@ def _check_models(out: Path, held: Holdings, recorded: str | None, model_id: str
         f"{model_id}. Mixing models in one output would make its rows incomparable: "
         "use a new --out, or the run's --models and --precision"
     )
+
+
+def resume(out: Path, dim: int) -> set[int]:
+    """Finish what a killed run committed and drop what it did not; the keys already written.
+
+    Call only while holding the output lock, after `check_resumable`.
+    """
+    remove_leftovers(out)
+    vectors.sync_index(out, dim)  # sidecars committed with their parts go into the index
+    return parquet.existing_keys(out)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Temporary files of interrupted writes, and previews of shards that never committed."""
+    parquet.remove_temporaries(out)
+    thumbs.remove_orphans(out)

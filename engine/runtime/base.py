@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -76,6 +76,33 @@ class Backend(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class DeviceBackend(Backend):
+    """A backend whose tensors can stay in GPU memory: device pointers in and out.
+
+    The Screener runs the GPU stages (engine/stages/gpu.py) when both of its backends are
+    DeviceBackends, chaining the two models with the CUDA kernels without a copy to the host.
+    """
+
+    @property
+    @abstractmethod
+    def max_batch(self) -> int:
+        """The largest batch one ``infer_device`` call takes (0 until loaded)."""
+
+    @abstractmethod
+    def infer_device(
+        self, inputs: dict[str, int], batch: int, *, stream: int | None = None
+    ) -> dict[str, int]:
+        """Input name -> device pointer (`batch` samples) in, output name -> device pointer
+        out; queued on `stream`, without a synchronisation."""
+
+    @abstractmethod
+    def output_shape(self, name: str, batch: int) -> tuple[int, ...]:
+        """The shape of tensor `name` (an input or an output) for `batch` samples."""
+
+    @abstractmethod
+    def tensor_dtype(self, name: str) -> np.dtype[Any]: ...
 
 
 B = TypeVar("B", bound=type[Backend])

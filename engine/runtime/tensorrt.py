@@ -26,7 +26,7 @@ import numpy as np
 from engine.errors import BackendUnavailable, EngineError, ModelError
 from engine.models import Manifest
 from engine.runtime import cuda
-from engine.runtime.base import Backend, register
+from engine.runtime.base import DeviceBackend, register
 from engine.runtime.plans import (
     INSTALL_HINT,
     PlanManifest,
@@ -56,7 +56,7 @@ class _Tensor:
 
 
 @register
-class TensorRTBackend(Backend):
+class TensorRTBackend(DeviceBackend):
     """One TensorRT engine + execution context + stream, buffers sized for the plan's max batch.
 
     ``plans_dir`` defaults to ``<models dir>/plans`` (where `cxr build` writes); ``precision``
@@ -228,6 +228,10 @@ class TensorRTBackend(Backend):
                 addresses[t.name] = int((outputs or {}).get(t.name, t.device.ptr))
         self._execute(context, own.handle if stream is None else int(stream), addresses)
         return {t.name: addresses[t.name] for t in self._tensors if not t.is_input}
+
+    @property
+    def max_batch(self) -> int:
+        return self.plan.max_batch if self.plan is not None else 0
 
     def output_shape(self, name: str, batch: int) -> tuple[int, ...]:
         return (batch, *self._tensor(name).sample_shape)

@@ -8,9 +8,9 @@ and its first bytes still the header the run recorded (format, width, height), w
 --max-pixels; so a source swapped for a zip bomb costs a header read, not an inflation.
 
 Rendering: PNG and JPEG are decoded with Pillow; 16-bit images are stretched min..max to 8 bits
-(a browser cannot show 16-bit PNG faithfully). DICOM goes through the engine's own
-`decode_dicom` (Modality LUT, VOI LUT or window, MONOCHROME1 inversion: what was screened) and is
-stretched the same way. No orientation tag is applied: the lung mask and box were computed on
+(a browser cannot show 16-bit PNG faithfully). DICOM goes through the reader of `cxr screen`
+(engine/io/reader.py `to_sample`: `decode_dicom`, with the Modality LUT, VOI LUT or window,
+MONOCHROME1 inversion: what was screened) and is stretched the same way. No orientation tag is applied: the lung mask and box were computed on
 the pixels as stored, and must line up with what is shown.
 """
 
@@ -31,9 +31,9 @@ import numpy as np
 
 from engine.errors import ImageError
 from engine.io.archive import DEFAULT_MAX_FILE_BYTES as DEFAULT_MAX_BYTES
-from engine.io.dicom import decode_dicom
 from engine.io.files import NotRegularFile, open_regular
 from engine.io.probe import DEFAULT_MAX_PIXELS, check_limits, probe, sniff_format
+from engine.io.reader import to_sample
 
 # Read first and checked against the row before the rest: holds the PNG and JPEG headers of
 # ordinary files and most DICOM headers. Where a header runs longer, the whole file is read and
@@ -155,9 +155,9 @@ def render_png(data: bytes, *, max_pixels: int) -> bytes:
     try:
         info = probe(data)
         check_limits(info, max_pixels=max_pixels, min_side=1)
-        if info.format == "dicom":
-            pixels = _stretch(decode_dicom(data).pixels)
-            return _png(pixels)
+        sample = to_sample(data, info)  # DICOM decoded as screened; anything else to Pillow
+        if sample.pixels is not None:
+            return _png(_stretch(sample.pixels))
         return _render_pillow(data)
     except ImageError as exc:
         raise Unavailable(f"cannot render the image: {exc}", 422) from None

@@ -1,7 +1,7 @@
 """segment -> lung box -> crop -> classify with everything between the models on the GPU.
 
-The CPU path (engine/runner.py's Screener.infer) copies the segmenter's masks to the host, runs
-kernels/reference.py and copies the classifier input back; here the masks stay on the device:
+The CPU stages (engine/stages/cpu.py) copy the segmenter's masks to the host, run
+kernels/reference.py and copy the classifier input back; here the masks stay on the device:
 
     seg_input, work (host --H2D--, or DALI's device output --D2D--) --> segmenter plan
     --mask logits--> lung_bbox.cu --boxes--> crop_resize_normalize.cu (work image)
@@ -10,8 +10,9 @@ kernels/reference.py and copies the classifier input back; here the masks stay o
 
 Only the results come down (the masks too, because the runner keeps a lung-mask preview per
 image; 256 KB per image at 256 x 256). Same semantics as the CPU path (the kernels are tested
-bit for bit against the reference, the plans against ONNX Runtime), so the Screener can use it
-whenever both backends are TensorRT backends:
+bit for bit against the reference, the plans against ONNX Runtime), behind the same Stages
+interface (engine/stages/base.py), so the Screener uses it whenever both backends keep their
+tensors on the device (runtime.base.DeviceBackend: TensorRT):
 ``GpuStages(models, seg_backend, clf_backend).infer(pre.work, pre.seg_input)`` for host arrays,
 or ``infer(batch)`` for a ``DeviceBatch`` from ``Preprocessor.run_device``.
 
@@ -19,9 +20,9 @@ DALI's device output, and the overlap of decode with inference. DALI may reuse i
 buffers as soon as the pipeline runs again, so ``stage(batch)`` copies them device to device
 into one of this object's own buffer slots, on the stream DALI was given (so the copy follows
 DALI's work), and the calling thread waits for that stream: nothing goes through the host.
-The runner calls
-``stage`` in its pipeline thread right after DALI's run, so DALI is free to decode batch n+1
-while the main thread runs ``infer`` on batch n from its slot on another stream. A slot goes
+``ingest`` calls ``stage`` in the pipeline thread (engine/screening.py) right after DALI's run,
+so DALI is free to decode batch n+1 while the main thread runs ``infer`` on batch n from its
+slot on another stream. A slot goes
 back to the pool when ``infer`` is done with it; at most (queue depth + 2) batches are in
 flight, so the pool stays that small. The work images come down with the results (for the
 previews), queued behind the classifier on the inference stream.
@@ -30,26 +31,18 @@ previews), queued behind the classifier on the inference stream.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from engine.models import ModelSet
-from engine.pipeline import DeviceArray, DeviceBatch
+from engine.pipeline import DeviceArray, DeviceBatch, ImagePreprocessor, Preprocessed, Sample
 from engine.runtime import cuda
-from engine.runtime.tensorrt import TensorRTBackend
+from engine.runtime.base import DeviceBackend
+from engine.stages.base import Predictions, StageClock
 from engine.stages.segment import logit_threshold
-
-
-@dataclass(frozen=True, slots=True)
-class GpuPredictions:
-    prob: np.ndarray  # (n,) float32
-    boxes: np.ndarray  # (n, 4) normalised, margin included
-    fraction: np.ndarray  # (n,)
-    embedding: np.ndarray  # (n, D) float32
-    lung_mask: np.ndarray  # (n, h, w) bool, at the segmenter's resolution (for previews)
-    work: np.ndarray | None = None  # (n, S, S) float32, downloaded for a DeviceBatch (previews)
 
 
 class _Slot:
@@ -67,12 +60,14 @@ class _Slot:
 
 
 class GpuStages:
-    """Owns the device buffers between the two plans; one instance per Screener."""
+    """The Stages on the GPU; owns the device buffers between the two plans (one per Screener)."""
+
+    device = "gpu"  # DALI decodes on the GPU too
 
     def __init__(
-        self, models: ModelSet, segmenter: TensorRTBackend, classifier: TensorRTBackend
+        self, models: ModelSet, segmenter: DeviceBackend, classifier: DeviceBackend
     ) -> None:
-        if segmenter.plan is None or classifier.plan is None:
+        if not segmenter.max_batch or not classifier.max_batch:
             raise ValueError("load both TensorRT backends before building the GPU stages")
         if models.classifier.crop is None:
             raise ValueError("classifier manifest has no crop section")
@@ -85,7 +80,7 @@ class GpuStages:
                     )
         self.models = models
         self.seg, self.clf = segmenter, classifier
-        self.max_batch = min(segmenter.plan.max_batch, classifier.plan.max_batch)
+        self.max_batch = min(segmenter.max_batch, classifier.max_batch)
         self.threshold = logit_threshold(models.segmenter.threshold)
         self.margin = models.classifier.crop.margin
         self._stream = cuda.Stream()  # inference (main thread)
@@ -125,6 +120,25 @@ class GpuStages:
         host = self._host_buffer(name, nbytes)
         cuda.copy_to_host(host.ptr, ptr, nbytes, self._stream.handle)
         return host, shape
+
+    # ---------------------------------------------------------------- the Stages interface
+
+    def ingest(
+        self, preprocessor: ImagePreprocessor, samples: Sequence[Sample]
+    ) -> Preprocessed | DeviceBatch:
+        """DALI's device output staged into this object's memory (see ``stage``); a batch
+        that came back on the host (a bad image, a non-dense output) as it is."""
+        pre = preprocessor.run_device(samples, cuda_stream=self.ingest_stream)
+        return self.stage(pre) if isinstance(pre, DeviceBatch) else pre
+
+    def predict(self, pre: Preprocessed | DeviceBatch, clock: StageClock) -> Predictions:
+        t = time.perf_counter()
+        if isinstance(pre, DeviceBatch):
+            preds = self.infer(pre)
+        else:
+            preds = self.infer(pre.work, pre.seg_input)
+        clock.add("segment+crop+classify (gpu)", time.perf_counter() - t)
+        return preds
 
     # ---------------------------------------------------------------- DALI's device output
 
@@ -168,7 +182,7 @@ class GpuStages:
 
     def infer(
         self, work: np.ndarray | DeviceBatch, seg_input: np.ndarray | None = None
-    ) -> GpuPredictions:
+    ) -> Predictions:
         """Predictions for work (n, S, S) and seg_input (n, 1, h, w) float32 host arrays, or
         for one DeviceBatch (then seg_input is None, and the predictions carry ``work``)."""
         if isinstance(work, DeviceBatch):
@@ -182,12 +196,12 @@ class GpuStages:
             for i in range(0, len(work), self.max_batch)
         ])  # fmt: skip
 
-    def _infer_host(self, work: np.ndarray, seg_input: np.ndarray) -> GpuPredictions:
+    def _infer_host(self, work: np.ndarray, seg_input: np.ndarray) -> Predictions:
         seg_in = self._upload("seg_input", seg_input)
         work_ptr = self._upload("work", work)
         return self._infer(seg_in, seg_input.shape, work_ptr, work.shape, with_work=False)
 
-    def _infer_device(self, batch: DeviceBatch) -> GpuPredictions:
+    def _infer_device(self, batch: DeviceBatch) -> Predictions:
         staged = self.stage(batch)  # a no-op for what the runner staged already
         work, seg = staged.work, staged.seg_input
         try:
@@ -212,7 +226,7 @@ class GpuStages:
         work_shape: tuple[int, ...],
         *,
         with_work: bool,
-    ) -> GpuPredictions:
+    ) -> Predictions:
         from kernels.nvrtc import crop_resize_normalize_ptr, lung_bbox_ptr
 
         m = self.models
@@ -254,7 +268,7 @@ class GpuStages:
         host = {k: buf.view(shape, np.float32).copy() for k, (buf, shape) in results.items()}
         logit = host["logit"].astype(np.float64)
         prob = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)  # as engine.stages.classify
-        return GpuPredictions(
+        return Predictions(
             prob=prob,
             boxes=host["boxes"],
             fraction=host["fraction"],
@@ -290,11 +304,11 @@ def _copy_into(buf: cuda.DeviceBuffer, src: DeviceArray, stream: int) -> DeviceA
     return DeviceArray(ptr=buf.ptr, shape=src.shape, dtype=src.dtype)
 
 
-def _concat(parts: list[GpuPredictions]) -> GpuPredictions:
+def _concat(parts: list[Predictions]) -> Predictions:
     if len(parts) == 1:
         return parts[0]
     joined: dict[str, Any] = {}
-    for f in GpuPredictions.__slots__:
+    for f in Predictions.__slots__:
         first = getattr(parts[0], f)
         joined[f] = None if first is None else np.concatenate([getattr(p, f) for p in parts])
-    return GpuPredictions(**joined)
+    return Predictions(**joined)

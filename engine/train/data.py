@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ConfigError, ImageError
-from engine.io.dicom import decode_dicom
-from engine.io.probe import probe
+from engine.io.reader import to_sample
 from engine.models import Manifest, ModelSet
-from engine.pipeline import Preprocessor, Sample
+from engine.pipeline import Preprocessed, Preprocessor, Sample
 from kernels.reference import crop_resize_normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -139,22 +138,13 @@ def _pairs_from_folders(root: Path) -> list[MaskPair]:
 
 
 def read_sample(path: Path) -> Sample:
-    """A pipeline Sample from a file, decoding DICOM on the CPU like the reader of `cxr screen`."""
+    """A pipeline Sample from a file, read as the reader of `cxr screen` reads it (DICOM decoded
+    on the CPU, anything else left encoded for the preprocessor)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read ({exc.strerror})") from None
-    if probe(data).format == "dicom":
-        return Sample(pixels=decode_dicom(data).pixels)
-    return Sample(encoded=np.frombuffer(data, np.uint8))
-
-
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    ok: list[int]  # indices into the input paths
-    work: np.ndarray  # (n_ok, S, S) float32 in [0, 1]
-    seg_input: np.ndarray  # (n_ok, 1, h, w) float32, segmenter-normalised
-    errors: dict[int, str]
+    return to_sample(data)
 
 
 def decode_all(
@@ -165,9 +155,10 @@ def decode_all(
     batch_size: int = 16,
     pre: Preprocessor | None = None,
     require_any: bool = True,
-) -> Decoded:
-    """Every image once through the engine's Preprocessor; unreadable images are listed.
-    require_any=False: a part where nothing decodes gives empty arrays instead of an error."""
+) -> Preprocessed:
+    """Every image once through the engine's Preprocessor; unreadable images are listed (`ok`
+    and `errors` index `paths`). require_any=False: a part where nothing decodes gives empty
+    arrays instead of an error."""
     pre = pre or Preprocessor(models, device="cpu", batch_size=batch_size, threads=threads)
     ok: list[int] = []
     works, segs, errors = [], [], {}
@@ -193,8 +184,8 @@ def decode_all(
             raise ConfigError(
                 f"none of the {len(paths)} images could be decoded (see warnings above)"
             )
-        return Decoded([], np.empty((0, 0, 0), np.float32), np.empty((0, 1, 0, 0)), errors)
-    return Decoded(ok, np.concatenate(works), np.concatenate(segs), errors)
+        return Preprocessed([], np.empty((0, 0, 0), np.float32), np.empty((0, 1, 0, 0)), errors)
+    return Preprocessed(ok, np.concatenate(works), np.concatenate(segs), errors)
 
 
 def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:

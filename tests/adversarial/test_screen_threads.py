@@ -59,7 +59,7 @@ def test_train_refuses_10000_threads(tmp_path):
 def test_similar_caps_a_recorded_thread_count(tmp_path, tiny_models_dir, monkeypatch):
     """issue 16 #7: `cxr similar IMAGE` reuses the run's --threads; a run.json from a machine
     with more cores (or edited) must not make it start thousands of threads."""
-    import engine.runner as runner
+    import engine.screener as screener_module
 
     image = dev_images(1)[0]
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -70,7 +70,7 @@ def test_similar_caps_a_recorded_thread_count(tmp_path, tiny_models_dir, monkeyp
     run["config"]["threads"] = 10_000
     (out / "run.json").write_text(json.dumps(run))
 
-    real, seen = runner.Screener, []
+    real, seen = screener_module.Screener, []
 
     def screener(*args, threads, **kwargs):
         seen.append(threads)
@@ -78,7 +78,7 @@ def test_similar_caps_a_recorded_thread_count(tmp_path, tiny_models_dir, monkeyp
             raise AssertionError(f"{threads} threads")
         return real(*args, threads=threads, **kwargs)
 
-    monkeypatch.setattr(runner, "Screener", screener)
+    monkeypatch.setattr(screener_module, "Screener", screener)
     code, stdout, stderr = run_cli(["similar", inp / image.name, "--out", out, "--json"])
     assert code == 0, stdout + stderr
     assert seen == [max_threads()]
