@@ -24,12 +24,21 @@ import typer
 
 from engine.console import command_line, run_script
 from engine.errors import ConfigError
+from engine.eval.card_sections import (
+    comparison_section,
+    data_counts,
+    data_lines,
+    data_summary,
+    generalisation_lines,
+    metrics_table,
+    num,
+    parity_line,
+    segmenter_section,
+    shortcut_lines,
+)
 from engine.eval.compare import (
-    PAPER,
     Comparison,
     columns_of,
-    comparison_section,
-    fmt_metric,
     initialisation,
     parse_compare,
     parse_unseen,
@@ -37,85 +46,7 @@ from engine.eval.compare import (
     side_by_side,
     unseen_of,
 )
-from engine.models import AUTO_MAX_AUC_DIFF, AUTO_MIN_SAME_DECISION, load_models, meets_parity_bar
-
-METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc")
-
-
-def metrics_table(ev: dict[str, Any]) -> list[str]:
-    groups = {"all": ev["overall"], **ev.get("groups", {})}
-    head = "| metric | " + " | ".join(groups) + " | paper (4 hospitals) |"
-    lines = [head, "|---" * (len(groups) + 2) + "|"]
-    for name in METRICS:
-        cells = [fmt_metric(g["metrics"].get(name)) for g in groups.values()]
-        paper = f"{PAPER[name]:.3f}" if name in PAPER else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} |")
-    counts = ["{tp}/{fp}/{tn}/{fn}".format(**g["confusion"]) for g in groups.values()]
-    lines.append("| TP/FP/TN/FN | " + " | ".join(counts) + " | 314 TP / 350 TN of 723 |")
-    lines.append(
-        "| images (patients) | "
-        + " | ".join(f"{g['images']} ({g['patients']})" for g in groups.values())
-        + " | 723 test images |"
-    )
-    return lines
-
-
-def shortcut_lines(sc: dict[str, Any]) -> list[str]:
-    auc = sc["overall"]["auc"]
-    lines = [
-        "| scored on | ROC AUC [95% CI] |",
-        "|---|---|",
-    ]
-    for key, label in (
-        ("as_is", "the lung crop as the engine sees it"),
-        ("lungs_masked", "the same crop with the lungs masked out"),
-        ("lungs_only", "the same crop with everything but the lungs masked out"),
-        ("source_prior", "the image's source alone (share of positives per source)"),
-    ):
-        if key in auc:
-            lines.append(f"| {label} | {fmt_metric(auc[key])} |")
-    lines += ["", f"Verdict of the check: {sc.get('verdict', 'n/a')}"]
-    return lines
-
-
-def _dice_lines(card: dict[str, Any]) -> list[str]:
-    dice = card.get("metrics", {}).get("dice", {})
-    counts = card.get("splits", {}).get("counts", {})
-    lines = [
-        "| split | images (patients) | Dice mean [95% CI] | median | min |",
-        "|---|---|---|---|---|",
-    ]
-    resamples = set()
-    for split in ("train", "val", "test"):
-        d, c = dice.get(split), counts.get(split, {})
-        if d:
-            ci = d.get("ci95")
-            if ci and ci.get("low") is not None:
-                resamples.add(ci["resamples"])
-            patients = d.get("patients", c.get("patients", "?"))
-            lines.append(
-                f"| {split} | {d['images']} ({patients}) | {fmt_metric({'value': d['mean'], 'ci95': ci})}"
-                f" | {d['median']:.3f} | {d['min']:.3f} |"
-            )
-    if resamples:
-        n = "/".join(str(r) for r in sorted(resamples))
-        interval = (
-            f"95% intervals of the mean Dice: bootstrap resampling patients ({n} resamples), as "
-            "for the classifier."
-        )
-    else:
-        interval = "No interval."
-    lines += [
-        "",
-        "Masks: V7 Labs polygons, which include the lung behind the heart. Test = held-out "
-        f"patients (the same patient split as the classifier). {interval}",
-    ]
-    return lines
-
-
-def segmenter_section(models_dir: Path) -> list[str]:
-    seg = load_models(models_dir, precision="auto").segmenter
-    return ["## Segmenter", "", *_dice_lines(seg.card)]
+from engine.models import load_models
 
 
 def replace_segmenter_section(text: str, models_dir: Path) -> str:
@@ -137,185 +68,6 @@ def replace_segmenter_section(text: str, models_dir: Path) -> str:
     return "\n".join(
         [*lines[:start], *segmenter_section(models_dir), *([""] if tail else []), *tail]
     )
-
-
-def _num(v: Any, spec: str) -> str:
-    return "undefined" if v is None else format(v, spec)
-
-
-def _same(par: dict[str, Any], precision: str) -> str:
-    """Same-decision rate with counts, 4 decimals (0.98958 must not read as 0.990), and the
-    held-out images' count where recorded."""
-    rate, n = par.get("same_decision"), par.get("images")
-    if rate is None:
-        return "undefined"
-    parts = [f"{round(rate * n)} of {n}"] if isinstance(n, int) and n > 0 else []
-    held, m = par.get("same_decision_held_out"), par.get("held_out_images")
-    if held is not None and isinstance(m, int) and m > 0:
-        unseen = ", which neither calibration nor tuning saw" if precision == "int8" else ""
-        parts.append(f"on the validation and test images alone{unseen}: {round(held * m)} of {m}")
-    return f"{rate:.4f}" + (f" ({'; '.join(parts)})" if parts else "")
-
-
-def parity_line(precision: str, par: dict[str, Any], *, shipped: bool) -> str:
-    """One paragraph on an export's parity with the FP32 one (engine.train.parity's keys)."""
-    what = {
-        "fp16": "stores its weights as float16 and computes in float32",
-        "int8": "is the INT8 QDQ export",
-    }.get(precision, f"is the {precision} export")
-    if shipped:
-        first = f"The shipped classifier {what}."
-    elif precision == "w8":
-        first = (
-            "The w8 export ships beside it (the FP32 weights stored as per-channel INT8, "
-            "computed in float32): TensorRT's fp16/fp32 plans build from it."
-        )
-    elif precision == "int8":
-        first = (
-            "The int8 export is not shipped (the release's `--classifier int8` ships it, with "
-            "the float weights stored as w8 instead of float16 to stay within the size budget; "
-            "the README says why the default release does not)."
-        )
-    else:
-        first = f"The {precision} export is not shipped."
-    where = par.get("inputs") or "the labelled images"
-    bar = par.get("meets_bar")
-    if bar is None and par.get("same_decision") is not None:
-        bar = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
-    verdict = (
-        ""
-        if bar is None
-        else f" Meets the parity bar (same decision >= {AUTO_MIN_SAME_DECISION}, |ROC AUC diff| "
-        f"<= {AUTO_MAX_AUC_DIFF}): {'yes' if bar else 'no'}."
-    )
-    return (
-        f"{first} Against the FP32 export on {par.get('images', '?')} images, {where}: "
-        f"same decision {_same(par, precision)}, "
-        f"max |prob diff| {_num(par.get('prob_max_abs_diff'), '.1e')}, "
-        f"ROC AUC diff {_num(par.get('roc_auc_diff'), '.1e')}, "
-        f"embedding cosine mean {_num(par.get('embedding_cosine_mean'), '.6f')}, "
-        f"min {_num(par.get('embedding_cosine_min'), '.6f')}.{verdict}"
-    )
-
-
-def _data_counts(card: dict[str, Any]) -> tuple[Any, Any]:
-    counts = (card.get("splits") or {}).get("counts") or {}
-    images = (card.get("data") or {}).get("used")
-    if images is None and counts:
-        images = sum(c.get("images", 0) for c in counts.values())
-    patients = sum(c.get("patients", 0) for c in counts.values()) if counts else None
-    return images if images is not None else "?", patients if patients is not None else "?"
-
-
-def _data_lines(card: dict[str, Any], n_images: Any, n_patients: Any) -> list[str]:
-    sets = (card.get("data") or {}).get("sets") or []
-    if len(sets) <= 1:
-        return [
-            f"Public, de-identified CXRs from `../shared/data` (see its README): {n_images} "
-            f"images, {n_patients} patients; COVID-19 positives all from the ieee8023 collection, "
-            "negatives from ieee8023 (other pneumonias) and NIH ChestX-ray14 (no finding / "
-            "pneumonia). Split by patient 70/15/15, stratified by label and source "
-            "(`splits.csv`), shared by both models."
-        ]
-    first, rest = sets[0], sets[1:]
-    held = (card.get("data") or {}).get("holdout") or {}
-    return [
-        f"Public, de-identified CXRs from `../shared/data` (see its README), {len(sets)} labelled "
-        f"sets, {n_images} images. The first, `{first['name']}`, is split by patient 70/15/15, "
-        "stratified by label and source (`splits.csv`): its validation patients choose the epoch "
-        "and the threshold, its test patients are this card's test. "
-        + ", ".join(f"`{s['name']}`" for s in rest)
-        + f" are training data, except a held-out slice of {held.get('fraction', '?')} of each "
-        "source's patients (`holdout`, scored every epoch as a second signal, and below). "
-        "Training images per source and label are in `train_counts`.",
-    ]
-
-
-def _data_summary(card: dict[str, Any]) -> dict[str, Any]:
-    data = dict(card.get("data") or {})
-    splits = dict(card.get("splits") or {})
-    return data | {"splits": splits}
-
-
-def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]]) -> list[str]:
-    """## Generalisation: the held-out slices per source, the source probe, the downscale
-    agreement and the leave-one-source-out figures, where the training recorded them."""
-    out: list[str] = []
-    holdout = (card.get("metrics") or {}).get("holdout") or {}
-    rows = [
-        f"| {k.removeprefix('source=')} | {v['n']} | {_num(v.get('roc_auc'), '.3f')} | "
-        f"{_num(v.get('specificity'), '.3f')} | {_num(v.get('sensitivity'), '.3f')} |"
-        for k, v in holdout.items()
-        if k.startswith("source=")
-    ]
-    if rows:
-        out += [
-            "Held-out slice of the further sets (patients never trained on; the threshold above):",
-            "",
-            "| source | images | ROC AUC | specificity | sensitivity |",
-            "|---|---|---|---|---|",
-            *rows,
-            "",
-        ]
-    groups = card.get("held_out_by_group") or {}
-    if groups:
-        out += [
-            "Every labelled image not trained on (validation, test, held-out slices, excluded "
-            "groups), per source and label, at the threshold above:",
-            "",
-            "| source:label | images | share right (specificity / sensitivity) |",
-            "|---|---|---|",
-            *[
-                f"| {g} | {v['images']} | {v.get('specificity', v.get('sensitivity')):.3f} |"
-                for g, v in groups.items()
-            ],
-            "",
-        ]
-    probe = card.get("source_probe") or {}
-    prows = [
-        f"| {k.removeprefix('label=')} | {', '.join(f'{s} {n}' for s, n in v['images'].items())} | "
-        f"{_num(v.get('roc_auc'), '.3f')} | {_num(v.get('roc_auc_max'), '.3f')} |"
-        for k, v in probe.items()
-        if k.startswith("label=")
-    ]
-    if prows:
-        out += [
-            "Source probe (can a linear model on the embedding tell the source within one class? "
-            f"0.5: no, 1: yes; {probe.get('images', 'images not trained on')}; "
-            f"{probe.get('method', '')}):",
-            "",
-            "| label | images per source | mean ROC AUC | max ROC AUC |",
-            "|---|---|---|---|",
-            *prows,
-            "",
-        ]
-    da = card.get("downscale_agreement") or {}
-    if da:
-        out += [
-            f"Resolution: the {da['images']} test images screened at full size and downscaled to "
-            f"{da['side']} px (cxr-train's size) get the same decision in "
-            f"{_num(da.get('same_decision'), '.3f')} of cases; ROC AUC "
-            f"{_num(da.get('roc_auc_full'), '.3f')} at full size, "
-            f"{_num(da.get('roc_auc_downscaled'), '.3f')} downscaled; mean |prob diff| "
-            f"{_num(da.get('mean_abs_prob_diff'), '.3f')}.",
-            "",
-        ]
-    for run in unseen:
-        figures = "; ".join(
-            f"{g['group']} {g['metric']} {g['value']:.3f} [{g['ci95'][0]:.3f}, "
-            f"{g['ci95'][1]:.3f}] of {g['images']} images"
-            for g in run["groups"]
-            if g["value"] is not None
-        )
-        out += [
-            f"Leave one source out: the same recipe trained without {', '.join(run['excluded'])} "
-            f"(`{run['run']}`, its own threshold {_num(run.get('threshold'), '.4f')}) scored "
-            f"those images, never seen: {figures or 'nothing scored'} ({run['interval']}).",
-            "",
-        ]
-    if not out:
-        return []
-    return ["## Generalisation", "", *out[:-1]]
 
 
 def render(
@@ -347,7 +99,7 @@ def render(
     seg, clf = ms.segmenter, ms.classifier
     card = clf.card
     init = initialisation(card)
-    n_images, n_patients = _data_counts(card)
+    n_images, n_patients = data_counts(card)
     n_test = ev["overall"]["images"]
     training = card.get("training") or {}
     train_images = ((card.get("splits") or {}).get("counts") or {}).get("train", {}).get("images")
@@ -364,10 +116,10 @@ def render(
         "",
         "## Data and splits",
         "",
-        *_data_lines(card, n_images, n_patients),
+        *data_lines(card, n_images, n_patients),
         "",
         "```json",
-        json.dumps(_data_summary(card), indent=1)[:4000],
+        json.dumps(data_summary(card), indent=1)[:4000],
         "```",
         "",
         *segmenter_section(models_dir),
@@ -399,10 +151,10 @@ def render(
             "## Similar cases (embedding index)",
             "",
             f"precision@{ev['retrieval']['k']} of label agreement "
-            f"{_num(ret.get('precision_at_k'), '.3f')} "
-            f"(chance {_num(ret.get('chance_precision_at_k'), '.3f')}); another image of the "
+            f"{num(ret.get('precision_at_k'), '.3f')} "
+            f"(chance {num(ret.get('chance_precision_at_k'), '.3f')}); another image of the "
             f"same patient in the top {ev['retrieval']['k']}: "
-            f"{_num(ret.get('same_patient_hit_rate'), '.3f')} of "
+            f"{num(ret.get('same_patient_hit_rate'), '.3f')} of "
             f"{ret.get('same_patient_queries')} queries (test patients only).",
         ]
     if sc is not None:
