@@ -26,7 +26,6 @@ tensor names; the TensorRT backend refuses a plan whose record does not match.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ import typer
 
 from engine.console import config_from_options, fatal_errors, out_console
 from engine.errors import BackendUnavailable, ConfigError, EngineError, ModelError
+from engine.io.atomic import write_atomically
 from engine.models import (
     FLOAT_COMPUTE,
     Manifest,
@@ -237,11 +237,9 @@ def qdq_problems(onnx_path: Path) -> list[str]:
 
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """A plan, its manifest or the timing cache, whole or not at all (engine/io/atomic.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomically(path, bytes(data), what="a TensorRT build output")
 
 
 # --------------------------------------------------------------------------- building

@@ -15,7 +15,8 @@ pytest.importorskip("onnxruntime.quantization")
 from engine.arch import tiny_classifier  # noqa: E402
 from engine.errors import ConfigError, ModelError  # noqa: E402
 from engine.train.export import Int8Recipe, ort_run, ort_session, quantize_int8  # noqa: E402
-from engine.train.int8_tune import Int8Tuning, QDQMirror, refit_head, tune_int8  # noqa: E402
+from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8  # noqa: E402
+from engine.train.qdq_mirror import QDQMirror  # noqa: E402
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -255,3 +256,57 @@ def test_head_refit_by_patient_is_recorded_and_refuses_too_few_patients(tmp_path
     patients = np.array([f"p{i // 4}" for i in range(len(x))])  # 4 crops per patient
     record = refit_head(int8, x, ref, threads=1, patients=patients)
     assert record["folds_by"] == "patient" and record["refit"] is True, record
+
+
+def _asymmetric_pad_model() -> onnx.ModelProto:
+    """image -> Conv(stride 2, pads [0, 0, 1, 1]: TF "SAME" as EfficientNet's strided convs)
+    -> Relu -> MaxPool(pads [0, 0, 1, 1]) -> global pool -> embedding -> Gemm -> logit."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b")
+    fw = numpy_helper.from_array(rng.normal(0, 0.5, (1, 4)).astype(np.float32), "fw")
+    fb = numpy_helper.from_array(np.zeros(1, np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["c"], strides=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["m"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["m"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["embedding"]),
+        helper.make_node("Gemm", ["embedding", "fw", "fb"], ["logit"], transB=1),
+    ]
+    x = helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 1, 15, 15])
+    outs = [
+        helper.make_tensor_value_info("logit", onnx.TensorProto.FLOAT, ["N", 1]),
+        helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, ["N", 4]),
+    ]
+    graph = helper.make_graph(nodes, "asym", [x], outs, [w, b, fw, fb])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_mirror_pads_asymmetrically_like_onnxruntime(tmp_path):
+    """Asymmetric Conv/MaxPool pads (refused before: EfficientNet-Lite0's INT8 export could not
+    be tuned) are mirrored: the same outputs as ONNX Runtime, to one quantization step."""
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(_asymmetric_pad_model(), str(fp32))
+    rng = np.random.default_rng(6)
+    calib = rng.uniform(-1, 1, (32, 1, 15, 15)).astype(np.float32)
+    quantize_int8(fp32, int8, calib, Int8Recipe(method="minmax"))
+    x = rng.uniform(-1, 1, (8, 1, 15, 15)).astype(np.float32)
+    got = ort_run(ort_session(int8, 1), x)
+    mirror = QDQMirror(onnx.load(str(int8))).eval()
+    with torch.no_grad():
+        outs = dict(
+            zip(mirror.output_names, [o.numpy() for o in mirror(torch.from_numpy(x))], strict=True)
+        )
+    step = _step(int8)
+    for name in ("logit", "embedding"):
+        assert np.abs(outs[name] - got[name]).max() <= 1.01 * step, name
+    # the quantized graph kept the asymmetric pads the mirror had to follow
+    pads = [
+        list(a.ints)
+        for n in onnx.load(str(int8)).graph.node
+        if n.op_type in ("Conv", "MaxPool")
+        for a in n.attribute
+        if a.name == "pads"
+    ]
+    assert pads == [[0, 0, 1, 1], [0, 0, 1, 1]]
