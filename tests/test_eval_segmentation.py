@@ -16,6 +16,7 @@ import pytest
 from conftest import DATA
 
 from engine.eval import card as card_md
+from engine.eval import card_sections
 from engine.eval import dice as dice_mod
 from engine.eval import segmentation as sg
 from engine.models import PACKAGED_MODELS, sha256_file
@@ -177,12 +178,14 @@ def test_missing_split_file_needs_labels_and_must_rebuild_the_card_counts(tmp_pa
 def test_card_table_shows_the_interval_or_says_there_is_none():
     d = {"images": 27, "patients": 12, "mean": 0.9473, "median": 0.945, "min": 0.909}
     ci = {"low": 0.9419, "high": 0.953, "valid_resamples": 2000, "resamples": 2000}
-    with_ci = "\n".join(card_md._dice_lines({"metrics": {"dice": {"test": d | {"ci95": ci}}}}))
+    with_ci = "\n".join(
+        card_sections._dice_lines({"metrics": {"dice": {"test": d | {"ci95": ci}}}})
+    )
     assert "| test | 27 (12) | 0.947 [0.942, 0.953] | 0.945 | 0.909 |" in with_ci
     assert "2000 resamples" in with_ci
     old = {"metrics": {"dice": {"test": d}}, "splits": {"counts": {"test": {"patients": 12}}}}
-    assert "| 0.947 | 0.945 |" in "\n".join(card_md._dice_lines(old))
-    assert "No interval" in "\n".join(card_md._dice_lines(old))
+    assert "| 0.947 | 0.945 |" in "\n".join(card_sections._dice_lines(old))
+    assert "No interval" in "\n".join(card_sections._dice_lines(old))
 
 
 def test_shipped_model_card_segmenter_section_is_rendered_from_the_manifest():
