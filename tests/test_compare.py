@@ -165,3 +165,21 @@ def test_ship_rule_cannot_tell_without_a_shared_loso_run(tmp_path):
     checks = dict((label, ok) for label, ok, _ in ship_rule(new, old))
     assert checks["unseen-source specificity no worse"] is None
     assert "**not met**" in ship_rule_lines(new, old)[0]
+
+
+def test_training_summary_of_a_compared_classifier():
+    from engine.eval.card_sections import training_summary
+
+    card = {
+        "data": {
+            "sets": [{"name": "cxr-dev"}, {"name": "cxr-train"}],
+            "train_counts": {"ieee8023:1": 92, "radiography-db:0": 2000},
+            "excluded_from_training": ["nih-chestxray14:0"],
+        },
+        "training": {"sampling": "source-balanced, balance 1.0", "best_epoch": 2, "epochs_run": 12},
+    }
+    (line,) = [x for x in training_summary(card) if x]
+    assert line.startswith("Training: trained on cxr-dev + cxr-train (2092 training images)")
+    assert "sampling source-balanced, balance 1.0" in line and "best epoch 2 of 12" in line
+    assert "never trained on nih-chestxray14:0" in line
+    assert training_summary(None) == []

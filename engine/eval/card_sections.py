@@ -269,6 +269,25 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
     return ["## Generalisation", "", *out[:-1]]
 
 
+def training_summary(card: dict[str, Any] | None) -> list[str]:
+    """One line on how a compared classifier was trained, from its card (none without one)."""
+    if not card:
+        return []
+    data, training = card.get("data") or {}, card.get("training") or {}
+    sets = [s.get("name", "?") for s in data.get("sets") or []] or [str(data.get("labels", "?"))]
+    parts = [f"trained on {' + '.join(sets)}"]
+    if isinstance(data.get("train_counts"), dict):
+        parts[0] += f" ({sum(data['train_counts'].values())} training images)"
+    for key in ("sampling", "selection", "optimizer"):
+        if training.get(key):
+            parts.append(f"{key} {training[key]}")
+    if training.get("best_epoch") is not None:
+        parts.append(f"best epoch {training['best_epoch']} of {training.get('epochs_run', '?')}")
+    if data.get("excluded_from_training"):
+        parts.append(f"never trained on {', '.join(data['excluded_from_training'])}")
+    return ["", "Training: " + "; ".join(parts) + "."]
+
+
 def comparison_section(
     ev: dict[str, Any], sc: dict[str, Any] | None, shipped: str, c: Comparison
 ) -> list[str]:
@@ -316,8 +335,9 @@ def comparison_section(
         "",
         f"{c.name}: {c.architecture}, {c.initialisation}; model id "
         f"`{(c.eval.get('run') or {}).get('model_id')}`. Scored like the shipped model's FP32 "
-        "reference: its FP32 export (a packed release: its shipped export) on the held-out test patients, by source; 95% patient "
-        "bootstrap intervals.",
+        "reference: its FP32 export (a packed release: its shipped export) on the held-out "
+        "test patients, by source; 95% patient bootstrap intervals.",
+        *training_summary(c.card),
         "",
         *lines,
     ]
