@@ -188,6 +188,13 @@ def data_summary(card: dict[str, Any]) -> dict[str, Any]:
     return data | {"splits": splits}
 
 
+def _table(title: str, head: Sequence[str], rows: list[str]) -> list[str]:
+    """A titled Markdown table and a blank line after it; nothing without rows."""
+    if not rows:
+        return []
+    return [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows, ""]
+
+
 def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]]) -> list[str]:
     """## Generalisation: the held-out slices per source, the source probe, the downscale
     agreement and the leave-one-source-out figures, where the training recorded them."""
@@ -199,29 +206,21 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
         for k, v in holdout.items()
         if k.startswith("source=")
     ]
-    if rows:
-        out += [
-            "Held-out slice of the further sets (patients never trained on; the threshold above):",
-            "",
-            "| source | images | ROC AUC | specificity | sensitivity |",
-            "|---|---|---|---|---|",
-            *rows,
-            "",
-        ]
+    out += _table(
+        "Held-out slice of the further sets (patients never trained on; the threshold above):",
+        ("source", "images", "ROC AUC", "specificity", "sensitivity"),
+        rows,
+    )
     groups = card.get("held_out_by_group") or {}
-    if groups:
-        out += [
-            "Every labelled image not trained on (validation, test, held-out slices, excluded "
-            "groups), per source and label, at the threshold above:",
-            "",
-            "| source:label | images | share right (specificity / sensitivity) |",
-            "|---|---|---|",
-            *[
-                f"| {g} | {v['images']} | {v.get('specificity', v.get('sensitivity')):.3f} |"
-                for g, v in groups.items()
-            ],
-            "",
-        ]
+    out += _table(
+        "Every labelled image not trained on (validation, test, held-out slices, excluded "
+        "groups), per source and label, at the threshold above:",
+        ("source:label", "images", "share right (specificity / sensitivity)"),
+        [
+            f"| {g} | {v['images']} | {v.get('specificity', v.get('sensitivity')):.3f} |"
+            for g, v in groups.items()
+        ],
+    )
     probe = card.get("source_probe") or {}
     prows = [
         f"| {k.removeprefix('label=')} | {', '.join(f'{s} {n}' for s, n in v['images'].items())} | "
@@ -229,17 +228,15 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
         for k, v in probe.items()
         if k.startswith("label=")
     ]
-    if prows:
-        out += [
+    out += _table(
+        (
             "Source probe (can a linear model on the embedding tell the source within one class? "
             f"0.5: no, 1: yes; {probe.get('images', 'images not trained on')}; "
-            f"{probe.get('method', '')}):",
-            "",
-            "| label | images per source | mean ROC AUC | max ROC AUC |",
-            "|---|---|---|---|",
-            *prows,
-            "",
-        ]
+            f"{probe.get('method', '')}):"
+        ),
+        ("label", "images per source", "mean ROC AUC", "max ROC AUC"),
+        prows,
+    )
     da = card.get("downscale_agreement") or {}
     if da:
         out += [

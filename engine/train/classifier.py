@@ -34,7 +34,7 @@ from engine.train import loop
 from engine.train.augment import Acquisition, CropAugment
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData, fit, train_batch
-from engine.train.crops import load_data, load_segmenter
+from engine.train.crops import config_of, load_data, load_segmenter
 from engine.train.data import log
 from engine.train.datasets import HOLDOUT, UNSEEN
 from engine.train.export import (
@@ -255,7 +255,7 @@ def requantize_int8(
         )
     _, data, fp32 = reference_outputs(models, labels, images, threads=threads)
     _check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
-    cfg = _config_of(
+    cfg = config_of(
         m,
         models,
         labels,
@@ -278,27 +278,9 @@ def reference_outputs(
     image (its own segmenter, and its split: the seed in its card), and its ONNX Runtime
     outputs on them: the reference every other export of it is compared with."""
     ref = load_manifest(manifest_path(trained, "classifier"))
-    data, _ = load_data(_config_of(ref, trained, labels, images, threads), load_segmenter(trained))
+    data, _ = load_data(config_of(ref, trained, labels, images, threads), load_segmenter(trained))
     log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
     return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
-
-
-def _config_of(
-    m: Manifest, trained: Path, labels: Path, images: Path, threads: int, **kw: Any
-) -> ClassifierTrainConfig:
-    """The config that rebuilds a trained directory's crops and split: its own segmenter and
-    architecture, the split seed in its card; kw: the rest (e.g. the INT8 settings)."""
-    seed = int(m.card.get("splits", {}).get("seed", 0))
-    return ClassifierTrainConfig(
-        labels=labels,
-        images=images,
-        segmenter=trained,
-        out=trained,
-        arch=m.architecture,
-        seed=seed,
-        threads=threads,
-        **kw,
-    )
 
 
 def _check_same_split(path: Path, data: CropData) -> None:

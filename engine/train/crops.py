@@ -103,3 +103,21 @@ def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict
                 "split; more labelled patients of both classes are needed"
             )
     return data, skipped
+
+
+def config_of(
+    m: Manifest, trained: Path, labels: Path, images: Path, threads: int, **kw: Any
+) -> ClassifierTrainConfig:
+    """The config that rebuilds a trained directory's crops and split: its own segmenter and
+    architecture, the split seed in its card; kw: the rest (e.g. the INT8 settings)."""
+    seed = int(m.card.get("splits", {}).get("seed", 0))
+    return ClassifierTrainConfig(
+        labels=labels,
+        images=images,
+        segmenter=trained,
+        out=trained,
+        arch=m.architecture,
+        seed=seed,
+        threads=threads,
+        **kw,
+    )

@@ -106,24 +106,14 @@ def measure_models(
     """Load every labelled image of the sets (the crop cache), run the classifier of `models`
     on the served crops and measure both figures."""
     from engine.models import load_manifest, manifest_path
-    from engine.train.classifier_config import ClassifierTrainConfig
-    from engine.train.crops import load_data, load_segmenter
+    from engine.train.crops import config_of, load_data, load_segmenter
     from engine.train.datasets import pair_sets
     from engine.train.export import ort_run, ort_session
 
     clf = load_manifest(manifest_path(models, "classifier"))
     sets = pair_sets(labels, images)
-    seed = int((clf.card.get("splits") or {}).get("seed", 0))
-    cfg = ClassifierTrainConfig(
-        labels=sets[0].labels,
-        images=sets[0].images,
-        extra=sets[1:],
-        segmenter=models,
-        out=models,
-        cache=cache,
-        arch=clf.architecture,
-        seed=seed,
-        threads=threads,
+    cfg = config_of(
+        clf, models, sets[0].labels, sets[0].images, threads, extra=sets[1:], cache=cache
     )
     data, _ = load_data(cfg, load_segmenter(models))
     trained = trained_mask(Path(models) / "splits.csv", data)
