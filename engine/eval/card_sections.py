@@ -4,7 +4,7 @@ the two-column comparison with another classifier. engine/eval/card.py puts them
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,20 @@ def data_summary(card: dict[str, Any]) -> dict[str, Any]:
     return data | {"splits": splits}
 
 
+HOLDOUT_METRICS = ("roc_auc", "specificity", "sensitivity")
+
+
+def _keyed_rows(
+    figures: dict[str, Any], prefix: str, cells: Callable[[dict[str, Any]], list[str]]
+) -> list[str]:
+    """A table row per `prefix...` key of figures: the key without its prefix, then cells."""
+    return [
+        "| " + " | ".join([k.removeprefix(prefix), *cells(v)]) + " |"
+        for k, v in figures.items()
+        if k.startswith(prefix)
+    ]
+
+
 def _table(title: str, head: Sequence[str], rows: list[str]) -> list[str]:
     """A titled Markdown table and a blank line after it; nothing without rows."""
     if not rows:
@@ -200,12 +214,11 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
     agreement and the leave-one-source-out figures, where the training recorded them."""
     out: list[str] = []
     holdout = (card.get("metrics") or {}).get("holdout") or {}
-    rows = [
-        f"| {k.removeprefix('source=')} | {v['n']} | {num(v.get('roc_auc'), '.3f')} | "
-        f"{num(v.get('specificity'), '.3f')} | {num(v.get('sensitivity'), '.3f')} |"
-        for k, v in holdout.items()
-        if k.startswith("source=")
-    ]
+    rows = _keyed_rows(
+        holdout,
+        "source=",
+        lambda v: [str(v["n"]), *(num(v.get(m), ".3f") for m in HOLDOUT_METRICS)],
+    )
     out += _table(
         "Held-out slice of the further sets (patients never trained on; the threshold above):",
         ("source", "images", "ROC AUC", "specificity", "sensitivity"),
@@ -222,12 +235,14 @@ def generalisation_lines(card: dict[str, Any], unseen: Sequence[dict[str, Any]])
         ],
     )
     probe = card.get("source_probe") or {}
-    prows = [
-        f"| {k.removeprefix('label=')} | {', '.join(f'{s} {n}' for s, n in v['images'].items())} | "
-        f"{num(v.get('roc_auc'), '.3f')} | {num(v.get('roc_auc_max'), '.3f')} |"
-        for k, v in probe.items()
-        if k.startswith("label=")
-    ]
+    prows = _keyed_rows(
+        probe,
+        "label=",
+        lambda v: [
+            ", ".join(f"{s} {n}" for s, n in v["images"].items()),
+            *(num(v.get(m), ".3f") for m in ("roc_auc", "roc_auc_max")),
+        ],
+    )
     out += _table(
         (
             "Source probe (can a linear model on the embedding tell the source within one class? "
