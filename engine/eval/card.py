@@ -37,7 +37,9 @@ from engine.eval.card_sections import (
     shortcut_lines,
 )
 from engine.eval.compare import (
+    BaselineOption,
     Comparison,
+    UnseenOption,
     columns_of,
     initialisation,
     parse_compare,
@@ -257,19 +259,8 @@ def card_command(
     evidence: Annotated[
         str | None, typer.Option(help="Where the repository keeps the JSON inputs (footer).")
     ] = None,
-    unseen: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="NAME=LOSO_DIR",
-            help="A leave-one-source-out run (`cxr train classifier --exclude-from-training`) "
-            "of the recipe of `release` (this card's classifier) or of a --compare NAME "
-            "(repeatable).",
-        ),
-    ] = None,
-    baseline: Annotated[
-        str | None,
-        typer.Option(help="The --compare NAME the ship rule measures this classifier against."),
-    ] = None,
+    unseen: UnseenOption = None,
+    baseline: BaselineOption = None,
     segmenter_only: Annotated[
         bool,
         typer.Option(help="Re-render only the segmenter section of the existing card at --out."),

@@ -20,7 +20,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from engine.errors import ConfigError
 from engine.models import load_models
@@ -175,6 +177,22 @@ def unseen_of(loso_dir: Path) -> dict[str, Any]:
         "groups": groups,
         "interval": "Wilson score 95% interval over images",
     }
+
+
+# The options of `cxr eval release` and `cxr eval card` that feed the side-by-side table.
+UnseenOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="NAME=LOSO_DIR",
+        help="A leave-one-source-out run (`cxr train classifier --exclude-from-training`) of "
+        "the recipe of `release` (the card's own classifier) or of a --compare NAME; a release "
+        "keeps it as unseen-NAME-i.json (repeatable).",
+    ),
+]
+BaselineOption = Annotated[
+    str | None,
+    typer.Option(help="The --compare NAME the ship rule measures the card's classifier against."),
+]
 
 
 def parse_unseen(spec: str) -> tuple[str, Path]:

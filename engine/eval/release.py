@@ -53,7 +53,14 @@ from engine.config import ScreenConfig, default_threads
 from engine.console import command_line, config_from_options, fatal_errors, run_script
 from engine.errors import ConfigError
 from engine.eval.card import render
-from engine.eval.compare import Comparison, comparison_from_models, parse_unseen, unseen_of
+from engine.eval.compare import (
+    BaselineOption,
+    Comparison,
+    UnseenOption,
+    comparison_from_models,
+    parse_unseen,
+    unseen_of,
+)
 from engine.models import (
     ROLES,
     load_manifest,
@@ -506,19 +513,8 @@ def release_command(
     evidence: Annotated[
         Path | None, typer.Option(help="Copy the eval, shortcut and parity JSONs here.")
     ] = None,
-    unseen: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="NAME=LOSO_DIR",
-            help="A leave-one-source-out run (`cxr train classifier --exclude-from-training`) "
-            "of the recipe of `release` (the released classifier) or of a --compare NAME "
-            "(repeatable).",
-        ),
-    ] = None,
-    baseline: Annotated[
-        str | None,
-        typer.Option(help="The --compare NAME the ship rule measures the release against."),
-    ] = None,
+    unseen: UnseenOption = None,
+    baseline: BaselineOption = None,
     backend: Annotated[str, typer.Option(help=runtime.choices_text())] = "auto",
     decoder: Annotated[
         str | None, typer.Option(help="Preprocessing (default: that of `cxr screen`).")
