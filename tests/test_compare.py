@@ -183,3 +183,11 @@ def test_training_summary_of_a_compared_classifier():
     assert "sampling source-balanced, balance 1.0" in line and "best epoch 2 of 12" in line
     assert "never trained on nih-chestxray14:0" in line
     assert training_summary(None) == []
+
+
+def test_training_images_of_one_set_or_several():
+    from engine.eval.compare import _training_images
+
+    assert _training_images({"data": {"train_counts": {"a:0": 3, "b:1": 4}}}) == 7
+    assert _training_images({"splits": {"counts": {"train": {"images": 198}}}}) == 198
+    assert _training_images({}) is None

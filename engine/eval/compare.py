@@ -271,6 +271,14 @@ def _held_cell(col: Column, group: str) -> str:
     return f"{value:.3f} of {g['images']}"
 
 
+def _training_images(card: dict[str, Any]) -> int | None:
+    """Images trained on: the sum over groups (several sets), else the split's train count."""
+    counts = (card.get("data") or {}).get("train_counts")
+    if counts:
+        return int(sum(counts.values()))
+    return ((card.get("splits") or {}).get("counts") or {}).get("train", {}).get("images")
+
+
 def side_by_side(columns: Sequence[Column]) -> list[str]:
     """One table: every column's internal test metrics (patient-bootstrap CIs), per source,
     the shortcut figures, the source probe, the downscale agreement, its scores on the labelled
@@ -345,21 +353,7 @@ def side_by_side(columns: Sequence[Column]) -> list[str]:
         source, _, label = g.rpartition(":")
         what = "specificity" if label == "0" else "sensitivity"
         row(f"unseen {source} (label {label}): {what}", [_unseen_cell(c, g) for c in columns])
-    row(
-        "training images",
-        [
-            _num(
-                ((c.card or {}).get("splits") or {})
-                .get("counts", {})
-                .get("train", {})
-                .get("images"),
-                "d",
-            )
-            if not (c.card or {}).get("data", {}).get("train_counts")
-            else str(sum((c.card or {})["data"]["train_counts"].values()))
-            for c in columns
-        ],
-    )
+    row("training images", [_num(_training_images(c.card or {}), "d") for c in columns])
     return lines
 
 
