@@ -34,7 +34,13 @@ from engine.train import loop
 from engine.train.augment import Acquisition, CropAugment
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData, fit, train_batch
-from engine.train.crops import config_of, load_data, load_segmenter
+from engine.train.crops import (
+    config_of,
+    load_data,
+    load_segmenter,
+    recorded_splits,
+    split_keys,
+)
 from engine.train.data import log
 from engine.train.datasets import HOLDOUT, UNSEEN
 from engine.train.export import (
@@ -220,9 +226,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
     save_manifest(manifest, manifest.directory)
     _write_splits(manifest.directory / SPLITS_FILE, data)
     _copy_segmenter(seg, manifest.directory)
-    manifest = replace(
-        manifest, card=manifest.card | from_training(manifest.directory, data, fp32, cfg.threads)
-    )
+    figures = from_training(manifest.directory, data, fp32, threshold, cfg.threads)
+    manifest = replace(manifest, card=manifest.card | figures)
     save_manifest(manifest, manifest.directory)
     log_json: dict[str, Any] = {"config": asdict(cfg), "precision": precision, "history": history}
     log_json |= {"best_epoch": stopper.best_epoch, "threshold": threshold, "metrics": metrics}
@@ -285,16 +290,8 @@ def reference_outputs(
 
 def _check_same_split(path: Path, data: CropData) -> None:
     """The crops' split must be the one the model was trained on (its splits.csv)."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; it records the split the classifier was trained on")
-    with open(path, newline="") as f:
-        recorded = {
-            (row.get("dataset", "0"), row["path"]): row["split"] for row in csv.DictReader(f)
-        }
-    now = {
-        (str(int(k)), im.rel): str(s)
-        for im, s, k in zip(data.images, data.split, data.dataset, strict=True)
-    }
+    recorded = recorded_splits(path)
+    now = {key: str(s) for key, s in zip(split_keys(data), data.split, strict=True)}
     differ = [key[1] for key, s in now.items() if recorded.get(key, s) != s]
     if differ:
         raise ConfigError(

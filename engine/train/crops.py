@@ -121,3 +121,17 @@ def config_of(
         threads=threads,
         **kw,
     )
+
+
+def recorded_splits(path: Path) -> dict[tuple[str, str], str]:
+    """A models directory's splits.csv: (set index, image path) -> the part the classifier put
+    it in (rows without a `dataset` column belong to the first set)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: missing; it records the split the classifier was trained on")
+    with open(path, newline="") as f:
+        return {(row.get("dataset") or "0", row["path"]): row["split"] for row in csv.DictReader(f)}
+
+
+def split_keys(data: CropData) -> list[tuple[str, str]]:
+    """The recorded_splits key of each of data's images."""
+    return [(str(int(k)), im.rel) for im, k in zip(data.images, data.dataset, strict=True)]

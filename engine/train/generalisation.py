@@ -10,13 +10,11 @@ says `train`, every other labelled image of the sets given is held out.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.errors import ConfigError
 from engine.eval.resolution import downscale_agreement
 from engine.eval.source_probe import source_probe
 from engine.train.classifier_fit import CropData
@@ -49,21 +47,19 @@ def measure(
     data: CropData,
     outputs: dict[str, np.ndarray],
     trained: np.ndarray,
+    threshold: float,
     threads: int,
 ) -> dict[str, Any]:
     """{"source_probe", "downscale_agreement", "held_out_by_group"} of the classifier in
     `directory`: outputs are its ONNX outputs on data.inputs ("logit", "embedding"); trained
-    marks the images it was trained on."""
-    from engine.models import load_manifest, manifest_path
-
+    marks the images it was trained on; threshold is its decision threshold."""
     held = ~np.asarray(trained, bool)
     patients = np.array([im.patient_id for im in data.images])
     embedding = outputs["embedding"]
     probe = source_probe(embedding[held], data.sources[held], data.labels[held], patients[held])
     probe["images"] = HELD_OUT
-    threshold = load_manifest(manifest_path(directory, "classifier")).threshold
     probs = 1 / (1 + np.exp(-outputs["logit"].reshape(-1).astype(np.float64)))
-    groups = held_out_by_group(probs, data, held, 0.5 if threshold is None else threshold)
+    groups = held_out_by_group(probs, data, held, threshold)
     test = np.flatnonzero((data.split == "test") & (data.dataset == 0))
     log(f"downscale agreement on {len(test)} test images")
     res = downscale_agreement(
@@ -73,26 +69,18 @@ def measure(
 
 
 def from_training(
-    directory: Path, data: CropData, fp32: dict[str, np.ndarray], threads: int
+    directory: Path, data: CropData, fp32: dict[str, np.ndarray], threshold: float, threads: int
 ) -> dict[str, Any]:
     """The measurements at the end of `cxr train classifier` (its own split)."""
-    return measure(directory, data, fp32, data.split == "train", threads)
+    return measure(directory, data, fp32, data.split == "train", threshold, threads)
 
 
 def trained_mask(splits_csv: Path, data: CropData) -> np.ndarray:
-    """Which of data's images a models directory's splits.csv lists as `train` (rows without a
-    `dataset` column belong to the first set)."""
-    if not Path(splits_csv).is_file():
-        raise ConfigError(f"{splits_csv}: missing; it records what the classifier was trained on")
-    with open(splits_csv, newline="") as f:
-        trained = {
-            (row.get("dataset") or "0", row["path"])
-            for row in csv.DictReader(f)
-            if row.get("split") == "train"
-        }
-    return np.array(
-        [(str(int(k)), im.rel) in trained for im, k in zip(data.images, data.dataset, strict=True)]
-    )
+    """Which of data's images a models directory's splits.csv lists as `train`."""
+    from engine.train.crops import recorded_splits, split_keys
+
+    recorded = recorded_splits(splits_csv)
+    return np.array([recorded.get(key) == "train" for key in split_keys(data)])
 
 
 def measure_models(
@@ -121,4 +109,5 @@ def measure_models(
         f"embedding {len(data.inputs)} crops with {clf.onnx_path} ({int(trained.sum())} trained on)"
     )
     out = ort_run(ort_session(clf.onnx_path, threads), data.inputs)
-    return measure(Path(models), data, out, trained, threads)
+    threshold = 0.5 if clf.threshold is None else clf.threshold
+    return measure(Path(models), data, out, trained, threshold, threads)
