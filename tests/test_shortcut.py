@@ -26,12 +26,12 @@ from engine.eval.shortcut import (
     read_items,
     run_check,
     source_groups,
-    upsample_nearest,
 )
 from engine.io import parquet
 from engine.io.reader import prepare
 from engine.models import load_models
 from engine.runner import screen
+from engine.stages.segment import upsample_nearest
 
 DEV = DATA / "cxr-dev"
 

@@ -471,6 +471,28 @@ def test_auc_and_youden_threshold():
     assert t == pytest.approx(0.15)
 
 
+def test_sensitivity_threshold_is_the_highest_that_meets_the_target():
+    from engine.errors import ConfigError
+    from engine.train.classifier_config import ClassifierTrainConfig
+    from engine.train.metrics import sensitivity_threshold
+
+    probs = np.array([0.05, 0.2, 0.5, 0.3, 0.6, 0.7, 0.95])
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    assert sensitivity_threshold(probs, y, 1.0) == pytest.approx(0.25)  # all 4 positives
+    assert sensitivity_threshold(probs, y, 0.75) == pytest.approx(0.55)  # 3 of 4
+    assert sensitivity_threshold(probs, y, 0.5) == pytest.approx(0.65)
+    assert sensitivity_threshold(probs, np.zeros(7), 0.9) == 0.5  # no positives
+    base = dict(labels=Path("l.csv"), images=Path("."), segmenter=Path("s"), out=Path("o"))
+    t, rule = ClassifierTrainConfig(**base, threshold_sensitivity=0.75).threshold(probs, y)
+    assert t == pytest.approx(0.55) and "at least 0.75" in rule
+    t, rule = ClassifierTrainConfig(**base).threshold(probs, y)
+    assert "Youden" in rule
+    with pytest.raises(ConfigError, match="threshold-sensitivity"):
+        ClassifierTrainConfig(**base, threshold_sensitivity=0.0)
+    with pytest.raises(ConfigError, match="context-swap"):
+        ClassifierTrainConfig(**base, context_swap=2.0)
+
+
 def test_segmenter_dir_without_manifest_is_a_clear_error(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label,patient_id\na.png,1,p1\n")

@@ -184,6 +184,11 @@ def test_cache_is_reused_and_resumes_to_the_same_arrays(sets, loaded, tmp_path, 
     images = load_sets((label_set,), seed=0).images
     built = cache_mod.open_or_build(cfg.cache, label_set, images, seg, clf, threads=1)
     np.testing.assert_array_equal(built.inputs, data.inputs[data.dataset == 0])
+    # the lung mask is the segmenter's, thresholded as `cxr screen` does, and it holds the box
+    assert built.masks.shape == (len(images), *seg.preprocess.size)
+    assert set(np.unique(built.masks)) <= {0, 1}
+    share = built.masks.reshape(len(images), -1).mean(axis=1)
+    np.testing.assert_allclose(share, built.fraction, atol=1e-6)
 
     # a complete entry is opened, not rebuilt
     def no_decode(*a, **k):
@@ -213,6 +218,7 @@ def test_cache_is_reused_and_resumes_to_the_same_arrays(sets, loaded, tmp_path, 
     np.testing.assert_array_equal(resumed.work, built.work)
     np.testing.assert_array_equal(resumed.inputs, built.inputs)
     np.testing.assert_array_equal(resumed.boxes, built.boxes)
+    np.testing.assert_array_equal(resumed.masks, built.masks)
 
     # other labels -> another entry
     other = _write(tmp_path / "dev" / "labels.csv", sets["primary_rows"][:12])
@@ -264,6 +270,60 @@ def test_acquisition_is_seeded_bounded_and_off_is_identity():
     assert (y1 - x).abs().mean() > 0.02
     off = acquisition(x, src, Acquisition.off(), torch.Generator().manual_seed(1))
     assert torch.equal(off, x)
+
+
+def test_context_swap_keeps_the_lungs_and_takes_the_rest_from_another_image():
+    from engine.train.augment import ContextSwap, dilate_masks, swap_context
+
+    n, side, m = 6, 64, 16
+    work = np.stack([np.full((side, side), i / 10, np.float32) for i in range(n)])
+    masks = np.zeros((n, m, m), np.uint8)
+    masks[:, 4:12, 3:7] = 1  # one "lung" per image, 8 x 4 of 16 x 16
+    same = swap_context(
+        work, masks, ContextSwap(p=1.0, dilate=0.0), torch.Generator().manual_seed(0)
+    )
+    again = swap_context(
+        work, masks, ContextSwap(p=1.0, dilate=0.0), torch.Generator().manual_seed(0)
+    )
+    np.testing.assert_array_equal(same, again)  # seeded
+    lungs = np.zeros((side, side), bool)
+    lungs[16:48, 12:28] = True
+    for i in range(n):
+        assert (same[i][lungs] == work[i, 0, 0]).all()  # its own lungs
+        outside = np.unique(same[i][~lungs])
+        assert len(outside) == 1 and outside[0] != work[i, 0, 0]  # one other image's context
+    # p = 0 changes nothing and draws nothing from the generator
+    gen = torch.Generator().manual_seed(5)
+    assert swap_context(work, masks, ContextSwap(p=0.0), gen) is work
+    assert torch.equal(
+        torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(5))
+    )
+    # dilation grows the mask by round(share * m) pixels on each side
+    grown = dilate_masks(masks, 1 / 16)
+    assert grown[0, 3:13, 2:8].all() and grown[0].sum() == 10 * 6
+    with pytest.raises(ValueError, match="context swap"):
+        ContextSwap(p=1.5)
+
+
+def test_context_swap_in_a_training_batch(loaded):
+    from engine.train.augment import ContextSwap, CropAugment
+    from engine.train.classifier_fit import train_batch
+    from engine.train.specs import classifier_manifest
+
+    _, data, _ = loaded
+    clf = classifier_manifest("tiny-classifier", trained=False)
+    idx = np.arange(4)
+
+    def batch(swap):
+        rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+        return train_batch(data, idx, clf, CropAugment.off(), rng, gen, None, swap).numpy()
+
+    plain = batch(None)
+    # off: the served crops, up to the cache's uint8 rounding (0.5/255, over the std)
+    np.testing.assert_allclose(plain, data.inputs[idx], atol=0.02)
+    swapped = batch(ContextSwap(p=1.0))
+    assert not np.allclose(swapped, plain)
+    np.testing.assert_array_equal(batch(ContextSwap(p=0.0)), plain)
 
 
 def test_bf16_only_where_the_cpu_has_it():

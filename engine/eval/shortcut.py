@@ -50,6 +50,7 @@ from engine.pipeline import Preprocessed
 from engine.screener import Screener
 from engine.stages.base import Predictions
 from engine.stages.classify import classify
+from engine.stages.segment import upsample_nearest
 from kernels.reference import crop_resize_normalize
 
 VARIANTS = ("as_is", "lungs_masked", "lungs_only")
@@ -100,14 +101,6 @@ class ShortcutConfig:
 
 # ---------------------------------------------------------------------------------------------
 # masking
-
-
-def upsample_nearest(mask: np.ndarray, side: int) -> np.ndarray:
-    """(N, h, w) bool at the segmenter's resolution -> (N, side, side), nearest pixel centre."""
-    _, h, w = mask.shape
-    rows = np.minimum(((np.arange(side) + 0.5) * h / side).astype(np.intp), h - 1)
-    cols = np.minimum(((np.arange(side) + 0.5) * w / side).astype(np.intp), w - 1)
-    return mask[:, rows[:, None], cols[None, :]]
 
 
 def fill_region(work: np.ndarray, region: np.ndarray) -> np.ndarray:

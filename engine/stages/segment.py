@@ -1,4 +1,4 @@
-"""Lung segmentation stage: segmenter input -> per-pixel lung logits."""
+"""Lung segmentation stage: segmenter input -> per-pixel lung logits, and the mask helpers."""
 
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ def logit_threshold(p: float) -> float:
     if p >= 1.0:
         return math.inf
     return math.log(p / (1.0 - p))
+
+
+def upsample_nearest(mask: np.ndarray, side: int) -> np.ndarray:
+    """(N, h, w) bool at the segmenter's resolution -> (N, side, side), nearest pixel centre."""
+    _, h, w = mask.shape
+    rows = np.minimum(((np.arange(side) + 0.5) * h / side).astype(np.intp), h - 1)
+    cols = np.minimum(((np.arange(side) + 0.5) * w / side).astype(np.intp), w - 1)
+    return mask[:, rows[:, None], cols[None, :]]

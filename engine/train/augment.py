@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.stages.segment import upsample_nearest
+
 
 @dataclass(frozen=True, kw_only=True)
 class Geometry:
@@ -260,4 +262,56 @@ def acquisition(
         if _u(gen) < acq.border_p:
             img = _border(img.clone(), gen)
         out[i] = img.clamp(0.0, 1.0)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextSwap:
+    """Everything outside the lungs taken from another image of the batch, with probability p.
+
+    The shortcut this attacks: the classes of the training sets come from different sites, so
+    what lies outside the lungs (markers, borders, collimation, the film's look, patient
+    positioning) predicts the label there and nowhere else; the lungs-masked-out check
+    (engine.eval.shortcut) measures how much of it a model uses. With the context of a random
+    other image of the batch (either class, so the context no longer carries the label), the
+    network can only gain from the lungs. The lung mask is dilated by `dilate` (a share of the
+    mask's side) so the lung edges stay with their lungs. Served inputs are unchanged: at
+    screening time the context is the image's own, which the network has learnt to ignore.
+    """
+
+    p: float = 0.0
+    dilate: float = 0.015
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"context swap probability must be in [0, 1], not {self.p}")
+
+
+def dilate_masks(masks: np.ndarray, share: float) -> np.ndarray:
+    """(N, m, m) 0/1 masks grown by round(share * m) pixels (a square max filter)."""
+    r = round(share * masks.shape[-1])
+    if r <= 0:
+        return masks.astype(bool)
+    t = torch.from_numpy(np.ascontiguousarray(masks, np.float32))[:, None]
+    return (F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)[:, 0] > 0).numpy()
+
+
+def swap_context(
+    work: np.ndarray, masks: np.ndarray, swap: ContextSwap, gen: torch.Generator
+) -> np.ndarray:
+    """(N, S, S) working images, (N, m, m) lung masks -> each image, with probability swap.p,
+    keeping its (dilated) lungs and taking everything else from another image of the batch.
+    Draws nothing from `gen` when p is 0, so runs without the swap keep their random stream."""
+    n = work.shape[0]
+    if swap.p <= 0.0 or n < 2:
+        return work
+    chosen = (torch.rand(n, generator=gen) < swap.p).numpy()
+    partner = torch.randint(0, n - 1, (n,), generator=gen).numpy()
+    partner = partner + (partner >= np.arange(n))  # any other image of the batch
+    if not chosen.any():
+        return work
+    rows = np.flatnonzero(chosen)
+    lungs = upsample_nearest(dilate_masks(masks[rows], swap.dilate), work.shape[-1])
+    out = work.copy()
+    out[rows] = np.where(lungs, work[rows], work[partner[rows]])
     return out

@@ -10,6 +10,9 @@ cache entry per labelled set holds, memory-mapped:
 - inputs.f32   (n, C, h, w) float32: the unaugmented classifier input cut from the float
                working image, i.e. exactly what `cxr screen` feeds the classifier; validation,
                threshold, metrics and INT8 parity use these;
+- mask.u8.npy  (n, m, m) uint8 0/1: the lung mask at the segmenter's resolution (logit >=
+               the manifest's threshold, as `cxr screen`'s lung_mask), for augmentations that
+               treat the lungs and their surroundings differently (context swap);
 - boxes.npy (n, 4), fraction.npy (n,), ok.npy (n,) bool, errors.json.
 
 The entry's name is a hash of what decides its content: the labels CSV's bytes, the image
@@ -33,12 +36,12 @@ from engine.models import Manifest, ModelSet
 from engine.pipeline import Preprocessor
 from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.stages.crop import lung_crops
-from engine.stages.segment import segment
+from engine.stages.segment import logit_threshold, segment
 from engine.train.data import LabelledImage, decode_all, log
 from engine.train.datasets import LabelSet
 from engine.train.loop import write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the lung mask (mask.u8.npy)
 CHUNK = 128
 
 
@@ -68,6 +71,7 @@ class CachedCrops:
     ok: np.ndarray  # (n,) bool
     work: np.ndarray  # (n, S, S) uint8 memmap
     inputs: np.ndarray  # (n, C, h, w) float32 memmap
+    masks: np.ndarray  # (n, m, m) uint8 0/1 memmap, at the segmenter's resolution
     boxes: np.ndarray  # (n, 4) float32
     fraction: np.ndarray  # (n,) float32
     errors: dict[int, str]
@@ -107,6 +111,7 @@ def _open(entry: Path, n: int) -> CachedCrops:
         np.load(entry / "ok.npy"),
         np.load(entry / "work.u8.npy", mmap_mode="r"),
         np.load(entry / "inputs.f32.npy", mmap_mode="r"),
+        np.load(entry / "mask.u8.npy", mmap_mode="r"),
         np.load(entry / "boxes.npy"),
         np.load(entry / "fraction.npy"),
         errors,
@@ -123,6 +128,7 @@ def _build(
     shapes = {
         "work.u8.npy": (np.uint8, (n, side, side)),
         "inputs.f32.npy": (np.float32, (n, pre_c.channels, *pre_c.size)),
+        "mask.u8.npy": (np.uint8, (n, *seg.preprocess.size)),
     }
     progress_file = entry / "progress.json"
     done = json.loads(progress_file.read_text())["done"] if progress_file.is_file() else 0
@@ -163,6 +169,7 @@ def _build(
                     np.uint8
                 )
                 arrays["inputs.f32.npy"][rows] = crops.classifier_input
+                arrays["mask.u8.npy"][rows] = logits >= logit_threshold(seg.threshold)
                 small["boxes"][rows], small["fraction"][rows] = crops.boxes, crops.fraction
                 ok[rows] = True
             for a in arrays.values():

@@ -31,7 +31,7 @@ from engine.models import (
     sha256_file,
 )
 from engine.train import loop
-from engine.train.augment import Acquisition, CropAugment
+from engine.train.augment import Acquisition, ContextSwap, CropAugment
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData, fit, train_batch
 from engine.train.crops import (
@@ -55,7 +55,7 @@ from engine.train.export import (
 )
 from engine.train.generalisation import from_training
 from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
-from engine.train.metrics import THRESHOLD_RULE, binary_metrics, youden_threshold
+from engine.train.metrics import binary_metrics
 from engine.train.segmenter import SPLITS_FILE as SEGMENTER_SPLITS
 from engine.train.specs import classifier_manifest
 from engine.train.splits import SPLITS
@@ -215,9 +215,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
     manifest, fp32, parity = export_all(cfg, model, data, clf)
     probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
     val = data.split == "val"
-    threshold = youden_threshold(probs[val], data.labels[val])
+    threshold, rule = cfg.threshold(probs[val], data.labels[val])
     metrics = evaluate(probs, data, threshold)
-    card = _card(cfg, seg, data, skipped, training, threshold, metrics, parity)
+    card = _card(cfg, seg, data, skipped, training, (threshold, rule), metrics, parity)
     card["int8"] = int8 = int8_variant(cfg, manifest, data, fp32, threshold)
     variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
     manifest = replace(
@@ -306,10 +306,11 @@ def _card(
     data: CropData,
     skipped: dict[str, str],
     training: dict[str, Any],
-    threshold: float,
+    threshold_and_rule: tuple[float, str],
     metrics: dict[str, Any],
     parity: dict[str, float],
 ) -> dict[str, Any]:
+    threshold, rule = threshold_and_rule
     return {
         "status": "trained with `cxr train classifier`",
         "task": "COVID-19 vs other (positive: COVID-19; negative: other pneumonias, NIH images)",
@@ -344,7 +345,7 @@ def _card(
         },
         "training": training,
         "threshold": threshold,
-        "threshold_rule": THRESHOLD_RULE,
+        "threshold_rule": rule,
         "metrics": metrics,
         "metrics_note": METRICS_NOTE,
         "export_parity_max_rel_diff": parity,
@@ -368,6 +369,7 @@ def _training_card(
         f"{cfg.epoch_images or 'all training'} images per epoch, with replacement",
         "augmentation": asdict(cfg.augment),
         "acquisition": asdict(Acquisition()) if cfg.acquisition else None,
+        "context_swap": asdict(ContextSwap(p=cfg.context_swap)) if cfg.context_swap else None,
         "input_standardization": cfg.standardize,
         "precision": precision,
         "seconds": round(seconds, 1),

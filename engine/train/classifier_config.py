@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.errors import ConfigError
 from engine.train import loop
 from engine.train.augment import CropAugment
 from engine.train.datasets import LabelSet, parse_group
+from engine.train.metrics import (
+    THRESHOLD_RULE,
+    sensitivity_rule,
+    sensitivity_threshold,
+    youden_threshold,
+)
 from engine.train.specs import CLASSIFIER_ARCHS
 
 
@@ -47,12 +55,21 @@ class ClassifierTrainConfig:
     source_balance: float = 0.5  # 0: sources as in the data, 1: equal per source, per class
     select_source: str | None = None  # choose the epoch on this source's validation images
     acquisition: bool = True  # randomise the acquisition look (augment.Acquisition)
+    context_swap: float = 0.0  # share of crops whose context comes from another image
+    threshold_sensitivity: float | None = None  # None: Youden's J on the validation patients
     standardize: bool = True  # per-image standardisation inside the network
     resume: bool = False
 
     @property
     def augment(self) -> CropAugment:
         return CropAugment(hflip=self.hflip)
+
+    def threshold(self, probs: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+        """The decision threshold chosen on validation probabilities, and its rule."""
+        if self.threshold_sensitivity is None:
+            return youden_threshold(probs, labels), THRESHOLD_RULE
+        target = self.threshold_sensitivity
+        return sensitivity_threshold(probs, labels, target), sensitivity_rule(target)
 
     @property
     def sets(self) -> tuple[LabelSet, ...]:
@@ -77,4 +94,10 @@ class ClassifierTrainConfig:
             )
         if not 0.0 <= self.source_balance <= 1.0:
             raise ConfigError(f"--source-balance must be in [0, 1], not {self.source_balance}")
+        if not 0.0 <= self.context_swap <= 1.0:
+            raise ConfigError(f"--context-swap must be in [0, 1], not {self.context_swap}")
+        if self.threshold_sensitivity is not None and not 0.0 < self.threshold_sensitivity <= 1:
+            raise ConfigError(
+                f"--threshold-sensitivity must be in (0, 1], not {self.threshold_sensitivity}"
+            )
         _ = self.excluded  # parse now: a typo fails before hours of decoding

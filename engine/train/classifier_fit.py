@@ -1,7 +1,8 @@
 """The classifier's training loop: batches from the crop cache, epoch checkpoints, resume.
 
-A batch: draws from the source-balanced sampler -> the cached uint8 working images -> a
-jittered lung box cut by the serving crop code -> rotation and photometry -> the acquisition
+A batch: draws from the source-balanced sampler -> the cached uint8 working images -> the
+context outside the lungs swapped between images (--context-swap, engine.train.augment.ContextSwap)
+-> a jittered lung box cut by the serving crop code -> rotation and photometry -> the acquisition
 look (engine.train.augment.Acquisition) -> the manifest's (x - mean) / std. Every random number
 of epoch e comes from generators seeded by (seed, e) (engine.train.sampling), and a checkpoint
 written after each epoch holds the model, optimiser, scheduler, early-stopping state and
@@ -26,7 +27,14 @@ import torch.nn.functional as F
 from engine.errors import ConfigError
 from engine.models import Manifest
 from engine.train import loop, sampling
-from engine.train.augment import Acquisition, CropAugment, acquisition, augment_crops
+from engine.train.augment import (
+    Acquisition,
+    ContextSwap,
+    CropAugment,
+    acquisition,
+    augment_crops,
+    swap_context,
+)
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.data import LabelledImage, crops01, jitter_boxes, log, normalise
 from engine.train.datasets import HOLDOUT
@@ -44,6 +52,7 @@ class CropData:
     work: np.ndarray  # (n, S, S) uint8 working images ([0, 1] * 255)
     boxes: np.ndarray  # (n, 4) lung boxes with margin (normalised)
     inputs: np.ndarray  # (n, C, h, w) unaugmented classifier inputs (the served ones)
+    masks: np.ndarray  # (n, m, m) uint8 0/1 lung masks at the segmenter's resolution
     lung_fraction: np.ndarray  # (n,)
     dataset: np.ndarray  # (n,) index of the labelled set (0: the primary one)
     sources: np.ndarray  # (n,) each image's source, read per batch (so stored, not rebuilt)
@@ -57,13 +66,17 @@ def train_batch(
     rng: np.random.Generator,
     gen: torch.Generator,
     acq: Acquisition | None = None,
+    swap: ContextSwap | None = None,
 ) -> torch.Tensor:
-    """Classifier input for a training batch: box jitter -> the serving crop code (in [0, 1])
-    -> rotation and photometry -> acquisition look -> the manifest's (x - mean) / std."""
+    """Classifier input for a training batch: context swap (outside the lungs, optional) ->
+    box jitter -> the serving crop code (in [0, 1]) -> rotation and photometry -> acquisition
+    look -> the manifest's (x - mean) / std."""
     boxes = jitter_boxes(data.boxes[idx], rng, scale=aug.box_scale, shift=aug.box_shift)
     work = np.asarray(data.work[idx], np.float32)
     if data.work.dtype == np.uint8:
         work /= 255.0
+    if swap is not None:
+        work = swap_context(work, data.masks[idx], swap, gen)
     x = augment_crops(torch.from_numpy(crops01(work, boxes, clf)), aug, gen)
     if acq is not None:
         x = acquisition(x, data.sources[idx], acq, gen)
@@ -181,6 +194,7 @@ def fit(
     total = min(cfg.max_steps or 10**9, steps_per_epoch * cfg.epochs)
     opt, sched = loop.optimiser(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total)
     acq = Acquisition() if cfg.acquisition else None
+    swap = ContextSwap(p=cfg.context_swap) if cfg.context_swap > 0 else None
     stopper, history, step, first = loop.EarlyStopping(cfg.patience), [], 0, 1
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     ckpt, fingerprint = Path(cfg.out) / CHECKPOINT, _fingerprint(cfg, len(train_idx))
@@ -202,7 +216,7 @@ def fit(
         def batch_loss(
             idx: np.ndarray, rng: np.random.Generator = rng, gen: torch.Generator = gen
         ) -> torch.Tensor:
-            xb = train_batch(data, idx, clf, cfg.augment, rng, gen, acq)
+            xb = train_batch(data, idx, clf, cfg.augment, rng, gen, acq, swap)
             with loop.autocast(precision):
                 logit = model(xb.contiguous(memory_format=torch.channels_last))[0]
             return F.binary_cross_entropy_with_logits(logit.float().reshape(-1), y[idx])

@@ -164,6 +164,21 @@ def train_classifier(
     standardize: Annotated[
         bool, typer.Option(help="Standardise each image (mean 0, std 1) inside the network.")
     ] = True,
+    context_swap: Annotated[
+        float,
+        typer.Option(
+            help="Share of training crops whose context outside the (dilated) lung mask comes "
+            "from another image of the batch, so that markers, borders and the film's look "
+            "outside the lungs stop predicting the label (0: off)."
+        ),
+    ] = 0.0,
+    threshold_sensitivity: Annotated[
+        float | None,
+        typer.Option(
+            help="Choose the threshold as the highest one whose sensitivity on the validation "
+            "positives is at least this (default: Youden's J)."
+        ),
+    ] = None,
     cache: Annotated[
         Path | None,
         typer.Option(help="Crop cache folder, shared between runs (default: OUT/crop-cache)."),

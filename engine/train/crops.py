@@ -80,6 +80,7 @@ def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict
                 "work": np.asarray(cached.work[ok]),
                 "boxes": cached.boxes[ok],
                 "inputs": np.asarray(cached.inputs[ok]),
+                "masks": np.asarray(cached.masks[ok]),
                 "fraction": cached.fraction[ok],
                 "dataset": np.full(len(ok), k),
             }
@@ -92,6 +93,7 @@ def load_data(cfg: ClassifierTrainConfig, seg: Manifest) -> tuple[CropData, dict
         np.concatenate([p["work"] for p in parts]),
         np.concatenate([p["boxes"] for p in parts]),
         np.concatenate([p["inputs"] for p in parts]),
+        np.concatenate([p["masks"] for p in parts]),
         np.concatenate([p["fraction"] for p in parts]),
         np.concatenate([p["dataset"] for p in parts]),
         np.array([im.source for im in kept]),

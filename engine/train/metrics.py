@@ -29,6 +29,29 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def sensitivity_rule(target: float) -> str:
+    """THRESHOLD_RULE's counterpart for a sensitivity target (--threshold-sensitivity)."""
+    return (
+        f"the highest threshold whose sensitivity on the validation patients' positives is at "
+        f"least {target} (FP32 ONNX probabilities); candidates are midpoints between consecutive "
+        "distinct probabilities; decision is prob >= threshold"
+    )
+
+
+def sensitivity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
+    """The threshold of sensitivity_rule(target) (0.5 when there are no positives)."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
+    if not labels.any():
+        return 0.5
+    values = np.unique(probs)
+    candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
+    best = 0.0
+    for t in candidates:  # ascending: the last one that still meets the target
+        if (probs[labels] >= t).mean() >= target - 1e-12:
+            best = float(t)
+    return best
+
+
 def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     """The probability threshold of THRESHOLD_RULE (0.5 when one class is absent)."""
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
