@@ -202,18 +202,20 @@ def screen_at_median(inputs: Path, root: Path, models: Path, **options: object) 
     return root / "out"
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH: a child Python
+    imports this checkout's engine, also where the installed one is another checkout's."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
 def run_child(
     args: Sequence[str | os.PathLike[str]], *, timeout: float, what: str
 ) -> subprocess.CompletedProcess[str]:
     """`python ARGS` of this checkout in a child process (plain terminal output); fails the
     test, saying `what` hung, when it does not finish within `timeout` seconds."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "COLUMNS": "200",
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-    }
+    env = {**child_env(), "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     try:
         return subprocess.run(
             [sys.executable, *map(os.fspath, args)],

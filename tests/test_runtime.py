@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_env
 
 from engine import runtime
 from engine.config import ScreenConfig
@@ -228,10 +228,8 @@ def test_importing_the_cpu_path_does_not_import_gpu_libraries():
         print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
         """
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", f"imported at import time: {proc.stdout.strip()}"

@@ -12,21 +12,21 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import DEV_IMAGES
 from test_archive import DICOM_LIKE, mark_encrypted, tar_info, write_tar, write_tree, write_zip
 
 from engine.io import archive, shards
 from engine.io.archive import ArchiveStats, iter_items
 from engine.io.shards import Shard, ShardReader, list_entries, plan_shards
 
-IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 IMAGE_NAMES = ("ieee8023-000001-12.png", "ieee8023-000001-2.jpg", "ieee8023-000001-17.png")
 
 
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
-    paths = [IMAGES_DIR / name for name in IMAGE_NAMES]
+    paths = [DEV_IMAGES / name for name in IMAGE_NAMES]
     if not all(path.is_file() for path in paths):
-        pytest.skip(f"real images not found under {IMAGES_DIR}")
+        pytest.skip(f"real images not found under {DEV_IMAGES}")
     return [path.read_bytes() for path in paths]
 
 

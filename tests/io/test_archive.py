@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DEV_IMAGES
 
 from engine.errors import ConfigError
 from engine.io import archive, members
@@ -23,7 +24,6 @@ from engine.io.archive import (
     iter_items,
 )
 
-IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 # a fixed handful: PNG and JPEG, a few tens to hundreds of kB each
 IMAGE_NAMES = (
     "ieee8023-000001-12.png",
@@ -36,9 +36,9 @@ DICOM_LIKE = bytes(128) + b"DICM" + bytes(range(256)) * 2
 
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
-    paths = [IMAGES_DIR / name for name in IMAGE_NAMES]
+    paths = [DEV_IMAGES / name for name in IMAGE_NAMES]
     if not all(path.is_file() for path in paths):
-        pytest.skip(f"real images not found under {IMAGES_DIR}")
+        pytest.skip(f"real images not found under {DEV_IMAGES}")
     return [path.read_bytes() for path in paths]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DEV_IMAGES
 from PIL import Image
 
 from engine.errors import ImageError
@@ -22,7 +23,6 @@ from engine.io.probe import (
     sniff_format,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 W, H = 37, 23  # not square, so a width/height swap shows
 
@@ -228,9 +228,9 @@ def test_default_limits():
 
 
 def real_jpegs(n: int = 6) -> list[Path]:
-    paths = sorted(DATA.glob("*.jpg"))[:n]
+    paths = sorted(DEV_IMAGES.glob("*.jpg"))[:n]
     if not paths:
-        pytest.skip(f"no JPEGs under {DATA}")
+        pytest.skip(f"no JPEGs under {DEV_IMAGES}")
     return paths
 
 
