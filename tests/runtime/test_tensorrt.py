@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from gpu_utils import requires_cupy, requires_tensorrt
 
 from engine.errors import BackendUnavailable, ModelError
@@ -39,7 +40,6 @@ from engine.runtime.plans import (
 )
 from engine.runtime.tensorrt import TensorRTBackend
 
-REPO = Path(__file__).resolve().parents[1]
 SCANNED = [
     REPO / "engine" / "runtime" / "tensorrt.py",
     REPO / "engine" / "runtime" / "plans.py",

@@ -30,7 +30,6 @@ from engine.runtime.null import NullBackend
 from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.runtime.tensorrt import TensorRTBackend, missing_requirements
 
-REPO = Path(__file__).resolve().parents[1]
 SEED = 3
 # ORT may pick other kernels/blocking for other batch sizes: a few float32 ulps of drift.
 BATCH_ATOL = 1e-4
