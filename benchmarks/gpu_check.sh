@@ -78,7 +78,7 @@ fi
 
 # 2. TensorRT: build tiny plans, run them, parity with ONNX Runtime (needs the repo's deps)
 if "$PY" -c "import tensorrt; tensorrt.Builder" >/dev/null 2>&1 && has pytest && has onnx && has onnxruntime && has typer && has rich; then
-  step tensorrt "${PYTEST[@]}" -m gpu tests/test_tensorrt.py --junitxml="$RESULTS/tensorrt.xml"
+  step tensorrt "${PYTEST[@]}" -m gpu tests/runtime/test_tensorrt.py --junitxml="$RESULTS/tensorrt.xml"
 else
   skip tensorrt "needs tensorrt, pytest, onnx, onnxruntime, typer and rich"
 fi

@@ -285,7 +285,7 @@ def _build_one(
     gpu: cuda.GpuInfo,
     timing_cache: Any,
 ) -> tuple[PlanManifest, Any]:
-    # Variable names matter here: tests/test_tensorrt.py checks every method called on
+    # Variable names matter here: tests/runtime/test_tensorrt.py checks every method called on
     # `builder`, `network`, `config`, `parser`, `profile`, `tensor`, `timing_cache`, ...
     # against TensorRT's API stubs.
     m = target.manifest

@@ -1,6 +1,6 @@
 """engine/build.py without TensorRT: options, which ONNX each plan compiles from, profile
 shapes, the ONNX parser's error report, and the symmetric-quantization check of INT8 exports.
-(Real builds are in tests/test_tensorrt.py, marked ``gpu``.)"""
+(Real builds are in tests/runtime/test_tensorrt.py, marked ``gpu``.)"""
 
 from __future__ import annotations
 

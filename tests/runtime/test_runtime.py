@@ -1,19 +1,15 @@
-"""engine.runtime: backend selection, ONNX Runtime on the tiny models, null, TensorRT refusal.
-
-Also: importing the CPU path never pulls in the GPU libraries.
+"""engine.runtime and runtime/base.py: the backend registry and selection, and how --backend
+tensorrt refuses where it cannot run. Also: importing the CPU path never pulls in the GPU
+libraries. Each backend's own tests: test_onnxrt.py, test_null.py, test_tensorrt.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
-import json
-import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ from conftest import child_env
 from engine import runtime
 from engine.config import ScreenConfig
 from engine.errors import BackendUnavailable, ConfigError, ModelError
-from engine.models import ModelSet, TensorSpec, init_models, load_models
+from engine.models import ModelSet, init_models
 from engine.runtime import backend_choices, backend_names, get_backend, resolve_backend
 from engine.runtime.base import REGISTRY, Backend, DeviceBackend, register
 from engine.runtime.null import NullBackend
@@ -31,8 +27,6 @@ from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.runtime.tensorrt import TensorRTBackend, missing_requirements
 
 SEED = 3
-# ORT may pick other kernels/blocking for other batch sizes: a few float32 ulps of drift.
-BATCH_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -110,79 +104,6 @@ def test_resolve_backend():
     assert resolve_backend("auto") == "onnxruntime"
     for name in ("onnxruntime", "null", "tensorrt"):
         assert resolve_backend(name) == name
-
-
-# --------------------------------------------------------------------------- ONNX Runtime
-
-
-def test_onnxruntime_output_shapes(tiny):
-    with OnnxRuntimeBackend(tiny.segmenter, threads=1) as seg:
-        out = seg.infer({"image": seg_batch(3)})
-    assert set(out) == {"mask_logit"}
-    assert out["mask_logit"].shape == (3, 1, 64, 64) and out["mask_logit"].dtype == np.float32
-    assert np.isfinite(out["mask_logit"]).all()
-    with OnnxRuntimeBackend(tiny.classifier, threads=1) as clf:
-        out = clf.infer({"image": seg_batch(5)})
-    assert set(out) == {"logit", "embedding"}
-    assert out["logit"].shape == (5, 1) and out["embedding"].shape == (5, 64)
-    assert np.isfinite(out["logit"]).all() and np.isfinite(out["embedding"]).all()
-
-
-@pytest.mark.parametrize("role", ["segmenter", "classifier"])
-def test_onnxruntime_batch_invariance(tiny, role):
-    manifest = getattr(tiny, role)
-    x = seg_batch(4)
-    with OnnxRuntimeBackend(manifest, threads=1) as backend:
-        batch = backend.infer({"image": x})
-        for i in range(len(x)):
-            one = backend.infer({"image": x[i : i + 1]})
-            for name, value in one.items():
-                np.testing.assert_allclose(batch[name][i], value[0], atol=BATCH_ATOL, err_msg=name)
-        # and the same batch twice gives the same answer
-        again = backend.infer({"image": x})
-        for name in batch:
-            np.testing.assert_array_equal(batch[name], again[name])
-
-
-def test_tensor_names_not_in_the_model_are_a_model_error(tiny):
-    m = tiny.classifier
-    renamed_in = replace(m, inputs=(TensorSpec(name="pixels", shape=("N", 1, 64, 64)),))
-    with pytest.raises(ModelError) as err:
-        OnnxRuntimeBackend(renamed_in).load()
-    msg = str(err.value)
-    assert str(m.onnx_path) in msg and "do not match the manifest" in msg
-    assert "'pixels'" in msg and "'image'" in msg
-    renamed_out = replace(m, outputs=(TensorSpec(name="prob", shape=("N", 1)), *m.outputs[1:]))
-    with pytest.raises(ModelError, match="'prob'"):
-        OnnxRuntimeBackend(renamed_out).load()
-
-
-def test_corrupt_onnx_with_a_matching_sha_is_a_model_error(tiny, tmp_path):
-    d = Path(shutil.copytree(tiny.segmenter.directory, tmp_path / "models"))
-    (d / "segmenter.onnx").write_bytes(b"\x08\x07garbage, not a protobuf graph" * 10)
-    manifest = json.loads((d / "segmenter.json").read_text())
-    manifest["sha256"] = hashlib.sha256((d / "segmenter.onnx").read_bytes()).hexdigest()
-    (d / "segmenter.json").write_text(json.dumps(manifest))
-    models = load_models(d)  # the checksum matches: only loading can tell
-    with pytest.raises(ModelError) as err:
-        OnnxRuntimeBackend(models.segmenter).load()
-    msg = str(err.value)
-    assert msg.startswith(f"{d / 'segmenter.onnx'}: ONNX Runtime cannot load this model")
-
-
-# --------------------------------------------------------------------------- null
-
-
-def test_null_backend_shapes(tiny):
-    with NullBackend(tiny.segmenter) as seg:
-        mask = seg.infer({"image": seg_batch(2)})["mask_logit"]
-    assert mask.shape == (2, 1, 64, 64) and mask.dtype == np.float32
-    assert (mask == 1.0).all()  # positive logits everywhere: the whole image is "lung"
-    with NullBackend(tiny.classifier) as clf:
-        out = clf.infer({"image": seg_batch(3)})
-    assert out["logit"].shape == (3, 1) and out["embedding"].shape == (3, 64)
-    assert out["logit"].dtype == np.float32 and out["embedding"].dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- TensorRT

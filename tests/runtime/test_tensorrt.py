@@ -1,11 +1,10 @@
-"""The TensorRT path: API names, plan manifests, refusals without a GPU, cuda-python plumbing,
-and (marked ``gpu``) real builds with parity against ONNX Runtime.
+"""engine.runtime.tensorrt (and `cxr build`): API names, refusals without a GPU, and (marked
+``gpu``) real builds with parity against ONNX Runtime.
 
 Without a GPU this still checks (a) that every TensorRT name our code uses exists in TensorRT
-10.13's API (the ``tensorrt-stubs`` package), (b) the plan-manifest checks that refuse a plan
-built from another ONNX, by another TensorRT or on another GPU, (c) that `cxr build` and
-``--backend tensorrt`` fail at once saying what is missing, and (d) the cuda-python error
-helpers up to the first driver call.
+10.13's API (the ``tensorrt-stubs`` package) and (b) that `cxr build` and ``--backend tensorrt``
+fail at once saying what is missing. The plan-manifest checks are in test_plans.py, the
+cuda-python plumbing in test_cuda.py.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +27,8 @@ from engine.errors import BackendUnavailable, ModelError
 from engine.models import ModelSet, Variant, init_models
 from engine.runtime import cuda, resolve_backend
 from engine.runtime.plans import (
-    PLAN_FORMAT,
-    PlanManifest,
     default_plans_dir,
-    find_plan,
     missing_requirements,
-    plan_problems,
-    plans_usable,
     read_plan_manifest,
 )
 from engine.runtime.tensorrt import TensorRTBackend
@@ -45,8 +38,6 @@ SCANNED = [
     REPO / "engine" / "runtime" / "plans.py",
     REPO / "engine" / "build.py",
 ]
-H100 = cuda.GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
-TRT = "10.13.0.35"
 
 
 @pytest.fixture(scope="module")
@@ -242,141 +233,7 @@ def test_the_api_scan_catches_a_wrong_name(tmp_path):
     assert {"Builder", "Runtime", "OnnxParser", "nptype"} <= module
 
 
-# --------------------------------------------------------------------------- (b) plan manifests
-
-
-def fake_plan(
-    plans: Path,
-    role: str,
-    precision: str,
-    *,
-    onnx_sha256: str,
-    tensorrt_version: str = TRT,
-    gpu: cuda.GpuInfo = H100,
-) -> PlanManifest:
-    pm = PlanManifest(
-        role=role,
-        plan=f"{role}.{precision}.plan",
-        plan_sha256="0" * 64,
-        onnx=f"/models/{role}.onnx",
-        onnx_sha256=onnx_sha256,
-        precision=precision,
-        tensorrt_version=tensorrt_version,
-        gpu_name=gpu.name,
-        compute_capability=gpu.compute_capability,
-        profile={"image": {"min": [1, 1, 64, 64], "opt": [16, 1, 64, 64], "max": [64, 1, 64, 64]}},
-        inputs=[{"name": "image", "shape": [-1, 1, 64, 64], "dtype": "float32"}],
-        outputs=[{"name": "logit", "shape": [-1, 1], "dtype": "float32"}],
-    )
-    plans.mkdir(parents=True, exist_ok=True)
-    (plans / f"{role}.{precision}.json").write_text(json.dumps(pm.to_json()))
-    return pm
-
-
-def test_matching_plan_is_found_and_round_trips(tiny, tmp_path):
-    clf = tiny.classifier
-    want = fake_plan(tmp_path, "classifier", "fp16", onnx_sha256=clf.sha256)
-    got = find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100)
-    assert got == want and got.max_batch == 64 and got.format == PLAN_FORMAT
-    assert read_plan_manifest(tmp_path / "classifier.fp16.json") == want
-
-
-def test_fastest_matching_plan_wins_unless_a_precision_is_asked(tiny, tmp_path):
-    clf = tiny.classifier
-    for p in ("fp32", "fp16"):
-        fake_plan(tmp_path, "classifier", p, onnx_sha256=clf.sha256)
-    fake_plan(tmp_path, "classifier", "int8", onnx_sha256="f" * 64)  # from another export
-    assert find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100).precision == "fp16"
-    pm = find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100, precision="fp32")
-    assert pm.precision == "fp32"
-
-
-def test_plans_of_another_export_the_manifest_lists_serve_it(tiny, tmp_path):
-    """A release that ships INT8 lists its w8 export: fp16 plans built from that one serve."""
-    clf = replace(tiny.classifier, variants={"w8": Variant(onnx="c.w8.onnx", sha256="e" * 64)})
-    fake_plan(tmp_path, "classifier", "fp16", onnx_sha256="e" * 64)
-    assert find_plan(tmp_path, clf, tensorrt_version=TRT, gpu=H100).precision == "fp16"
-    with pytest.raises(ModelError, match="built from an ONNX with sha256 eeeeeeeeeeeeeeee"):
-        find_plan(tmp_path, tiny.classifier, tensorrt_version=TRT, gpu=H100)
-
-
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        ({"onnx_sha256": "a" * 64}, "built from an ONNX with sha256 aaaaaaaaaaaaaaaa"),
-        ({"tensorrt_version": "10.9.0.34"}, "built by TensorRT 10.9.0.34, this is TensorRT 10.13"),
-        (
-            {"gpu": cuda.GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")},
-            "built on a NVIDIA A100-SXM4-80GB (compute capability 8.0), this GPU is a NVIDIA H100",
-        ),
-        ({"gpu": cuda.GpuInfo(H100.name, "9.1")}, "compute capability 9.1"),
-    ],
-)
-def test_mismatched_plan_is_refused_with_rebuild_advice(tiny, tmp_path, change, expected):
-    seg = tiny.segmenter
-    plans = default_plans_dir(seg.directory)
-    try:
-        fake_plan(plans, "segmenter", "fp16", **{"onnx_sha256": seg.sha256, **change})
-        with pytest.raises(ModelError) as err:
-            find_plan(plans, seg, tensorrt_version=TRT, gpu=H100)
-        msg = str(err.value)
-        assert expected in msg
-        assert "segmenter.fp16.json" in msg and str(seg.onnx_path) in msg
-        assert f"rebuild the plans on this machine: `cxr build --models {seg.directory}`" in msg
-    finally:
-        for f in plans.glob("*"):
-            f.unlink()
-        plans.rmdir()
-
-
-def test_plan_problems_lists_every_mismatch(tmp_path):
-    pm = fake_plan(tmp_path, "classifier", "fp32", onnx_sha256="a" * 64)
-    problems = plan_problems(
-        pm,
-        onnx_sha256="b" * 64,
-        tensorrt_version="10.14.1.48",
-        gpu=cuda.GpuInfo("NVIDIA L4", "8.9"),
-    )
-    assert len(problems) == 3
-    assert not plan_problems(pm, onnx_sha256="a" * 64, tensorrt_version=TRT, gpu=H100)
-
-
-def test_no_plan_says_to_build(tiny, tmp_path):
-    with pytest.raises(
-        ModelError, match=r"no TensorRT plan for the classifier; build the plans"
-    ) as err:
-        find_plan(tmp_path, tiny.classifier, tensorrt_version=TRT, gpu=H100)
-    assert f"cxr build --models {tiny.classifier.directory} --out {tmp_path}" in str(err.value)
-
-
-def test_unreadable_or_foreign_plan_manifest_is_a_model_error(tiny, tmp_path):
-    (tmp_path / "classifier.fp16.json").write_text("{not json")
-    with pytest.raises(ModelError, match="cannot read this plan manifest"):
-        find_plan(tmp_path, tiny.classifier, tensorrt_version=TRT, gpu=H100)
-    pm = fake_plan(tmp_path, "classifier", "fp16", onnx_sha256=tiny.classifier.sha256)
-    (tmp_path / "classifier.fp16.json").write_text(json.dumps({**pm.to_json(), "format": "x/9"}))
-    with pytest.raises(ModelError, match="format 'x/9'"):
-        find_plan(tmp_path, tiny.classifier, tensorrt_version=TRT, gpu=H100)
-
-
-def test_auto_backend_stays_on_onnxruntime_without_a_usable_gpu(tiny):
-    assert resolve_backend("auto") == "onnxruntime"
-    assert resolve_backend("auto", models=tiny) == "onnxruntime"
-    assert resolve_backend("tensorrt", models=tiny) == "tensorrt"
-    plans = default_plans_dir(tiny.classifier.directory)
-    try:
-        for m in (tiny.segmenter, tiny.classifier):
-            fake_plan(plans, m.role, "fp16", onnx_sha256=m.sha256)
-        # plans exist, but this machine cannot run them (or they are for another GPU)
-        expected = not missing_requirements() and plans_usable(tiny)
-        assert resolve_backend("auto", models=tiny) == ("tensorrt" if expected else "onnxruntime")
-    finally:
-        for f in plans.glob("*"):
-            f.unlink()
-        plans.rmdir()
-
-
-# --------------------------------------------------------------------------- (c) refusals
+# --------------------------------------------------------------------------- (b) refusals
 
 
 def no_gpu_stack() -> str | None:
@@ -477,129 +334,7 @@ def test_cxr_build_when_registered(tiny, cli):
     assert code == 1 and "cxr build cannot run here: missing" in " ".join(err.split())
 
 
-# --------------------------------------------------------------------------- (d) cuda-python
-
-
-class cudaError_t(IntEnum):  # noqa: N801 - named like cuda-python's enum on purpose
-    cudaSuccess = 0
-    cudaErrorMemoryAllocation = 2
-
-
-class CUresult(IntEnum):
-    CUDA_SUCCESS = 0
-    CUDA_ERROR_NO_DEVICE = 100
-
-
-def test_check_unwraps_values_and_raises_readable_errors():
-    assert cuda.check((cudaError_t.cudaSuccess,), "cudaFree") is None
-    assert cuda.check((cudaError_t.cudaSuccess, 42), "cudaMalloc") == 42
-    assert cuda.check((CUresult.CUDA_SUCCESS, 1, 2), "cuX") == (1, 2)
-    with pytest.raises(
-        cuda.CudaError, match=r"^cudaMalloc\(16\) failed: cudaErrorMemoryAllocation"
-    ):
-        cuda.check((cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc(16)")
-    with pytest.raises(cuda.CudaError, match="cuInit failed: CUDA_ERROR_NO_DEVICE"):
-        cuda.check((CUresult.CUDA_ERROR_NO_DEVICE,), "cuInit")
-    assert issubclass(cuda.CudaError, __import__("engine.errors").errors.EngineError)
-
-
-def test_check_with_real_cuda_python_enums():
-    if not cuda.cuda_python_present():
-        pytest.skip("cuda-python is not installed")
-    b = cuda.bindings()
-    with pytest.raises(
-        cuda.CudaError, match="cudaMalloc failed: cudaErrorNoDevice: no CUDA-capable device"
-    ):
-        cuda.check((b.runtime.cudaError_t.cudaErrorNoDevice, 0), "cudaMalloc")
-    # the driver's description needs libcuda; without it the name is the message
-    with pytest.raises(cuda.CudaError, match="cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE"):
-        cuda.check((b.driver.CUresult.CUDA_ERROR_INVALID_IMAGE, None), "cuModuleLoadData")
-    with pytest.raises(cuda.CudaError, match="NVRTC_ERROR_COMPILATION"):
-        cuda.check((b.nvrtc.nvrtcResult.NVRTC_ERROR_COMPILATION,), "nvrtcCompileProgram")
-
-
-def test_no_gpu_here_is_reported_not_raised():
-    if cuda.gpu_available():
-        pytest.skip("this machine has a GPU")
-    assert cuda.device_count() == 0
-    if cuda.cuda_python_present():
-        with pytest.raises(cuda.CudaError, match=r"cudaSetDevice\(0\) failed"):
-            cuda.use_device(0)
-
-
-def test_plumbing_fails_readably_at_the_first_cuda_call_without_a_driver():
-    if cuda.gpu_available() or not cuda.cuda_python_present():
-        pytest.skip("needs cuda-python on a machine without a usable GPU")
-    from kernels import nvrtc
-
-    with pytest.raises(cuda.CudaError, match=r"^cudaStreamCreate failed: cudaError"):
-        cuda.Stream()
-    with pytest.raises(cuda.CudaError, match=r"^cudaMalloc\(1024\) failed: cudaError"):
-        cuda.DeviceBuffer(1024)
-    with pytest.raises(cuda.CudaError, match=r"^cudaGetDevice failed: cudaError"):
-        nvrtc.lung_bbox_ptr(0, 1, 8, 8, 0.5, 0.05, 0, 0)
-    assert cuda.HostBuffer(0).ptr == 0  # nothing asked, nothing allocated
-
-
-def test_gpu_info_compute_capability():
-    assert H100.sm == 90 and cuda.GpuInfo("x", "12.1").sm == 121
-
-
-CUDA_SCANNED = [
-    REPO / "engine" / "runtime" / "cuda.py",
-    REPO / "engine" / "stages" / "gpu.py",
-    REPO / "kernels" / "nvrtc.py",
-    *SCANNED,
-]
-CUDA_NAME = re.compile(r"^(?:cuda|cu|nvrtc)[A-Z]\w*$")
-CUDA_MUST_USE = {
-    (None, "cudaMemcpyAsync"),
-    ("cudaMemcpyKind", "cudaMemcpyDeviceToDevice"),
-    (None, "cudaStreamSynchronize"),
-    (None, "cudaMallocHost"),  # through getattr, as a string
-    (None, "cuLaunchKernel"),
-    (None, "nvrtcCompileProgram"),
-}
-
-
-def used_cuda_names(paths: list[Path]) -> set[tuple[str | None, str]]:
-    """(None, name) for cuda-python functions/types, (Enum, member) for enum members: every
-    attribute or string spelled like a CUDA runtime, driver or NVRTC name."""
-    used: set[tuple[str | None, str]] = set()
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and CUDA_NAME.match(node.attr):
-                v = node.value
-                enum = v.attr if isinstance(v, ast.Attribute) and CUDA_NAME.match(v.attr) else None
-                used.add((enum, node.attr))
-            elif (
-                isinstance(node, ast.Constant)
-                and isinstance(node.value, str)
-                and CUDA_NAME.match(node.value)
-            ):
-                used.add((None, node.value))
-    return used
-
-
-def test_every_cuda_python_name_we_use_exists():
-    if not cuda.cuda_python_present():
-        pytest.skip("cuda-python is not installed")
-    b = cuda.bindings()
-    modules = (b.runtime, b.driver, b.nvrtc)
-    used = used_cuda_names(CUDA_SCANNED)
-    assert not CUDA_MUST_USE - used, f"the scan missed: {CUDA_MUST_USE - used}"
-
-    def known(enum: str | None, name: str) -> bool:
-        if enum is None:
-            return any(hasattr(m, name) for m in modules)
-        return any(hasattr(getattr(m, enum, None), name) for m in modules)
-
-    unknown = sorted(f"{e}.{n}" if e else n for e, n in used if not known(e, n))
-    assert not unknown, f"not in the installed cuda-python: {unknown}"
-    assert not known(None, "cudaMemcpyDtoD") and not known("cudaMemcpyKind", "cudaMemcpyD2D")
-
-
-# --------------------------------------------------------------------------- (e) on the GPU
+# --------------------------------------------------------------------------- (c) on the GPU
 
 FP16_PROB_ATOL = 1e-2
 FP16_MIN_COSINE = 0.999
@@ -714,7 +449,7 @@ def test_int8_plan_from_symmetric_qdq_export(tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from engine.build import BuildConfig, build_plans
-    from engine.models import Variant, load_manifest, save_manifest, sha256_file
+    from engine.models import load_manifest, save_manifest, sha256_file
 
     models = init_models(tmp_path / "m", size="tiny", seed=0)
     clf = models.classifier
@@ -737,7 +472,6 @@ def test_int8_plan_from_symmetric_qdq_export(tmp_path):
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     m = load_manifest(clf.directory / "classifier.json", verify=False)
-    from dataclasses import replace
 
     save_manifest(
         replace(m, variants={"int8": Variant(onnx=int8.name, sha256=sha256_file(int8))}),
