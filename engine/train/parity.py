@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 def reference_logits(ref: Manifest, data: CropData, fp32: dict[str, np.ndarray]) -> dict[str, Any]:
     """The FP32 export's logit on each crop parity is measured on, by the image's path as the
     labels CSV gives it: what a test of the shipped export can re-measure parity against
-    without the FP32 file (tests/test_shipped_models.py)."""
+    without the FP32 file (tests/models/test_shipped_models.py)."""
     from engine.train.export import PARITY_INPUTS
 
     logits = fp32["logit"].reshape(-1)

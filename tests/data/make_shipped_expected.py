@@ -1,8 +1,8 @@
 """Regenerate tests/data/shipped_expected.json after new default models are committed.
 
 Screens the five example CXRs with the packaged models and stores what they gave (prob, lung
-box, lung fraction, the first embedding values), so tests/test_shipped_models.py notices any
-change in the models or in the pipeline in front of them.
+box, lung fraction, the first embedding values), so tests/models/test_shipped_models.py notices
+any change in the models or in the pipeline in front of them.
 
     python tests/data/make_shipped_expected.py
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import require_data
+from conftest import REPO, require_data
 
 from engine.config import ScreenConfig
 from engine.io import parquet
@@ -27,7 +27,6 @@ from engine.models import (
 )
 from engine.runner import screen
 
-REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "tests" / "data" / "shipped_expected.json"
 # the FP32 export's logit on every labelled dev image, written by the release (engine.eval.release)
 PARITY_REFERENCE = REPO / "docs" / "model-eval" / "parity-reference.json"
