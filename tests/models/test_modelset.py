@@ -1,0 +1,54 @@
+"""engine.models.modelset: load_models reads the two manifests into a ModelSet; its model_id
+follows the weights, not the threshold; no models installed points at `cxr models init`."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import ModelError
+from engine.models import (
+    init_models,
+    load_models,
+)
+from engine.models import modelset as models_mod
+
+
+def test_load_models_round_trips(tiny_models, tiny_models_dir):
+    loaded = load_models(tiny_models_dir)
+    assert loaded == tiny_models
+    assert loaded.classifier.output("embedding").shape == ("N", 64)
+    assert loaded.segmenter.input.shape == ("N", 1, 64, 64)
+    assert loaded.trained is False
+
+
+def test_model_id_is_stable_and_follows_the_weights(tiny_models, tmp_path):
+    ms = tiny_models
+    mid = ms.model_id
+    c, s = ms.classifier, ms.segmenter
+    assert mid.startswith(c.architecture) and f"+{s.architecture}" in mid
+    assert f"@{c.sha256[:8]}" in mid and f"@{s.sha256[:8]}" in mid
+    again = init_models(tmp_path / "again", size="tiny", seed=0)
+    assert again.model_id == ms.model_id  # same seed, same bytes
+    other = init_models(tmp_path / "other", size="tiny", seed=1)
+    assert other.model_id != ms.model_id
+    assert other.classifier.sha256 != ms.classifier.sha256
+    assert other.segmenter.sha256 != ms.segmenter.sha256
+
+
+def test_with_threshold(tiny_models):
+    ms = tiny_models
+    assert ms.with_threshold(None) is ms
+    changed = ms.with_threshold(0.8)
+    assert changed.classifier.threshold == 0.8
+    assert ms.classifier.threshold == 0.5  # frozen: the original is untouched
+    assert changed.segmenter == ms.segmenter
+    assert changed.model_id == ms.model_id  # the threshold is not part of the weights
+
+
+def test_no_models_installed_points_at_models_init(tmp_path, monkeypatch):
+    monkeypatch.setattr(models_mod, "PACKAGED_MODELS", tmp_path / "packaged")
+    with pytest.raises(ModelError) as err:
+        load_models(None)
+    msg = str(err.value)
+    assert "cxr models init" in msg and "--models" in msg
+    assert str(tmp_path / "packaged") in msg
