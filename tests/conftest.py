@@ -301,3 +301,25 @@ def dicom_file(
     else:
         ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def add_int8_variant(directory: Path, role: str, onnx_name: str) -> Path:
+    """Record `onnx_name` in directory's `role` manifest as its int8 export (a copy of the
+    reference ONNX when the file is not there): enough for what picks or packs exports."""
+    from dataclasses import replace
+
+    from engine.models import Variant, load_manifest, save_manifest, sha256_file
+
+    m = load_manifest(directory / f"{role}.json", verify=False)
+    path = directory / onnx_name
+    if not path.exists():
+        shutil.copy(m.onnx_path, path)
+    save_manifest(
+        replace(m, variants={"int8": Variant(onnx=onnx_name, sha256=sha256_file(path))}),
+        directory,
+    )
+    return path

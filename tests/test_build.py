@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import add_int8_variant
 
 from engine.build import (
     BuildConfig,
@@ -23,7 +24,6 @@ from engine.build import (
 from engine.errors import ConfigError, ModelError
 from engine.models import (
     TensorSpec,
-    Variant,
     init_models,
     load_manifest,
     pack_models,
@@ -35,18 +35,6 @@ from engine.models import (
 @pytest.fixture
 def models(tmp_path) -> Path:
     return init_models(tmp_path / "models", size="tiny", seed=0).classifier.directory
-
-
-def add_int8_variant(directory: Path, role: str, onnx_name: str) -> Path:
-    m = load_manifest(directory / f"{role}.json", verify=False)
-    path = directory / onnx_name
-    if not path.exists():
-        shutil.copy(m.onnx_path, path)
-    save_manifest(
-        replace(m, variants={"int8": Variant(onnx=onnx_name, sha256=sha256_file(path))}),
-        directory,
-    )
-    return path
 
 
 def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
@@ -253,14 +241,3 @@ def test_qdq_check_accepts_symmetric_and_names_asymmetric_exports(models, tmp_pa
     problems = qdq_problems(asym)
     assert problems and all("zero point" in p for p in problems)
     assert qdq_problems(src) == []  # no Q/DQ nodes at all
-
-
-def test_models_pack_cli_lists_every_shipped_file(models, tmp_path, cli):
-    add_int8_variant(models, "classifier", "classifier.int8.onnx")
-    out = tmp_path / "packed"
-    code, stdout, err = cli(["models", "pack", "--models", models, "--out", out])
-    assert code == 0, err
-    text = "".join(stdout.split())  # the console wraps long lines
-    for precision, name in (("int8", "classifier.int8.onnx"), ("w8", "classifier.w8.onnx")):
-        assert f"{precision}{out / name}" in text
-        assert (out / name).is_file()
