@@ -8,7 +8,7 @@ decodes and resizes):
     DICOM pixels (uint16, from pydicom) -----+        --> work [0, 1] --resize(seg)--> (x-mean)/std
 
 Conventions matched to DALI (so that the two agree to float rounding on 8-bit and 16-bit
-gray images; measured in tests/test_benchmarks.py):
+gray images; measured in tests/test_pipeline_pil.py):
 
 - 8-bit sources are on the 0..65535 scale (x 257), 16-bit ones as stored;
 - resize is Pillow's antialiased BILINEAR (a triangle filter widened by the scale factor when
@@ -22,7 +22,7 @@ gray images; measured in tests/test_benchmarks.py):
 scaling by 1/2, 1/4 or 1/8, never below k times the work size), which skips most of the IDCT
 and of the resize; the result is close to, not equal to, the full decode (k = 1 more so than
 k = 2, mostly a different min/max stretch; how close: docs/measurements.md, bounds in
-tests/test_benchmarks.py). ``draft=0`` (the default) decodes fully. PNG and DICOM are
+tests/test_pipeline_pil.py). ``draft=0`` (the default) decodes fully. PNG and DICOM are
 unaffected.
 
 Colour images go through Pillow's "L" conversion, which rounds where DALI truncates: one 8-bit

@@ -167,6 +167,53 @@ def cli() -> Callable[[Sequence[str | os.PathLike[str]]], CliResult]:
 
 
 # ---------------------------------------------------------------------------------------------
+# small images of every format, made by benchmarks/make_archive.py
+
+
+ARCHIVE_FORMATS = ("jpeg", "png16", "dicom")
+
+
+def benchmarks_importable() -> None:
+    """benchmarks/ is a folder of the checkout, not of the installed package: put the checkout
+    on sys.path, so that `import benchmarks.make_archive` works however pytest was started."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+def small_archive(out: Path, count: int):
+    """The ArchiveSpec of `count` small images of ARCHIVE_FORMATS (JPEG, 16-bit PNG, DICOM) made
+    from the real dev images, seed 3."""
+    benchmarks_importable()
+    from benchmarks.make_archive import ArchiveSpec
+
+    source = str(dev_images(1)[0].parent)
+    return ArchiveSpec(
+        out=str(out),
+        count=count,
+        formats=ARCHIVE_FORMATS,
+        long_side=(96, 160),
+        seed=3,
+        source=source,
+    )
+
+
+@pytest.fixture(scope="session")
+def bench_archive(tmp_path_factory) -> Path:
+    """9 small images in tree/, 3 per format (DICOM: MONOCHROME2, 1, 2), and tree.tar of them."""
+    benchmarks_importable()
+    from benchmarks.make_archive import make_archive
+
+    out = tmp_path_factory.mktemp("archive")
+    make_archive(small_archive(out / "tree", 9), workers=1, tar=out / "tree.tar")
+    return out
+
+
+def archive_files(archive: Path) -> list[Path]:
+    """The images of a bench_archive, sorted."""
+    return sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
+
+
+# ---------------------------------------------------------------------------------------------
 # a screened run to test against, and children that must not hang
 
 

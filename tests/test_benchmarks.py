@@ -1,44 +1,29 @@
-"""Smoke tests of benchmarks/ (tiny models, a few small images) and of engine/pipeline_pil.py.
+"""Smoke tests of benchmarks/ (tiny models, a few small images).
 
 What they pin down: make_archive writes distinct files of the requested formats and sizes;
 bench_screen writes one JSON line per configuration with the agreed keys and sane ratios; the
-naive baseline computes the engine's numbers (so the speed ratio compares equal work); the Pillow
-preprocessor computes DALI's numbers; bench_usearch measures recall against an exact scan.
+naive baseline computes the engine's numbers (so the speed ratio compares equal work);
+bench_usearch measures recall against an exact scan. The Pillow preprocessor the benchmarks
+compare (engine/pipeline_pil.py) is tested in test_pipeline_pil.py, `cxr bench` in test_bench.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import sys
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, dev_images
+from conftest import archive_files, benchmarks_importable, dev_images, small_archive
 from PIL import Image
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
+benchmarks_importable()
 from benchmarks import bench_screen, bench_usearch, quality  # noqa: E402
 from benchmarks.make_archive import ArchiveSpec, make_archive  # noqa: E402
 from benchmarks.naive import run_naive  # noqa: E402
-
-FORMATS = ("jpeg", "png16", "dicom")
-
-
-def small_archive(out: Path, count: int) -> ArchiveSpec:
-    """Small images of FORMATS from the real dev images, seed 3."""
-    source = str(dev_images(1)[0].parent)
-    return ArchiveSpec(
-        out=str(out), count=count, formats=FORMATS, long_side=(96, 160), seed=3, source=source
-    )
-
 
 # The naive loop and the engine run the same ONNX files on inputs that agree to float32
 # rounding (the engine's DALI resize vs Pillow's, see test_pipeline.py). Measured: 9 real dev
@@ -47,27 +32,11 @@ def small_archive(out: Path, count: int) -> ArchiveSpec:
 NAIVE_PROB_TOL = 1e-5
 NAIVE_COSINE_MIN = 0.9999
 
-# Pillow preprocessor vs DALI, work image on [0, 1] (measured, Pillow 13 / DALI 2.4, x86, full
-# sizes: work 512, segmenter 256):
-#   full decode, all 288 dev images (8-bit PNG, JPEG) and 2048-3000 px 16-bit PNG, DICOM
-#   pixels and JPEG: mean |err| <= 1.8e-7, p99 <= 4.2e-7, max <= 7.2e-7 (float32 rounding; the
-#   same libjpeg-turbo IDCT) -> the lossless tolerances of test_pipeline.py;
-#   draft=2 on 68 JPEGs of 2048-3000 px: mean <= 1.24e-3, p99 <= 2.7e-3, max 2.5e-2 (mostly a
-#   different min/max stretch: an affine fit leaves 5e-4) -> bounds with ~4x headroom.
-PIL_MEAN_TOL, PIL_P99_TOL = 1e-5, 1e-4
-DRAFT_MEAN_TOL, DRAFT_P99_TOL = 5e-3, 1e-2
 
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    """9 small images, 3 per format (DICOM: MONOCHROME2, 1, 2), and a tar of them."""
-    out = tmp_path_factory.mktemp("archive")
-    make_archive(small_archive(out / "tree", 9), workers=1, tar=out / "tree.tar")
-    return out
-
-
-def test_make_archive_formats_sizes_and_distinct_files(archive):
-    files = sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
+def test_make_archive_formats_sizes_and_distinct_files(bench_archive):
+    files = sorted(
+        p for p in (bench_archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm")
+    )
     assert len(files) == 9
     digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     assert len(digests) == 9, "two archive files are byte-identical"
@@ -92,18 +61,18 @@ def test_make_archive_formats_sizes_and_distinct_files(archive):
                 side = max(im.size)
         assert 96 <= side <= 160
     assert sorted(set(photometric)) == ["MONOCHROME1", "MONOCHROME2"]
-    with tarfile.open(archive / "tree.tar") as tf:
+    with tarfile.open(bench_archive / "tree.tar") as tf:
         assert len([m for m in tf.getmembers() if m.isfile()]) == 9
-    summary = json.loads((archive / "tree" / "archive.json").read_text())
+    summary = json.loads((bench_archive / "tree" / "archive.json").read_text())
     assert summary["counts"] == {"jpeg": 3, "png16": 3, "dicom": 3}
 
 
-def test_make_archive_is_deterministic(archive, tmp_path):
+def test_make_archive_is_deterministic(bench_archive, tmp_path):
     make_archive(small_archive(tmp_path / "again", 2), workers=1)
     made = [p for p in (tmp_path / "again").rglob("*") if p.suffix in (".jpg", ".png")]
     assert len(made) == 2
     for p in made:
-        twin = archive / "tree" / p.relative_to(tmp_path / "again")
+        twin = bench_archive / "tree" / p.relative_to(tmp_path / "again")
         assert p.read_bytes() == twin.read_bytes()
 
 
@@ -133,16 +102,12 @@ def test_make_archive_carries_the_source_labels(tmp_path):
         )
 
 
-def _archive_files(archive: Path) -> list[Path]:
-    return sorted(p for p in (archive / "tree").rglob("*") if p.suffix in (".jpg", ".png", ".dcm"))
-
-
-def test_naive_baseline_matches_engine(archive, tiny_models_dir, tmp_path):
+def test_naive_baseline_matches_engine(bench_archive, tiny_models_dir, tmp_path):
     from engine.config import ScreenConfig
     from engine.models import load_models
     from engine.runner import screen
 
-    files = [p.resolve() for p in dev_images(9)] + _archive_files(archive)
+    files = [p.resolve() for p in dev_images(9)] + archive_files(bench_archive)
     summary = screen(  # the engine's reference decoder: the naive loop decodes fully too
         ScreenConfig(
             inputs=tuple(files),
@@ -164,10 +129,10 @@ def test_naive_baseline_matches_engine(archive, tiny_models_dir, tmp_path):
     assert agree["same_decision"] == 1.0
 
 
-def test_bench_screen_writes_one_line_per_configuration(archive, tiny_models_dir, tmp_path):
+def test_bench_screen_writes_one_line_per_configuration(bench_archive, tiny_models_dir, tmp_path):
     results = tmp_path / "screen.jsonl"
     opts = bench_screen.BenchOptions(
-        archive=archive / "tree",
+        archive=bench_archive / "tree",
         models=tiny_models_dir,
         precisions=("fp32", "int8"),  # the tiny models have no INT8 export: reported skipped
         batch_sizes=(4,),
@@ -228,112 +193,6 @@ def test_bench_screen_writes_one_line_per_configuration(archive, tiny_models_dir
     # both classes among the 6 spread dev images; with untrained models the AUC itself (and so
     # its difference) is noise around 0.5, so only its presence is checked
     assert q["dev"]["roc_auc_ref"] is not None and q["dev"]["roc_auc_diff"] is not None
-
-
-def test_cxr_bench_command_rejects_bad_options():
-    import typer
-    from typer.testing import CliRunner
-
-    from engine.bench import bench
-
-    app = typer.Typer()
-    app.command()(bench)
-    result = CliRunner().invoke(app, ["--batch-size", "0", "--configs", "naive"])
-    assert result.exit_code == 1
-    assert "--batch-size" in result.stderr
-    result = CliRunner().invoke(app, ["--decoder", "magic"])
-    assert result.exit_code == 1 and "--decoder" in result.stderr
-
-
-# --------------------------------------------------------------------------- Pillow preprocessor
-
-
-def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    return float(d.mean()), float(np.percentile(d, 99))
-
-
-def _full_size(models):
-    """Tiny manifests with the full architectures' preprocessing (work 512, segmenter 256)."""
-    c, s = models.classifier, models.segmenter
-    return replace(
-        models,
-        classifier=replace(c, crop=replace(c.crop, source_size=512)),
-        segmenter=replace(s, preprocess=replace(s.preprocess, size=(256, 256))),
-    )
-
-
-def _samples(paths):
-    from engine.io.dicom import decode_dicom
-    from engine.pipeline import Sample
-
-    out = []
-    for p in paths:
-        data = Path(p).read_bytes()
-        if data[128:132] == b"DICM":
-            out.append(Sample(pixels=decode_dicom(data).pixels))
-        else:
-            out.append(Sample(encoded=np.frombuffer(data, np.uint8)))
-    return out
-
-
-def test_pillow_preprocessor_matches_dali(archive, tiny_models):
-    from engine.pipeline import Preprocessor
-    from engine.pipeline_pil import PilPreprocessor
-
-    models = _full_size(tiny_models)
-    paths = dev_images(12) + _archive_files(archive)  # 8-bit PNG/JPEG, 16-bit PNG, DICOM
-    samples = _samples(paths)
-    dali = Preprocessor(models, batch_size=len(samples), threads=2).run(samples)
-    pil = PilPreprocessor(models, batch_size=len(samples), threads=2).run(samples)
-    assert pil.ok == dali.ok == list(range(len(samples)))
-    std = models.segmenter.preprocess.std[0]
-    for i, path in enumerate(paths):
-        mean, p99 = _errors(pil.work[i], dali.work[i])
-        assert mean <= PIL_MEAN_TOL and p99 <= PIL_P99_TOL, (path.name, mean, p99)
-        mean, p99 = _errors(pil.seg_input[i], dali.seg_input[i])
-        assert mean <= PIL_MEAN_TOL / std and p99 <= PIL_P99_TOL / std, (path.name, mean, p99)
-
-
-def test_pillow_draft_decode_is_close_to_dali_on_large_jpegs(tiny_models, tmp_path):
-    from engine.pipeline import Preprocessor
-    from engine.pipeline_pil import PilPreprocessor
-
-    spec = ArchiveSpec(
-        out=str(tmp_path / "big"),
-        count=2,
-        formats=("jpeg",),
-        long_side=(2048, 2200),
-        seed=5,
-        source=str(dev_images(1)[0].parent),
-    )
-    make_archive(spec, workers=1)
-    samples = _samples(sorted((tmp_path / "big").rglob("*.jpg")))
-    models = _full_size(tiny_models)
-    dali = Preprocessor(models, batch_size=2, threads=2).run(samples)
-    draft = PilPreprocessor(models, batch_size=2, threads=2, draft=2).run(samples)
-    for i in range(2):
-        mean, p99 = _errors(draft.work[i], dali.work[i])
-        assert mean <= DRAFT_MEAN_TOL and p99 <= DRAFT_P99_TOL, (mean, p99)
-
-
-def test_pillow_preprocessor_reports_bad_images_and_keeps_the_rest(tiny_models):
-    from engine.errors import ImageError
-    from engine.pipeline import Sample
-    from engine.pipeline_pil import PilPreprocessor
-
-    good = _samples(dev_images(2))
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buf, "PNG")
-    truncated = Sample(encoded=np.frombuffer(buf.getvalue()[:40], np.uint8))
-    garbage = Sample(encoded=np.frombuffer(b"not an image at all", np.uint8))
-    pre = PilPreprocessor(tiny_models, batch_size=4, threads=2)
-    out = pre.run([good[0], truncated, garbage, good[1]])
-    assert out.ok == [0, 3] and set(out.errors) == {1, 2}
-    assert all("cannot decode" in m for m in out.errors.values())
-    assert out.work.shape == (2, 128, 128) and out.seg_input.shape == (2, 1, 64, 64)
-    with pytest.raises(ImageError):
-        pre.run_one(garbage)
 
 
 # --------------------------------------------------------------------------- usearch
