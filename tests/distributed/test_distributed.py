@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import DATA, dev_images, run_cli
+from conftest import DATA, REPO, dev_images, run_cli
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -41,7 +41,6 @@ from engine.io import parquet, vectors  # noqa: E402
 from engine.io.archive import iter_items  # noqa: E402
 from engine.runner import screen  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 STORE = 100 * 1024**2  # object store per simulated node (Ray's minimum is 75 MiB)
 SHARD, BATCH = 4, 4
 WAIT_S = 120.0
