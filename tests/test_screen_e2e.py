@@ -894,7 +894,7 @@ def test_documented_exit_codes_are_the_ones_used():
     """The codes in engine/cli.py's docstring are exactly its EXIT_* constants, which the
     tests above observe: 0 and 3 (the shared run, resume), 1 (models, lock, option values),
     2 (usage), 130 (interrupt); 4 (nothing found) is observed in tests/adversarial, 5
-    (--fail-on-drift) in tests/test_nightly.py."""
+    (--fail-on-drift) in tests/nightly/test_nightly.py."""
     import re
 
     import engine.cli as cli
