@@ -1,6 +1,7 @@
-"""`cxr evaluate`: metrics against scikit-learn, known answers, the patient bootstrap, ECE by
-hand, the label join, retrieval on hand-built vectors, errors, and one end-to-end run that
-screens real CXRs with tiny models and evaluates them with the real labels.
+"""engine.eval.evaluate and `cxr evaluate` (eval/cli.py): the label join (eval/labels.py) on a
+hand-built run, errors, and one end-to-end run that screens real CXRs with tiny models and
+evaluates them with the real labels (caveats, the HTML report and its plots). The metrics, the
+bootstrap and retrieval have their own files: test_eval_metrics, test_bootstrap, test_retrieval.
 """
 
 from __future__ import annotations
@@ -18,211 +19,12 @@ from conftest import DATA, plain, require_data
 from typer.testing import CliRunner
 
 from engine.errors import ConfigError, EngineError
-from engine.eval import bootstrap as bs
-from engine.eval import metrics as m
 from engine.eval.cli import evaluate as evaluate_command
 from engine.eval.evaluate import EvalConfig, evaluate
 from engine.io import parquet, vectors
 from engine.io.archive import image_key
 
-
-@pytest.fixture(scope="module")
-def sk():
-    """scikit-learn's metrics, the reference (a dev dependency; only these tests need it)."""
-    return pytest.importorskip("sklearn.metrics")
-
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics against scikit-learn
-
-
-def _random_case(rng: np.random.Generator, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels with both classes (sometimes 2% positives) and scores, often heavily tied."""
-    n = int(rng.integers(2, 400))
-    prevalence = [0.5, 0.02, 0.97, rng.uniform(0.05, 0.95)][i % 4]
-    y = (rng.random(n) < prevalence).astype(int)
-    y[rng.integers(n)], y[rng.integers(n)] = 0, 1  # both classes, whatever the prevalence
-    if y.min() == y.max():
-        y[0] = 1 - y[0]
-    kind = i % 3
-    if kind == 0:
-        scores = rng.random(n)
-    elif kind == 1:
-        scores = np.round(rng.random(n), int(rng.integers(1, 3)))  # many ties
-    else:
-        scores = rng.choice([0.1, 0.5, 0.5, 0.9], size=n).astype(np.float32)  # few values
-    return y, scores
-
-
-CASES = 120
-
-
-def test_auc_and_average_precision_agree_with_sklearn(sk):
-    rng = np.random.default_rng(20240601)
-    for i in range(CASES):
-        y, s = _random_case(rng, i)
-        assert m.roc_auc(y, s) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-9), i
-        assert m.average_precision(y, s) == pytest.approx(
-            sk.average_precision_score(y, s), abs=1e-9
-        ), i
-        values = m.all_metrics(y, s, s >= 0.5)
-        assert values["roc_auc"] == pytest.approx(sk.roc_auc_score(y, s), abs=1e-9)
-        assert values["pr_auc"] == pytest.approx(sk.average_precision_score(y, s), abs=1e-9)
-
-
-def test_curves_agree_with_sklearn_point_for_point(sk):
-    rng = np.random.default_rng(7)
-    for i in range(CASES):
-        y, s = _random_case(rng, i)
-        for ours, theirs in (
-            (m.roc_curve(y, s), sk.roc_curve(y, s)),
-            (
-                m.roc_curve(y, s, drop_intermediate=False),
-                sk.roc_curve(y, s, drop_intermediate=False),
-            ),
-            (m.precision_recall_curve(y, s), sk.precision_recall_curve(y, s)),
-        ):
-            for a, b in zip(ours, theirs, strict=True):
-                assert a.shape == b.shape, i
-                np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
-
-
-def test_confusion_and_rates_agree_with_sklearn(sk):
-    rng = np.random.default_rng(3)
-    for i in range(CASES // 2):  # sklearn's input checks make these calls slow
-        y, s = _random_case(rng, i)
-        d = s >= rng.choice([0.3, 0.5, 0.7])
-        c = m.confusion(y, d)
-        (tn, fp), (fn, tp) = sk.confusion_matrix(y, d, labels=[0, 1])
-        assert (c.tp, c.fp, c.tn, c.fn) == (tp, fp, tn, fn)
-        r = m.rates(c)
-        assert r["accuracy"] == pytest.approx(sk.accuracy_score(y, d), abs=1e-9)
-        assert r["sensitivity"] == pytest.approx(sk.recall_score(y, d), abs=1e-9)
-        assert r["specificity"] == pytest.approx(sk.recall_score(y, d, pos_label=0), abs=1e-9)
-        assert r["f1"] == pytest.approx(sk.f1_score(y, d), abs=1e-9)
-        if d.any():
-            assert r["ppv"] == pytest.approx(sk.precision_score(y, d), abs=1e-9)
-        if not d.all():
-            assert r["npv"] == pytest.approx(sk.precision_score(y, d, pos_label=0), abs=1e-9)
-
-
-# ---------------------------------------------------------------------------------------------
-# known answers
-
-
-def test_perfect_inverted_and_constant_scores():
-    y = np.array([0, 0, 0, 1, 1, 0, 1, 0])
-    perfect = y * 0.8 + 0.1
-    assert m.roc_auc(y, perfect) == 1.0
-    assert m.average_precision(y, perfect) == 1.0
-    assert m.roc_auc(y, 1 - perfect) == 0.0
-    constant = np.full(y.size, 0.37)
-    assert m.roc_auc(y, constant) == 0.5
-    assert m.average_precision(y, constant) == pytest.approx(y.mean(), abs=1e-12)
-
-
-def test_one_class_makes_the_class_metrics_undefined_not_zero():
-    y = np.zeros(5, int)
-    s = np.linspace(0.1, 0.9, 5)
-    assert np.isnan(m.roc_auc(y, s))
-    assert np.isnan(m.average_precision(y, s))
-    v = m.all_metrics(y, s, s >= 0.5)
-    assert np.isnan(v["sensitivity"]) and np.isnan(v["roc_auc"]) and np.isnan(v["pr_auc"])
-    assert v["specificity"] == pytest.approx(2 / 5)  # 0.5, 0.7, 0.9 are called positive
-    assert np.isnan(m.rates(m.confusion([1, 0], [False, False]))["ppv"])  # no positive call
-
-
-def test_ece_hand_computed():
-    # bin 0: p 0.05, y 0 -> |0 - 0.05| = 0.05, 1 image
-    # bin 1: p 0.15 x2, y 1,0 -> |0.5 - 0.15| = 0.35, 2 images
-    # bin 5: p 0.5 (edge -> upper bin), y 1 -> 0.5, 1 image
-    # bin 9: p 0.95 x3 and 1.0 (the top edge stays in bin 9), y 1,1,0,1 -> |0.75 - 0.9625|
-    p = np.array([0.05, 0.15, 0.15, 0.5, 0.95, 0.95, 0.95, 1.0])
-    y = np.array([0, 1, 0, 1, 1, 1, 0, 1])
-    expected = (0.05 + 2 * 0.35 + 0.5 + 4 * abs(0.75 - 0.9625)) / 8
-    assert m.ece(y, p) == pytest.approx(expected, abs=1e-12)
-    r = m.reliability(y, p)
-    assert r.ece == pytest.approx(expected, abs=1e-12)
-    assert r.count.tolist() == [1, 2, 0, 0, 0, 1, 0, 0, 0, 4]
-    assert r.observed[9] == 0.75 and r.mean_prob[1] == pytest.approx(0.15)
-    assert np.isnan(r.observed[2])
-    assert r.edges.tolist() == [i / 10 for i in range(11)]
-
-
-def test_perfectly_calibrated_bins_have_zero_ece():
-    p = np.array([0.25] * 4 + [0.75] * 4)
-    y = np.array([1, 0, 0, 0, 1, 1, 1, 0])
-    assert m.ece(y, p) == pytest.approx(0.0, abs=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
-# bootstrap
-
-
-def test_resamples_take_whole_patients():
-    codes = bs.patient_codes(["p3", "p1", "p3", "p2", "p1", "p3", "p4"])
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        idx = bs.resample_images(codes, rng)
-        times = np.bincount(idx, minlength=codes.size)
-        for patient in np.unique(codes):
-            assert np.unique(times[codes == patient]).size == 1  # all images of a patient alike
-        drawn = sum(times[codes == p][0] for p in np.unique(codes))
-        assert drawn == 4  # as many patient draws as there are patients
-
-
-def test_bootstrap_is_reproducible_with_a_seed():
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 2, 60)
-    s = rng.random(60)
-    codes = bs.patient_codes(rng.integers(0, 25, 60))
-
-    def run(seed: int):
-        return bs.cluster_bootstrap(
-            lambda i: m.all_metrics(y[i], s[i], s[i] >= 0.5),
-            codes,
-            resamples=150,
-            rng=np.random.default_rng(seed),
-        )
-
-    assert run(5) == run(5)
-    assert run(5)["roc_auc"] != run(6)["roc_auc"]
-
-
-def auc_interval(y: np.ndarray, s: np.ndarray, codes: np.ndarray, resamples: int):
-    """The patient-bootstrap interval of the ROC AUC of scores s for labels y (seed 0)."""
-    return bs.cluster_bootstrap(
-        lambda i: {"roc_auc": m.roc_auc(y[i], s[i])},
-        codes,
-        resamples=resamples,
-        rng=np.random.default_rng(0),
-    )["roc_auc"]
-
-
-def test_bootstrap_resamples_patients_not_images():
-    """Two patients with 20 images each, one all positive, one all negative. Drawing patients,
-    half the resamples hold one patient only, so the AUC is undefined there and dropped;
-    drawing images would almost never miss a class."""
-    y = np.r_[np.ones(20, int), np.zeros(20, int)]
-    s = np.random.default_rng(2).random(40)
-    codes = bs.patient_codes(["a"] * 20 + ["b"] * 20)
-    ci = auc_interval(y, s, codes, 400)
-    assert 140 < ci.valid < 260  # about 200 of 400 (binomial, p = 1/2)
-    assert ci.resamples == 400
-    by_image = auc_interval(y, s, bs.patient_codes(list(range(40))), 400)
-    assert by_image.valid == 400
-
-
-def test_bootstrap_interval_brackets_the_spread_and_counts_valid():
-    y = np.array([0, 1] * 30)
-    s = np.where(y == 1, 0.7, 0.3) + np.random.default_rng(4).normal(0, 0.2, 60)
-    codes = bs.patient_codes(range(60))
-    ci = auc_interval(y, s, codes, 300)
-    assert ci.low < m.roc_auc(y, s) < ci.high <= 1.0
-    assert ci.valid == 300
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,51 +179,6 @@ def test_cli_turns_engine_errors_into_exit_1(joined_run, tmp_path):
     code, stdout, stderr = _cli([out, "--labels", tmp_path / "missing.csv"])
     assert code == 1
     assert "missing.csv" in plain(stderr) and "not found" in plain(stderr)
-
-
-# ---------------------------------------------------------------------------------------------
-# retrieval on vectors with known neighbours
-
-
-def test_retrieval_precision_at_k_and_same_patient_hits(tmp_path):
-    # name: (label, patient, group, vector); the nearest other image of each (k = 1):
-    # a->b, b->a, c->b (label differs), d->f (other patient), e->d, f->d
-    spec = {
-        "a": (1, "p1", "x", [1, 0, 0, 0]),
-        "b": (1, "p1", "x", [1, 0.05, 0, 0]),
-        "c": (0, "p2", "x", [0.9, 0.1, 0, 0]),
-        "d": (0, "p3", "y", [0, 1, 0, 0]),
-        "e": (0, "p3", "y", [0, 0.3, 0, 1]),
-        "f": (0, "p4", "y", [0, 1, 0.3, 0]),
-        "h": (1, "p5", "y", None),  # screened ok, but its vector never reached the index
-    }
-    rows = [row(tmp_path / f"{n}.png", prob=0.5) for n in spec]
-    vecs = {r["key"]: v[3] for r, v in zip(rows, spec.values(), strict=True) if v[3]}
-    fake_run(tmp_path / "out", rows, vecs)
-    csv = write_csv(
-        tmp_path / "labels.csv",
-        [
-            {"path": f"{n}.png", "label": v[0], "patient_id": v[1], "g": v[2]}
-            for n, v in spec.items()
-        ],
-    )
-    e = evaluate(EvalConfig(out=tmp_path / "out", labels=csv, by="g", bootstrap=0, k=1))
-    r = e.retrieval
-    assert r is not None and r.neighbours == 1 and r.not_in_index == 1
-    assert any("1 evaluated images are missing from index.usearch" in c for c in e.caveats)
-    assert r.overall.precision_at_k == pytest.approx(5 / 6)
-    # chance: label-1 queries (2/6) expect 1 of 5 others alike, label-0 queries 3 of 5
-    assert r.overall.chance_precision_at_k == pytest.approx((2 * 0.2 + 4 * 0.6) / 6)
-    assert r.overall.same_patient_queries == 4  # a, b, d, e
-    assert r.overall.same_patient_hit_rate == pytest.approx(3 / 4)
-    assert r.groups["x"].precision_at_k == pytest.approx(2 / 3)
-    assert r.groups["x"].same_patient_hit_rate == 1.0
-    assert r.groups["y"].same_patient_hit_rate == 0.5
-
-    wide = evaluate(EvalConfig(out=tmp_path / "out", labels=csv, bootstrap=0, k=10))
-    assert wide.retrieval.neighbours == 5  # everything but the query
-    assert wide.retrieval.overall.same_patient_hit_rate == 1.0
-    assert any("not k = 10" in c for c in wide.caveats)
 
 
 # ---------------------------------------------------------------------------------------------
