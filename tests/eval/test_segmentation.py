@@ -1,5 +1,6 @@
-"""Segmenter Dice with patient-bootstrap intervals: known answers, seeding, the entry point that
-writes them into a copy of the shipped segmenter's card (3 real mask pairs), and the card table.
+"""engine.eval.segmentation: the entry point that writes the segmenter's Dice with its patient
+intervals into a copy of the shipped segmenter's card (3 real mask pairs). Dice itself:
+test_dice.py; the card's table: test_card_sections.py.
 
 Everything is written under tmp_path; the data folder and engine/shipped_models are only read.
 """
@@ -15,12 +16,8 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from engine.eval import card as card_md
-from engine.eval import card_sections
-from engine.eval import dice as dice_mod
 from engine.eval import segmentation as sg
 from engine.models import PACKAGED_MODELS, sha256_file
-from engine.train.metrics import dice_per_image
 
 MASKS = DATA / "lung-masks"
 LABELS = DATA / "cxr-dev" / "labels.csv"
@@ -28,61 +25,6 @@ LABELS = DATA / "cxr-dev" / "labels.csv"
 
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# dice_summary: known answers
-
-
-def test_perfect_masks_give_dice_one_with_interval_one():
-    truth = (_rng().random((6, 1, 16, 16)) > 0.5).astype(np.float32)
-    truth[5] = 0  # empty mask predicted empty: Dice 1 by definition
-    dice = dice_per_image(truth.copy(), truth)
-    s = dice_mod.dice_summary(dice, ["a", "a", "b", "c", "c", "c"], rng=_rng(), resamples=500)
-    assert (s["images"], s["patients"]) == (6, 3)
-    assert s["mean"] == s["min"] == s["median"] == 1.0
-    assert s["ci95"] == {"low": 1.0, "high": 1.0, "valid_resamples": 500, "resamples": 500}
-
-
-def test_one_patient_gives_a_degenerate_interval_at_the_mean():
-    """Every resample draws the one patient, so every resample mean is the mean itself: the
-    interval is a point. Resampling images instead would give a real interval here."""
-    dice = np.array([0.80, 0.90, 0.95, 0.70])
-    s = dice_mod.dice_summary(dice, ["p"] * 4, rng=_rng(), resamples=300)
-    assert s["patients"] == 1
-    assert s["ci95"]["low"] == pytest.approx(dice.mean(), abs=1e-12)
-    assert s["ci95"]["high"] == pytest.approx(dice.mean(), abs=1e-12)
-    by_image = dice_mod.dice_summary(dice, list("wxyz"), rng=_rng(), resamples=300)["ci95"]
-    assert by_image["low"] < dice.mean() < by_image["high"]
-
-
-def test_two_patients_interval_spans_the_patient_means():
-    """Two patients: a quarter of the resamples draw each patient twice, so the 2.5% and 97.5%
-    percentiles are exactly the two patients' own mean Dice."""
-    dice = np.array([0.6, 0.8, 0.9])  # patient a: 0.7, patient b: 0.9
-    ci = dice_mod.dice_summary(dice, ["a", "a", "b"], rng=_rng(), resamples=2000)["ci95"]
-    assert ci["low"] == pytest.approx(0.7) and ci["high"] == pytest.approx(0.9)
-
-
-def test_bootstrap_is_reproducible_with_a_seed_and_each_split_has_its_own_stream():
-    rng = _rng(1)
-    per_split = {
-        name: (rng.uniform(0.8, 1.0, n), rng.integers(0, n // 2, n).tolist())
-        for name, n in (("train", 40), ("val", 12), ("test", 14))
-    }
-    a = dice_mod.dice_summaries(per_split, seed=5, resamples=400)
-    assert a == dice_mod.dice_summaries(per_split, seed=5, resamples=400)
-    assert (
-        a["test"]["ci95"]
-        != dice_mod.dice_summaries(per_split, seed=6, resamples=400)["test"]["ci95"]
-    )
-    alone = dice_mod.dice_summaries({"test": per_split["test"]}, seed=5, resamples=400)
-    assert alone["test"] == a["test"]
-    for s in a.values():
-        assert s["ci95"]["low"] < s["mean"] < s["ci95"]["high"]
-        assert s["ci95"]["valid_resamples"] == 400
-    assert "0 resamples" in dice_mod.dice_definition(seed=0, resamples=0)
-    assert dice_mod.dice_summary(np.ones(3), list("abc"), rng=_rng(), resamples=0)["ci95"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,59 +111,3 @@ def test_missing_split_file_needs_labels_and_must_rebuild_the_card_counts(tmp_pa
             )
     assert sg.main(["--models", str(models), "--masks", str(index), "--labels", str(LABELS)]) == 1
     assert "counts" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------
-# the model card's segmenter table
-
-
-def test_card_table_shows_the_interval_or_says_there_is_none():
-    d = {"images": 27, "patients": 12, "mean": 0.9473, "median": 0.945, "min": 0.909}
-    ci = {"low": 0.9419, "high": 0.953, "valid_resamples": 2000, "resamples": 2000}
-    with_ci = "\n".join(
-        card_sections._dice_lines({"metrics": {"dice": {"test": d | {"ci95": ci}}}})
-    )
-    assert "| test | 27 (12) | 0.947 [0.942, 0.953] | 0.945 | 0.909 |" in with_ci
-    assert "2000 resamples" in with_ci
-    old = {"metrics": {"dice": {"test": d}}, "splits": {"counts": {"test": {"patients": 12}}}}
-    assert "| 0.947 | 0.945 |" in "\n".join(card_sections._dice_lines(old))
-    assert "No interval" in "\n".join(card_sections._dice_lines(old))
-
-
-def test_shipped_model_card_segmenter_section_is_rendered_from_the_manifest():
-    md = PACKAGED_MODELS / "MODEL_CARD.md"
-    if not md.is_file():
-        pytest.skip("no shipped model card")
-    text = md.read_text()
-    assert card_md.replace_segmenter_section(text, PACKAGED_MODELS) == text
-    assert "| test | 27 (12) | 0.947 [" in text
-
-
-# ---------------------------------------------------------------------------------------------
-# the `python -m` entry points are `cxr` commands
-
-
-@pytest.mark.parametrize(
-    ("words", "module"),
-    [
-        (["eval", "release"], "engine.eval.release"),
-        (["eval", "card"], "engine.eval.card"),
-        (["eval", "segmentation"], "engine.eval.segmentation"),
-        (["train", "parity"], "engine.train.parity"),
-    ],
-)
-def test_python_m_entry_points_run_the_cxr_commands(words, module, capsys):
-    import importlib
-
-    import typer
-
-    from engine.cli import app
-
-    group = typer.main.get_command(app)
-    mounted = group.commands[words[0]].commands[words[1]]  # type: ignore[attr-defined]
-    script = typer.Typer(add_completion=False)
-    script.command()(getattr(importlib.import_module(module), f"{words[1]}_command"))
-    alone = typer.main.get_command(script)
-    assert [p.opts for p in alone.params] == [p.opts for p in mounted.params]
-    assert importlib.import_module(module).main(["--help"]) == 0
-    assert f"Usage: python -m {module} [OPTIONS]" in " ".join(capsys.readouterr().out.split())
