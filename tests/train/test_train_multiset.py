@@ -19,12 +19,12 @@ torch = pytest.importorskip(
 )
 pytest.importorskip("torchvision", reason="training needs the train extra (torchvision)")
 
-from conftest import DATA  # noqa: E402
+from conftest import DATA, REPO  # noqa: E402
 
 from engine.errors import ConfigError  # noqa: E402
 
 DEV = DATA / "cxr-dev"
-SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "shipped_models"
+SHIPPED = REPO / "engine" / "shipped_models"
 
 
 def _rows() -> list[dict[str, str]]:
