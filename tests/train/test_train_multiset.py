@@ -1,6 +1,8 @@
-"""cxr train classifier at scale: several labelled sets, the crop cache, source-balanced
-sampling, acquisition augmentation, bf16 detection, resume equivalence, and the two
-measurements of issue 14 (source probe, downscale agreement).
+"""cxr train classifier at scale: several labelled sets (engine/train/datasets.py), the crop
+cache (cache.py, crops.py), the context swap in a training batch (classifier_fit.py), resume
+equivalence, and the measurements of issue 14 on real crops: downscale agreement
+(engine/eval/resolution.py) and a models directory's generalisation (generalisation.py).
+Sampling, augmentation, bf16 and the source probe have their own test files.
 
 Real images from ../shared/data/cxr-dev, the shipped segmenter, the tiny classifier; all
 output under tmp_path.
@@ -227,82 +229,7 @@ def test_cache_is_reused_and_resumes_to_the_same_arrays(sets, loaded, tmp_path, 
     )
 
 
-# --- sampling, augmentation, precision ------------------------------------------------------
-
-
-def test_source_balanced_weights():
-    from engine.train.sampling import sample_weights
-
-    labels = np.array([1] * 90 + [1] * 10 + [0] * 100)
-    sources = np.array(["big"] * 90 + ["small"] * 10 + ["neg"] * 100)
-    for balance in (0.0, 0.5, 1.0):
-        w = sample_weights(labels, sources, balance)
-        assert w.sum() == pytest.approx(1.0)
-        assert w[labels == 1].sum() == pytest.approx(0.5)  # each class half the epoch
-    natural, equal = sample_weights(labels, sources, 0.0), sample_weights(labels, sources, 1.0)
-    assert natural[:90].sum() == pytest.approx(0.45)  # as in the data
-    assert equal[:90].sum() == pytest.approx(0.25) == equal[90:100].sum()  # equal per source
-    half = sample_weights(labels, sources, 0.5)[:90].sum()
-    assert 0.25 < half < 0.45
-
-
-def test_epoch_draws_depend_on_seed_and_epoch_only():
-    from engine.train.sampling import epoch_batches, epoch_rngs, sample_weights
-
-    idx = np.arange(50)
-    w = sample_weights(np.arange(50) % 2, np.array(["a"] * 50), 0.5)
-    a = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 3)[0])
-    b = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 3)[0])
-    c = epoch_batches(idx, w, 32, 8, epoch_rngs(0, 4)[0])
-    assert all((x == y).all() for x, y in zip(a, b, strict=True))
-    assert any((x != y).any() for x, y in zip(a, c, strict=True))
-
-
-def test_acquisition_is_seeded_bounded_and_off_is_identity():
-    from engine.train.augment import Acquisition, acquisition
-
-    x = torch.rand(6, 1, 48, 48, generator=torch.Generator().manual_seed(0))
-    src = np.array(["a", "a", "b", "b", "c", "c"])
-    on = Acquisition(**{f: 1.0 for f in Acquisition.__dataclass_fields__ if f.endswith("_p")})
-    y1 = acquisition(x, src, on, torch.Generator().manual_seed(1))
-    y2 = acquisition(x, src, on, torch.Generator().manual_seed(1))
-    assert torch.equal(y1, y2) and y1.min() >= 0 and y1.max() <= 1
-    assert (y1 - x).abs().mean() > 0.02
-    off = acquisition(x, src, Acquisition.off(), torch.Generator().manual_seed(1))
-    assert torch.equal(off, x)
-
-
-def test_context_swap_keeps_the_lungs_and_takes_the_rest_from_another_image():
-    from engine.train.augment import ContextSwap, dilate_masks, swap_context
-
-    n, side, m = 6, 64, 16
-    work = np.stack([np.full((side, side), i / 10, np.float32) for i in range(n)])
-    masks = np.zeros((n, m, m), np.uint8)
-    masks[:, 4:12, 3:7] = 1  # one "lung" per image, 8 x 4 of 16 x 16
-    same = swap_context(
-        work, masks, ContextSwap(p=1.0, dilate=0.0), torch.Generator().manual_seed(0)
-    )
-    again = swap_context(
-        work, masks, ContextSwap(p=1.0, dilate=0.0), torch.Generator().manual_seed(0)
-    )
-    np.testing.assert_array_equal(same, again)  # seeded
-    lungs = np.zeros((side, side), bool)
-    lungs[16:48, 12:28] = True
-    for i in range(n):
-        assert (same[i][lungs] == work[i, 0, 0]).all()  # its own lungs
-        outside = np.unique(same[i][~lungs])
-        assert len(outside) == 1 and outside[0] != work[i, 0, 0]  # one other image's context
-    # p = 0 changes nothing and draws nothing from the generator
-    gen = torch.Generator().manual_seed(5)
-    assert swap_context(work, masks, ContextSwap(p=0.0), gen) is work
-    assert torch.equal(
-        torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(5))
-    )
-    # dilation grows the mask by round(share * m) pixels on each side
-    grown = dilate_masks(masks, 1 / 16)
-    assert grown[0, 3:13, 2:8].all() and grown[0].sum() == 10 * 6
-    with pytest.raises(ValueError, match="context swap"):
-        ContextSwap(p=1.5)
+# --- the context swap in a training batch -----------------------------------------------------
 
 
 def test_context_swap_in_a_training_batch(loaded):
@@ -324,22 +251,6 @@ def test_context_swap_in_a_training_batch(loaded):
     swapped = batch(ContextSwap(p=1.0))
     assert not np.allclose(swapped, plain)
     np.testing.assert_array_equal(batch(ContextSwap(p=0.0)), plain)
-
-
-def test_bf16_only_where_the_cpu_has_it():
-    from engine.train.loop import cpu_has_fast_bf16, resolve_precision
-
-    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
-    zen4 = "flags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
-    sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
-    assert not cpu_has_fast_bf16(avx2)
-    assert cpu_has_fast_bf16(zen4) and cpu_has_fast_bf16(sapphire)
-    assert resolve_precision("auto", avx2) == "fp32"
-    assert resolve_precision("auto", zen4) == "bf16"
-    assert resolve_precision("fp32", zen4) == "fp32"  # asked for, not overridden
-    # a name that merely contains the flag elsewhere on the line does not count
-    assert not cpu_has_fast_bf16("model name\t: not avx512_bf16\nflags\t\t: avx2\n")
-    assert not cpu_has_fast_bf16("")
 
 
 # --- resume ----------------------------------------------------------------------------------
@@ -387,30 +298,6 @@ def test_killed_and_resumed_run_equals_the_unbroken_one(loaded, tmp_path, monkey
 
 
 # --- measurements ---------------------------------------------------------------------------
-
-
-def test_source_probe_finds_a_planted_source_and_not_a_random_one():
-    from engine.eval.source_probe import source_probe
-
-    rng = np.random.default_rng(0)
-    n = 240
-    latent = rng.normal(size=(n, 8))
-    sources = np.array(["a", "b"])[np.arange(n) % 2]
-    labels = (np.arange(n) // 2) % 2
-    mix = rng.normal(size=(8, 256))
-    clean = latent @ mix + 0.1 * rng.normal(size=(n, 256))
-    planted = latent.copy()
-    planted[sources == "a", 0] += 2.5  # source a is shifted along one latent direction
-    leaky = planted @ mix + 0.1 * rng.normal(size=(n, 256))
-    none = source_probe(clean, sources, labels, seed=0)
-    some = source_probe(leaky, sources, labels, seed=0)
-    for y in (0, 1):
-        assert abs(none[f"label={y}"]["roc_auc"] - 0.5) < 0.15
-        assert some[f"label={y}"]["roc_auc"] > 0.9
-        assert some[f"label={y}"]["images"] == {"a": 60, "b": 60}
-    # a class from one source only is not probed
-    one = source_probe(leaky, np.where(labels == 1, "a", sources), labels)
-    assert "label=1" not in one and "label=0" in one
 
 
 def test_downscale_agreement_on_a_few_images(sets, tmp_path):
