@@ -1,4 +1,7 @@
-"""engine.train: patient split, short real training runs, export parity, INT8, train/serve skew.
+"""engine.train: short real training runs (segmenter.py, classifier.py, data.py), their INT8
+exports (segmenter_int8.py, export.py), train/serve skew, what the cards record, and errors.
+The patient split, the export's parity, the metrics and the command's options have their own
+files: test_splits, test_train_export, test_train_metrics, test_train_cli.
 
 The trainings run the tiny architectures for 3 steps on 8 real mask pairs and 16 real CXRs of
 ../shared/data, through the same typer functions `cxr train ...` calls; everything is written
@@ -9,9 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ import typer  # noqa: E402
 from conftest import DATA, plain  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from engine.train.splits import SPLITS, split_patients  # noqa: E402
+from engine.train.splits import SPLITS  # noqa: E402
 
 MASKS = DATA / "lung-masks"
 DEV = DATA / "cxr-dev"
@@ -147,49 +149,6 @@ def trained(subset, tmp_path_factory) -> dict[str, Path]:
     )
     assert code == 0, out
     return {"segmenter": seg_dir, "classifier": clf_dir, **subset}
-
-
-# --- split -----------------------------------------------------------------------------------
-
-
-def _synthetic_strata() -> dict[str, str]:
-    strata = {f"ieee:{i}": "label=1|source=ieee" for i in range(80)}
-    strata |= {f"ieee:{i}": "label=0|source=ieee" for i in range(80, 120)}
-    strata |= {f"nih:{i}": "label=0|source=nih" for i in range(70)}
-    return strata
-
-
-def test_split_is_deterministic_and_seed_dependent():
-    strata = _synthetic_strata()
-    a, b = split_patients(strata, seed=0), split_patients(strata, seed=0)
-    assert a == b
-    assert set(a) == set(strata) and set(a.values()) == set(SPLITS)
-    assert split_patients(strata, seed=1) != a
-    # A patient's part does not depend on the order the table lists patients in.
-    assert split_patients(dict(reversed(list(strata.items()))), seed=0) == a
-
-
-def test_split_is_stratified_70_15_15():
-    strata = _synthetic_strata()
-    split = split_patients(strata, seed=3)
-    per = defaultdict(Counter)
-    for pid, part in split.items():
-        per[strata[pid]][part] += 1
-    for stratum, counts in per.items():
-        n = sum(counts.values())
-        for part, share in zip(SPLITS, (0.70, 0.15, 0.15), strict=True):
-            assert abs(counts[part] - share * n) <= 1, (stratum, dict(counts))
-
-
-def test_real_labels_keep_each_patient_in_one_part():
-    _require_train_data()
-    from engine.train.data import labels_split
-
-    split = labels_split(DEV / "labels.csv", seed=0)
-    rows = _read_csv(DEV / "labels.csv")
-    assert {r["patient_id"] for r in rows} == set(split)
-    parts = Counter(split.values())
-    assert parts["train"] > parts["val"] > 0 and parts["test"] > 0
 
 
 # --- training runs -------------------------------------------------------------------------------
@@ -394,103 +353,7 @@ def test_training_crop_equals_served_crop(trained):
     assert np.abs(on - served).max() > 1e-2
 
 
-# --- export ------------------------------------------------------------------------------------
-
-
-def _warm_bn(model: Any, shape: tuple[int, ...]) -> Any:
-    """A few train-mode passes so BN running stats are not the identity the folding hides."""
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(*shape) * 2)
-    return model.eval()
-
-
-@pytest.mark.parametrize(
-    ("arch", "outputs", "shape"),
-    [
-        ("tiny-unet", ["mask_logit"], (3, 1, 64, 64)),
-        ("tiny-classifier", ["logit", "embedding"], (3, 1, 64, 64)),
-    ],
-)
-def test_export_matches_torch_and_arch_topology(arch, outputs, shape):
-    from engine import arch as onnx_arch
-    from engine.train.export import check_parity, to_onnx
-    from engine.train.resnet import build_classifier
-    from engine.train.unet import build_unet
-
-    model = build_unet(arch) if arch.endswith("unet") else build_classifier(arch, 64)
-    model = _warm_bn(model, shape)
-    proto = to_onnx(
-        model, torch.zeros(2, *shape[1:]), output_names=outputs, architecture=arch, doc="test"
-    )
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    parity = check_parity(model, proto, x, threads=1, where=Path("test.onnx"))
-    assert max(parity.values()) <= 1e-4
-    reference = onnx_arch.ARCHITECTURES[arch](seed=0, size=shape[-1])
-    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
-    assert [o.name for o in proto.graph.output] == [o.name for o in reference.graph.output]
-    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
-
-
-@pytest.mark.slow
-def test_resnet50_export_matches_torch_and_arch_topology():
-    from engine import arch as onnx_arch
-    from engine.train.export import check_parity, to_onnx
-    from engine.train.resnet import build_classifier
-
-    model = _warm_bn(build_classifier("resnet50", 2048), (2, 1, 224, 224))
-    proto = to_onnx(
-        model,
-        torch.zeros(2, 1, 224, 224),
-        output_names=["logit", "embedding"],
-        architecture="resnet50",
-        doc="test",
-    )
-    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
-    assert max(check_parity(model, proto, x, threads=2, where=Path("t.onnx")).values()) <= 1e-4
-    reference = onnx_arch.resnet50_classifier(seed=0)
-    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
-
-
-# --- metrics and errors --------------------------------------------------------------------------
-
-
-def test_auc_and_youden_threshold():
-    from engine.train.metrics import roc_auc, youden_threshold
-
-    y = np.array([0, 0, 1, 1])
-    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), y) == pytest.approx(0.75)
-    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), y) == pytest.approx(0.5)
-    assert roc_auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
-    # Perfect separation anywhere in (0.4, 0.6): the midpoint of the gap is taken.
-    assert youden_threshold(np.array([0.1, 0.4, 0.6, 0.9]), y) == pytest.approx(0.5)
-    # Two thresholds with the same J: the lower one wins.
-    t = youden_threshold(np.array([0.1, 0.3, 0.2, 0.9]), y)
-    assert t == pytest.approx(0.15)
-
-
-def test_sensitivity_threshold_is_the_highest_that_meets_the_target():
-    from engine.errors import ConfigError
-    from engine.train.classifier_config import ClassifierTrainConfig
-    from engine.train.metrics import sensitivity_threshold
-
-    probs = np.array([0.05, 0.2, 0.5, 0.3, 0.6, 0.7, 0.95])
-    y = np.array([0, 0, 0, 1, 1, 1, 1])
-    assert sensitivity_threshold(probs, y, 1.0) == pytest.approx(0.25)  # all 4 positives
-    assert sensitivity_threshold(probs, y, 0.75) == pytest.approx(0.55)  # 3 of 4
-    assert sensitivity_threshold(probs, y, 0.5) == pytest.approx(0.65)
-    assert sensitivity_threshold(probs, np.zeros(7), 0.9) == 0.5  # no positives
-    base = dict(labels=Path("l.csv"), images=Path("."), segmenter=Path("s"), out=Path("o"))
-    t, rule = ClassifierTrainConfig(**base, threshold_sensitivity=0.75).threshold(probs, y)
-    assert t == pytest.approx(0.55) and "at least 0.75" in rule
-    t, rule = ClassifierTrainConfig(**base).threshold(probs, y)
-    assert "Youden" in rule
-    with pytest.raises(ConfigError, match="threshold-sensitivity"):
-        ClassifierTrainConfig(**base, threshold_sensitivity=0.0)
-    with pytest.raises(ConfigError, match="context-swap"):
-        ClassifierTrainConfig(**base, context_swap=2.0)
+# --- errors and records -------------------------------------------------------------------------
 
 
 def test_segmenter_dir_without_manifest_is_a_clear_error(tmp_path):
@@ -583,57 +446,3 @@ def test_segmenter_int8_export_records_box_and_dice_parity(trained, tmp_path):
     a = np.array([[0.0, 0.0, 0.5, 0.5], [0.1, 0.1, 0.2, 0.2]], np.float32)
     b = np.array([[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 0.6, 0.6]], np.float32)
     np.testing.assert_allclose(box_iou(a, b), [0.5, 0.0], atol=1e-6)
-
-
-def test_train_commands_map_every_option_onto_their_config(monkeypatch, tmp_path):
-    """`cxr train segmenter|classifier` build their configs from their options by name."""
-    from conftest import run_cli
-
-    import engine.train.classifier as classifier
-    import engine.train.segmenter as segmenter
-    from engine.train.classifier import ClassifierTrainConfig
-    from engine.train.datasets import LabelSet
-    from engine.train.segmenter import SegmenterTrainConfig
-
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(segmenter, "train_segmenter", lambda cfg: seen.setdefault("seg", cfg))
-    monkeypatch.setattr(classifier, "train_classifier", lambda cfg: seen.setdefault("clf", cfg))
-    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "out"
-    common = ["--out", out, "--epochs", "3", "--seed", "4", "--max-steps", "5", "--batch-size", "6"]
-    common += ["--lr", "0.5", "--patience", "2", "--threads", "1", "--precision", "fp32"]
-    seg_args = ["--masks", tmp_path, "--labels", a, "--arch", "tiny-unet"]
-    assert run_cli(["train", "segmenter", *seg_args, *common])[0] == 0
-    schedule = dict(
-        out=out, epochs=3, seed=4, max_steps=5, batch_size=6, lr=0.5, patience=2, threads=1
-    )
-    assert seen["seg"] == SegmenterTrainConfig(
-        masks=tmp_path, labels=a, arch="tiny-unet", precision="fp32", **schedule
-    )
-    clf_args = ["--labels", a, "--labels", b, "--images", tmp_path, "--images", out]
-    clf_args += ["--segmenter", tmp_path, "--arch", "tiny-classifier", "--hflip"]
-    clf_args += ["--epoch-images", "12", "--source-balance", "0.25", "--select-source", "s"]
-    clf_args += ["--exclude-from-training", "s:0", "--holdout", "0.1", "--no-acquisition"]
-    clf_args += ["--no-standardize", "--cache", tmp_path / "c", "--resume"]
-    clf_args += ["--calibration-images", "7", "--int8-tune-epochs", "0"]
-    assert run_cli(["train", "classifier", *clf_args, *common])[0] == 0
-    assert seen["clf"] == ClassifierTrainConfig(
-        labels=a,
-        images=tmp_path,
-        extra=(LabelSet(b, out),),
-        segmenter=tmp_path,
-        arch="tiny-classifier",
-        hflip=True,
-        epoch_images=12,
-        source_balance=0.25,
-        select_source="s",
-        exclude=("s:0",),
-        holdout=0.1,
-        acquisition=False,
-        standardize=False,
-        cache=tmp_path / "c",
-        resume=True,
-        calibration_images=7,
-        int8_tune_epochs=0,
-        precision="fp32",
-        **schedule,
-    )

@@ -1,0 +1,72 @@
+"""engine.train.export: a torch model exported to ONNX computes what torch computes (BN folded)
+and has the topology of the engine's own architecture (engine/arch.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="training needs the train extra (torch): pip install -e '.[train]'"
+)
+pytest.importorskip("torchvision", reason="training needs the train extra (torchvision)")
+
+
+def _warm_bn(model: Any, shape: tuple[int, ...]) -> Any:
+    """A few train-mode passes so BN running stats are not the identity the folding hides."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(*shape) * 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "outputs", "shape"),
+    [
+        ("tiny-unet", ["mask_logit"], (3, 1, 64, 64)),
+        ("tiny-classifier", ["logit", "embedding"], (3, 1, 64, 64)),
+    ],
+)
+def test_export_matches_torch_and_arch_topology(arch, outputs, shape):
+    from engine import arch as onnx_arch
+    from engine.train.export import check_parity, to_onnx
+    from engine.train.resnet import build_classifier
+    from engine.train.unet import build_unet
+
+    model = build_unet(arch) if arch.endswith("unet") else build_classifier(arch, 64)
+    model = _warm_bn(model, shape)
+    proto = to_onnx(
+        model, torch.zeros(2, *shape[1:]), output_names=outputs, architecture=arch, doc="test"
+    )
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    parity = check_parity(model, proto, x, threads=1, where=Path("test.onnx"))
+    assert max(parity.values()) <= 1e-4
+    reference = onnx_arch.ARCHITECTURES[arch](seed=0, size=shape[-1])
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
+    assert [o.name for o in proto.graph.output] == [o.name for o in reference.graph.output]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+@pytest.mark.slow
+def test_resnet50_export_matches_torch_and_arch_topology():
+    from engine import arch as onnx_arch
+    from engine.train.export import check_parity, to_onnx
+    from engine.train.resnet import build_classifier
+
+    model = _warm_bn(build_classifier("resnet50", 2048), (2, 1, 224, 224))
+    proto = to_onnx(
+        model,
+        torch.zeros(2, 1, 224, 224),
+        output_names=["logit", "embedding"],
+        architecture="resnet50",
+        doc="test",
+    )
+    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
+    assert max(check_parity(model, proto, x, threads=2, where=Path("t.onnx")).values()) <= 1e-4
+    reference = onnx_arch.resnet50_classifier(seed=0)
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
