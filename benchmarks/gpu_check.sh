@@ -88,7 +88,7 @@ fi
 if has nvidia.dali && has pytest && [ -f tests/test_pipeline.py ]; then
   DALI_TESTS=(tests/test_pipeline.py)
   if has onnxruntime && has polars && has usearch && has_cuda_python; then
-    DALI_TESTS+=(tests/test_device_batch.py)
+    DALI_TESTS+=(tests/stages/test_device_batch.py)
   fi
   step dali "${PYTEST[@]}" -m gpu "${DALI_TESTS[@]}" --junitxml="$RESULTS/dali.xml"
 else
