@@ -494,27 +494,3 @@ def test_decoder_message_keeps_the_informative_line():
         msg = decoder_message(RuntimeError(text))
         assert msg and "pipeline" not in msg  # never empty, never boilerplate
     assert len(decoder_message(RuntimeError("encountered: " + "x" * 1000))) == 300
-
-
-def test_decoder_auto_is_the_cpu_decoder_on_the_cpu_and_dali_on_the_gpu():
-    from engine.config import CPU_DECODER, DECODERS, ScreenConfig, resolve_decoder
-
-    assert CPU_DECODER in DECODERS and CPU_DECODER != "auto"
-    assert resolve_decoder("auto", "cpu") == CPU_DECODER
-    assert resolve_decoder("auto", "gpu") == "dali"
-    for d in ("dali", "pillow", "pillow-draft"):
-        assert resolve_decoder(d, "cpu") == d
-        assert resolve_decoder(d, "gpu") == "dali"  # the GPU path always decodes with DALI
-    assert ScreenConfig(inputs=(Path("x"),), out=Path("o")).decoder == "auto"
-
-
-def test_screener_reports_the_resolved_decoder(tiny_models):
-    from engine.config import CPU_DECODER
-    from engine.screener import Screener
-
-    for asked, used in (("auto", CPU_DECODER), ("dali", "dali"), ("pillow", "pillow")):
-        s = Screener(tiny_models, backend="onnxruntime", batch_size=2, threads=1, decoder=asked)
-        try:
-            assert s.decoder == used
-        finally:
-            s.close()
