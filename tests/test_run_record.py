@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from engine.io.parquet import Row
 from engine.run_record import ERROR_SAMPLES, RunSummary, library_versions, run_record
 
 
-def summary(out: Path, **fields) -> RunSummary:
-    base = dict(run_id="r2", out=out, backend="onnxruntime", model_id="m", trained=False)
+def summary(out: Path, **fields: Any) -> RunSummary:
+    base: dict[str, Any] = dict(
+        run_id="r2", out=out, backend="onnxruntime", model_id="m", trained=False
+    )
     return RunSummary(**base | fields)
 
 

@@ -4,6 +4,7 @@ sidecar and the previews first, the Parquet part (the commit point) last, under 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,9 +32,9 @@ def vector(key: int) -> np.ndarray:
     return np.arange(1, DIM + 1, dtype=np.float32) * key  # any length: the writer normalises
 
 
-def writer(out: Path, **options) -> ShardWriter:
-    settings = dict(shard_size=2, common=COMMON, with_embeddings=False, dim=DIM) | options
-    return ShardWriter(out, **settings)
+def writer(out: Path, **options: Any) -> ShardWriter:
+    settings: dict[str, Any] = dict(shard_size=2, common=COMMON, with_embeddings=False, dim=DIM)
+    return ShardWriter(out, **settings | options)
 
 
 def sidecar(out: Path, number: int) -> tuple[np.ndarray, np.ndarray]:
