@@ -37,13 +37,6 @@ _NO_DATA = (
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _engine_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The engine's on-disk cache (ONNX Runtime's optimised graphs) under pytest's tmp, so a
-    test run writes nothing to the user's ~/.cache; subprocesses inherit it."""
-    os.environ["CXR_CACHE_DIR"] = str(tmp_path_factory.mktemp("cxr-cache"))
-
-
 def require_data() -> Path:
     """DEV_IMAGES, or skip the calling test with the reason."""
     if not DEV_IMAGES.is_dir() or not any(DEV_IMAGES.iterdir()):

@@ -13,8 +13,9 @@ CPU's model name and full flag set. Files are written to a temporary name and re
 runs that start together both end with a whole file. Where the folder cannot be written the run
 goes on without it (the session is made as before).
 
-Folder: $CXR_CACHE_DIR/ort, else $XDG_CACHE_HOME/cxr-engine/ort, else ~/.cache/cxr-engine/ort.
-CXR_CACHE_DIR=off (or 0, none) turns the cache off.
+Off unless CXR_CACHE_DIR names a folder (the graphs go to $CXR_CACHE_DIR/ort): a run writes
+nothing outside its --out by default (docs/screen.md), and an optimised ResNet50 takes about
+90 MB, so where it goes is the user's choice, e.g. one folder for every nightly job of a host.
 """
 
 from __future__ import annotations
@@ -30,14 +31,11 @@ OFF = frozenset({"off", "0", "none", "false"})
 
 
 def cache_root() -> Path | None:
-    """The engine's cache folder, or None when the user turned it off."""
+    """The engine's cache folder ($CXR_CACHE_DIR), or None: not set, empty or off."""
     value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in OFF:
+    if not value or value.lower() in OFF:
         return None
-    if value:
-        return Path(value).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "cxr-engine"
+    return Path(value).expanduser()
 
 
 def optimized_path(model_sha256: str, ort_version: str) -> Path | None:

@@ -260,6 +260,13 @@ def train_segmenter_int8(
     calibration_images: Annotated[
         int, typer.Option(help="Mask images of training patients to calibrate on.")
     ] = 64,
+    float_ends: Annotated[
+        int,
+        typer.Option(
+            help="Leave the first and the last N convolutions in float (the last writes the "
+            "logits whose threshold decides the box edges)."
+        ),
+    ] = 0,
     threads: Threads = None,
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
@@ -273,6 +280,7 @@ def train_segmenter_int8(
             labels,
             images,
             calibration_images=calibration_images,
+            float_ends=float_ends,
             threads=_threads(threads),
         )
         typer.echo(
