@@ -40,3 +40,5 @@ for n in 2000 20000; do
 done
 # 4. the similarity index at 10^5 and 10^6 vectors, and `cxr similar` latency
 "$PY" -m benchmarks.bench_usearch --sizes 100000,1000000 --connectivity 16 --models "$MODELS"
+# 5. start-up of a small run (5 images), with and without the saved optimised ORT graphs
+"$PY" -m benchmarks.bench_startup --images examples --repeats 7

@@ -396,9 +396,11 @@ def _execute(
     fold: _Fold,
     on_progress: ProgressFn | None,
 ) -> None:
-    import ray.data
+    import importlib
 
-    ctx = ray.data.DataContext.get_current()
+    ray_data = importlib.import_module("ray.data")  # the parameter `ray` stays the module
+
+    ctx = ray_data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver's own bar counts images for the whole cluster
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # a worker's EngineError reaches us as itself
@@ -414,11 +416,11 @@ def _execute(
     )
     files = ray.put(model_files(models))
     rows = [{"number": s.number, "entries": s.to_json()} for s in shards]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ray_data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         ShardActor,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(
+        compute=ray_data.ActorPoolStrategy(
             min_size=1,
             max_size=plan.count,
             initial_size=plan.count,

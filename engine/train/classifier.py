@@ -167,7 +167,8 @@ def int8_variant(
     path = manifest.directory / INT8_FILE
     calib, patients = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
-    quantize_int8(manifest.onnx_path, path, calib, INT8_RECIPE)
+    recipe = replace(INT8_RECIPE, float_depthwise=cfg.int8_float_depthwise)
+    quantize_int8(manifest.onnx_path, path, calib, recipe)
     tuning = Int8Tuning(epochs=cfg.int8_tune_epochs, seed=cfg.seed)
     tuned: dict[str, Any] = {"epochs": 0}
     if tuning.epochs:
@@ -192,7 +193,7 @@ def int8_variant(
         held_out=data.split[primary] != "train",
     )
     parity["inputs"] = PARITY_INPUTS
-    parity["calibration"] = {"images": len(calib), **INT8_RECIPE.describe(), "tuning": tuned}
+    parity["calibration"] = {"images": len(calib), **recipe.describe(), "tuning": tuned}
     log(
         f"INT8 parity: same decision {parity['same_decision']:.4f} (held-out "
         f"{parity['same_decision_held_out']:.4f}), ROC AUC diff {parity['roc_auc_diff']}, "
@@ -246,6 +247,8 @@ def requantize_int8(
     *,
     calibration_images: int = 256,
     int8_tune_epochs: int = 12,
+    float_depthwise: bool = False,
+    cache: Path | None = None,
     threads: int = 2,
 ) -> Manifest:
     """Redo the INT8 export of a `cxr train classifier` directory without retraining (e.g. after
@@ -258,7 +261,7 @@ def requantize_int8(
             f"{models}: needs the trained FP32 classifier `cxr train classifier --out` wrote "
             f"(this one is {'trained' if m.trained else 'untrained'}, {m.precision})"
         )
-    _, data, fp32 = reference_outputs(models, labels, images, threads=threads)
+    _, data, fp32 = reference_outputs(models, labels, images, threads=threads, cache=cache)
     _check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
     cfg = config_of(
         m,
@@ -268,6 +271,7 @@ def requantize_int8(
         threads,
         calibration_images=calibration_images,
         int8_tune_epochs=int8_tune_epochs,
+        int8_float_depthwise=float_depthwise,
     )
     int8 = int8_variant(cfg, m, data, fp32, m.threshold)
     variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
@@ -277,13 +281,14 @@ def requantize_int8(
 
 
 def reference_outputs(
-    trained: Path, labels: Path, images: Path, *, threads: int = 2
+    trained: Path, labels: Path, images: Path, *, threads: int = 2, cache: Path | None = None
 ) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
     """The FP32 classifier of a `cxr train` directory, the unaugmented crops of every labelled
     image (its own segmenter, and its split: the seed in its card), and its ONNX Runtime
     outputs on them: the reference every other export of it is compared with."""
     ref = load_manifest(manifest_path(trained, "classifier"))
-    data, _ = load_data(config_of(ref, trained, labels, images, threads), load_segmenter(trained))
+    cfg = config_of(ref, trained, labels, images, threads, cache=cache)
+    data, _ = load_data(cfg, load_segmenter(trained))
     log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
     return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
 

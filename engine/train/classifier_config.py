@@ -44,6 +44,7 @@ class ClassifierTrainConfig:
     hflip: bool = False  # off: anatomy is not mirror-symmetric; turn on only if val shows a gain
     calibration_images: int = 256
     int8_tune_epochs: int = 12  # 0: calibration only
+    int8_float_depthwise: bool = False  # depthwise convolutions left in float (export.Int8Recipe)
     threads: int = 2
     precision: str = "auto"
     # Further labelled sets (training data; a seeded slice per source held out), see datasets.py

@@ -46,6 +46,10 @@ Int8TuneEpochs = Annotated[
     int,
     typer.Option(help="Epochs tuning the INT8 weights against FP32 on those crops (0: none)."),
 ]
+FloatDepthwise = Annotated[
+    bool,
+    typer.Option(help="Leave the depthwise convolutions of the INT8 export in float."),
+]
 MaxSteps = Annotated[
     int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
 ]
@@ -189,6 +193,7 @@ def train_classifier(
     ] = False,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
+    int8_float_depthwise: FloatDepthwise = False,
     threads: Threads = None,
     precision: Precision = "auto",
 ) -> None:
@@ -226,6 +231,11 @@ def train_int8(
     images: ImagesRoot,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
+    float_depthwise: FloatDepthwise = False,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Crop cache folder (default: MODELS/crop-cache)."),
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
@@ -240,6 +250,8 @@ def train_int8(
             images,
             calibration_images=calibration_images,
             int8_tune_epochs=int8_tune_epochs,
+            float_depthwise=float_depthwise,
+            cache=cache,
             threads=_threads(threads),
         )
         par = m.variants["int8"].parity
@@ -260,6 +272,13 @@ def train_segmenter_int8(
     calibration_images: Annotated[
         int, typer.Option(help="Mask images of training patients to calibrate on.")
     ] = 64,
+    float_ends: Annotated[
+        int,
+        typer.Option(
+            help="Leave the first and the last N convolutions in float (the last writes the "
+            "logits whose threshold decides the box edges)."
+        ),
+    ] = 0,
     threads: Threads = None,
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
@@ -273,6 +292,7 @@ def train_segmenter_int8(
             labels,
             images,
             calibration_images=calibration_images,
+            float_ends=float_ends,
             threads=_threads(threads),
         )
         typer.echo(

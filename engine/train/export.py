@@ -171,13 +171,19 @@ class Int8Recipe:
 
     symmetric_activations: S8 activations with zero point 0, which TensorRT's explicit
     quantization requires; ONNX Runtime runs both. exclude: node types left in float (e.g. the
-    final Gemm, whose output is the logit the decision is taken on).
+    final Gemm, whose output is the logit the decision is taken on). float_ends: the first and
+    the last N convolutions (in graph order) left in float: the first sees the raw image, the
+    last writes the output (for the U-Net, the logits whose threshold decides the box edges).
+    float_depthwise: depthwise (grouped) convolutions left in float: few MACs, and per-channel
+    INT8 of a 3x3 single-channel filter loses more than it does on a dense one.
     """
 
     method: str = "minmax"  # minmax | percentile | entropy
     symmetric_activations: bool = False
     exclude_op_types: tuple[str, ...] = ()
     percentile: float = 99.999
+    float_ends: int = 0
+    float_depthwise: bool = False
 
     def describe(self) -> dict[str, Any]:
         act = "S8 symmetric" if self.symmetric_activations else "U8"
@@ -191,6 +197,10 @@ class Int8Recipe:
             out["percentile"] = self.percentile
         if self.exclude_op_types:
             out["float_op_types"] = list(self.exclude_op_types)
+        if self.float_ends:
+            out["float_convolutions"] = f"the first and last {self.float_ends}"
+        if self.float_depthwise:
+            out["float_depthwise"] = True
         return out
 
 
@@ -224,6 +234,18 @@ def quantize_int8(
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared), load_external_data=False).graph
         exclude = [n.name for n in graph.node if n.op_type in recipe.exclude_op_types]
+        convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+        if recipe.float_ends:
+            k = recipe.float_ends
+            exclude += [name for name in convs[:k] + convs[-k:] if name not in exclude]
+        if recipe.float_depthwise:
+            exclude += [
+                n.name
+                for n in graph.node
+                if n.op_type == "Conv"
+                and any(a.name == "group" and a.i > 1 for a in n.attribute)
+                and n.name not in exclude
+            ]
         extra: dict[str, Any] = {
             "ActivationSymmetric": recipe.symmetric_activations,
             "CalibStridedMinMax": 1,  # one batch at a time (see _Calibration)

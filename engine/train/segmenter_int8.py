@@ -78,6 +78,7 @@ def export_segmenter_int8(
     images: Path,
     *,
     calibration_images: int = 64,
+    float_ends: int = 0,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Write models_dir/segmenter.int8.onnx and record it (with its parity) as the segmenter
@@ -98,7 +99,8 @@ def export_segmenter_int8(
     log(f"segmenter INT8: calibrating on {len(train)} training mask images")
     _, calib = _seg_inputs([p.image for p in train], seg, threads)
     int8_path = models_dir / INT8_FILE
-    quantize_int8(seg.onnx_path, int8_path, calib, RECIPE)
+    recipe = replace(RECIPE, float_ends=float_ends)
+    quantize_int8(seg.onnx_path, int8_path, calib, recipe)
     fp32_s, int8_s = ort_session(seg.onnx_path, threads), ort_session(int8_path, threads)
     out_name = seg.outputs[0].name
 
@@ -128,7 +130,7 @@ def export_segmenter_int8(
         "dice_int8": float(dice_b.mean()),
         "dice_drop": float(dice_a.mean() - dice_b.mean()),
         "bar": f"box IoU >= {SEG_MIN_BOX_IOU} on every image, Dice drop <= {SEG_MAX_DICE_DROP}",
-        "calibration": {"images": len(train), **RECIPE.describe()},
+        "calibration": {"images": len(train), **recipe.describe()},
     }
     parity["meets_bar"] = segmenter_parity_ok(parity)
     variant = Variant(onnx=INT8_FILE, sha256=sha256_file(int8_path), parity=parity)

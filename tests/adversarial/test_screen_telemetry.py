@@ -32,7 +32,7 @@ def test_screen_and_similar_write_nothing_under_home_or_tmp(tmp_path, tiny_model
         for k, v in os.environ.items()
         # the engine sets ORT_DISABLE_TELEMETRY in this (test) process: the child must not
         # inherit it, or the check would pass without the engine doing anything
-        if k != "ORT_DISABLE_TELEMETRY" and not k.startswith("XDG_")
+        if k not in ("ORT_DISABLE_TELEMETRY", "CXR_CACHE_DIR") and not k.startswith("XDG_")
     }
     env.update(HOME=str(home), TMPDIR=str(tmp), NO_COLOR="1", TERM="dumb")
 
