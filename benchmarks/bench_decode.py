@@ -12,15 +12,23 @@ Per workers count, one JSON line in results/decode.jsonl: images/s (median over 
 `speedup` (median of each round's rate / the 1-worker rate of the same round), CPU seconds per
 image and `cores_busy` (process CPU time / wall: above 1 only if threads ran at once).
 
+`gil_released` (the same in every line of a run) does not depend on the machine being idle: the
+share of the per-image work's CPU time spent with the GIL released (`gil_released_share`). Near
+1, N workers can use N cores; near 0, they take turns on one.
+
     python -m benchmarks.bench_decode --archive /tmp/cxr-perf/dicom500 --limit 32 --workers 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +87,7 @@ def run_decode_bench(
             rates[w].append(len(items) / m.wall_s)
             cpu[w].append(m.cpu_s / len(items))
             busy[w].append(m.cpu_s / m.wall_s)
+    gil = gil_released_share(lambda: sum(one(item) for item in items))
     base = header("decode", uuid.uuid4().hex[:12])
     lines = []
     for w in counts:
@@ -105,11 +114,57 @@ def run_decode_bench(
                 "speedup_rounds": [round(s, 3) for s in speedups],
                 "cpu_s_per_image": statistics.median(cpu[w]),
                 "cores_busy": statistics.median(busy[w]),
+                "gil_released": gil,
             },
         }
         append_jsonl(results, line)
         lines.append(line)
     return lines
+
+
+def gil_released_share(work: Callable[[], object]) -> float:
+    """The share of `work`'s CPU time spent with the GIL released: ~1 for hashing a big buffer,
+    ~0 for a pure-Python loop.
+
+    A probe thread of pure Python runs beside `work`. With a switch interval of a minute, Python
+    code never hands the GIL over on its own, so the probe runs only while `work` is inside a C
+    call that released it, and `work` gets it back whenever the probe hashes its 4 KiB chunk
+    (hashlib releases the GIL above 2 KiB, without a system call). probe CPU / work CPU (thread
+    CPU times: waiting for a core is not counted, so other processes' load changes how long this
+    takes, not the ratio) is then the released share, the two threads sharing the cores fairly.
+    """
+    done = threading.Event()
+    spent: dict[str, float] = {}
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        t = time.thread_time()
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            failed.append(exc)
+        finally:
+            spent["work"] = time.thread_time() - t
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        thread = threading.Thread(target=run, name="gil-work")
+        t = time.thread_time()
+        thread.start()
+        chunk, x = b"x" * 4096, 0
+        while not done.is_set():
+            for _ in range(50):
+                x += 1
+            hashlib.sha256(chunk)
+        probe = time.thread_time() - t
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if failed:
+        raise failed[0]
+    return round(probe / spent["work"], 3) if spent["work"] > 0 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"workers {line['config']['workers']:3d}: {r['images_per_s']:7.2f} img/s  "
             f"x{r['speedup']:.2f} vs 1  {1000 * r['cpu_s_per_image']:6.0f} ms CPU/img  "
-            f"{r['cores_busy']:.2f} cores busy"
+            f"{r['cores_busy']:.2f} cores busy  GIL released {r['gil_released']:.0%}"
         )
     return 0
 
