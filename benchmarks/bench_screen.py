@@ -135,15 +135,9 @@ def plan(opts: BenchOptions) -> list[Config]:
     if "naive" in opts.configs:
         out.append(Config(kind="naive", precision="fp32", ort_threads=t, decode_threads=t))
     if "null" in opts.configs:  # the harness ceiling of each decoder
+        null = Config(kind="null", batch_size=first_b, decode_threads=t, ort_threads=t)
         out += [
-            Config(
-                kind="null",
-                batch_size=first_b,
-                decoder=d,
-                decode_threads=t,
-                ort_threads=t,
-                decode_workers=w,
-            )
+            replace(null, decoder=d, decode_workers=w)
             for d in opts.decoders
             for w in opts.decode_workers
         ]

@@ -113,21 +113,18 @@ def inputs(tmp_path_factory) -> tuple[Path, ...]:
     return (tar_path, folder)
 
 
+def config(inputs, out: Path, models: Path, **options) -> ScreenConfig:
+    """The runs of this module: 2 threads, batches of BATCH, embeddings in the rows."""
+    fixed = dict(threads=2, batch_size=BATCH, shard_size=7, embeddings_in_parquet=True)
+    return ScreenConfig(
+        inputs=tuple(inputs), out=out, models=models, progress=False, **(fixed | options)
+    )
+
+
 def run(inputs, out: Path, models: Path, **options) -> pl.DataFrame:
     from engine.runner import screen
 
-    config = ScreenConfig(
-        inputs=tuple(inputs),
-        out=out,
-        models=models,
-        threads=2,
-        batch_size=BATCH,
-        shard_size=7,
-        embeddings_in_parquet=True,
-        progress=False,
-        **options,
-    )
-    screen(config)
+    screen(config(inputs, out, models, **options))
     return pl.read_parquet(out / "predictions")
 
 
@@ -295,16 +292,15 @@ def test_images_in_flight_stay_bounded(tmp_path, tiny_models_dir, monkeypatch):
 
     monkeypatch.setattr(runner, "iter_items", counting)
     workers, batch = 3, 2
-    config = ScreenConfig(
-        inputs=(folder,),
-        out=tmp_path / "out",
-        models=tiny_models_dir,
-        threads=2,
+    settings = config(
+        [folder],
+        tmp_path / "out",
+        tiny_models_dir,
         batch_size=batch,
         decode_workers=workers,
-        progress=False,
+        embeddings_in_parquet=False,
     )
-    summary = runner.screen(config, on_progress=on_rows)
+    summary = runner.screen(settings, on_progress=on_rows)
     assert summary.processed == written == taken == 90
     assert most <= 2 * workers + 8 * batch, most
 
@@ -334,17 +330,7 @@ def test_ctrl_c_stops_every_thread_and_the_rerun_completes_exactly_once(
     from engine.runner import screen
 
     out = tmp_path / "out"
-    config = ScreenConfig(
-        inputs=inputs,
-        out=out,
-        models=tiny_models_dir,
-        threads=2,
-        batch_size=BATCH,
-        shard_size=7,
-        embeddings_in_parquet=True,
-        decode_workers=4,
-        progress=False,
-    )
+    settings = config(inputs, out, tiny_models_dir, decode_workers=4)
     seen = 0
 
     def interrupt(n: int) -> None:
@@ -353,10 +339,10 @@ def test_ctrl_c_stops_every_thread_and_the_rerun_completes_exactly_once(
         if seen >= 2 * BATCH:
             raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
 
-    first = screen(config, on_progress=interrupt)
+    first = screen(settings, on_progress=interrupt)
     assert first.interrupted and 2 * BATCH <= first.processed < len(one_worker.rows)
     assert threads_left() == []
-    second = screen(config)
+    second = screen(settings)
     assert not second.interrupted
     assert first.processed + second.processed == len(one_worker.rows)
     rows = outputs(out).rows
