@@ -54,6 +54,8 @@ from engine.run_record import RunSummary
 from engine.screener import Screener
 from kernels.reference import box_to_pixels
 
+JOIN_S = 60.0  # how long the end of a run waits for each of its threads
+
 # What a preprocessed image's Prepared.sample becomes: it had a sample (finish_batch counts it),
 # and its bytes (or DICOM pixels, 12 MB for a 2048 x 3000 image) need not wait for the batch.
 DECODED = Sample()
@@ -82,7 +84,8 @@ def screen_items(
     Each batch's inference time is appended to `latencies`, and `on_rows` gets the number of
     rows each batch added. Busy time per stage goes to the screener's clock ("read" and
     "decode+preprocess" summed over the decode workers). Its threads have ended when it
-    returns or raises.
+    returns or raises: each finishes the image or batch in hand (a read stuck on a dead
+    network mount is left behind after JOIN_S, a daemon thread, rather than hang the run).
     """
     stop = threading.Event()
     clock = screener.clock
@@ -139,8 +142,8 @@ def screen_items(
                 on_rows(len(rows))
     finally:
         stop.set()
-        pipeline.join()
-        reader.join()
+        pipeline.join(JOIN_S)
+        reader.join(JOIN_S)
 
 
 def batches(read: Iterable[tuple[Prepared, Decoded | None]], batch_size: int) -> Iterator[Batch]:
