@@ -299,8 +299,9 @@ def test_gil_released_share_tells_c_calls_that_release_the_gil_from_python_code(
         for i in range(2_000_000):
             total += i
 
-    # measured 1.00 and 0.00 on 2 loaded cores; fair sharing of the cores is all it needs
-    assert gil_released_share(lambda: hashlib.sha256(data).digest()) > 0.5
+    # measured 1.00 and 0.00 (once 0.38 for a single 20 MB hash: a few time slices of a loaded
+    # machine are too few to share fairly, hence 8 of them and the wide margin)
+    assert gil_released_share(lambda: [hashlib.sha256(data).digest() for _ in range(8)]) > 0.3
     assert gil_released_share(python_loop) < 0.1
 
 
