@@ -24,10 +24,13 @@ the child process patches engine.screener before it screens; nothing in the engi
 
     --precision fp32,int8          (INT8 exports that do not exist are reported as skipped)
     --batch-size 1,8,16,32
-    --decoder dali,pillow,pillow-draft,pillow-draft1
+    --decoder auto,dali,pillow,pillow-draft,pillow-draft1
+                                   auto = the engine as `cxr screen` runs it (nothing patched);
                                    pillow = engine/pipeline_pil.py, full decode;
                                    pillow-draftK = JPEG DCT scaling to >= K x the work size
     --thread-split 2:2,1:2         DALI (decode) threads : ONNX Runtime intra-op threads
+    --decode-workers 0,1,4         threads that read and (Pillow) decode images side by side
+                                   (`cxr screen --decode-workers`); 0: as many as decode threads
 
     python -m benchmarks.bench_screen --archive /tmp/bench-2000 --limit 500
 """
@@ -76,6 +79,7 @@ class BenchOptions:
     threads: int = field(default_factory=cores)
     thread_splits: tuple[tuple[int, int], ...] = ()  # (decode, ort); none: `threads` for both
     decoders: tuple[str, ...] = ("dali",)
+    decode_workers: tuple[int, ...] = (0,)  # 0: as many as the decode threads (the default)
     limit: int | None = None
     naive_limit: int | None = 100
     warmup: int | None = None  # images; None: two batches
@@ -102,6 +106,10 @@ class BenchOptions:
             decoder_draft(d)
         if self.threads < 1 or any(min(s) < 1 for s in self.thread_splits):
             raise ConfigError("thread counts must be at least 1")
+        if not self.decode_workers or any(w < 0 for w in self.decode_workers):
+            raise ConfigError(
+                f"--decode-workers values must be 0 or more, got {self.decode_workers}"
+            )
         for name, n in (("--limit", self.limit), ("--naive-limit", self.naive_limit)):
             if n is not None and n < 1:
                 raise ConfigError(f"{name} must be at least 1, not {n}")
@@ -127,9 +135,11 @@ def plan(opts: BenchOptions) -> list[Config]:
     if "naive" in opts.configs:
         out.append(Config(kind="naive", precision="fp32", ort_threads=t, decode_threads=t))
     if "null" in opts.configs:  # the harness ceiling of each decoder
+        null = Config(kind="null", batch_size=first_b, decode_threads=t, ort_threads=t)
         out += [
-            Config(kind="null", batch_size=first_b, decoder=d, decode_threads=t, ort_threads=t)
+            replace(null, decoder=d, decode_workers=w)
             for d in opts.decoders
+            for w in opts.decode_workers
         ]
     if "engine" in opts.configs:
         ref = Config(
@@ -143,11 +153,13 @@ def plan(opts: BenchOptions) -> list[Config]:
                 decoder=d,
                 decode_threads=dt,
                 ort_threads=ot,
+                decode_workers=w,
             )
             for p in opts.precisions
             for b in opts.batch_sizes
             for d in opts.decoders
             for dt, ot in splits
+            for w in opts.decode_workers
         ]
         out.append(ref)
         out += [c for c in sweep if replace(c, reference=True) != ref]
@@ -465,7 +477,10 @@ def options_from_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--batch-size", default="16")
     p.add_argument("--threads", type=int, default=cores())
     p.add_argument("--thread-split", default="", help="DECODE:ORT thread pairs, e.g. 1:2,2:2")
-    p.add_argument("--decoder", default="dali", help="dali,pillow,pillow-draft,pillow-draftK")
+    p.add_argument("--decoder", default="dali", help="auto,dali,pillow,pillow-draft,pillow-draftK")
+    p.add_argument(
+        "--decode-workers", default="0", help="reading/decoding threads, e.g. 1,0 (0: threads)"
+    )
     p.add_argument("--limit", type=int, help="screen only the first N images of --archive")
     p.add_argument("--naive-limit", type=int, default=100, help="images for the naive baseline")
     p.add_argument("--warmup", type=int, help="warm-up images per configuration (2 batches)")
@@ -488,6 +503,7 @@ def options_from_args(argv: list[str] | None = None) -> BenchOptions:
         threads=a.threads,
         thread_splits=parse_splits(a.thread_split),
         decoders=split_words(a.decoder),
+        decode_workers=split_ints(a.decode_workers, "--decode-workers"),
         limit=a.limit,
         naive_limit=a.naive_limit,
         warmup=a.warmup,

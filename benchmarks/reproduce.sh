@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the tables of docs/performance.md in one command (about 2 hours on 2 cores, ~20 GB):
+# Reproduce the tables of docs/performance.md in one command (2-3 hours on 2 cores, ~20 GB):
 #
 #     bash benchmarks/reproduce.sh MODELS_DIR [WORK_DIR]
 #
@@ -31,9 +31,10 @@ bench() { "$PY" -m benchmarks.bench_screen --models "$MODELS" --precision fp32 -
 # 1. 2048-3000 px JPEGs; decoder agreement on the dev images re-encoded as such JPEGs
 bench --archive "$WORK/jpeg2000" --decoder dali,pillow,pillow-draft \
   --dev-images "$WORK/devjpeg/jpeg" --labels "$WORK/devjpeg/labels.csv"
-# 2. 16-bit PNG and DICOM (MONOCHROME1/2), agreement on the real dev images
-bench --archive "$WORK/png500" --decoder dali,pillow
-bench --archive "$WORK/dicom500" --decoder dali,pillow
+# 2. 16-bit PNG and DICOM (MONOCHROME1/2), agreement on the real dev images; `auto` is the
+#    engine's own default (Pillow), each decoder with one decode worker and with the default
+bench --archive "$WORK/png500" --decoder dali,auto --decode-workers 1,0
+bench --archive "$WORK/dicom500" --decoder dali,auto --decode-workers 1,0
 # 3. memory: peak RSS of the whole harness (null backend) at 2000 and 20 000 images
 for n in 2000 20000; do
   bench --archive "$WORK/mem$n" --configs null --decoder pillow-draft,dali --no-quality

@@ -26,6 +26,7 @@ class Config:
     decoder: str = "dali"
     decode_threads: int = 1
     ort_threads: int = 1
+    decode_workers: int = 0  # ScreenConfig.decode_workers; 0: decode_threads (the default's)
     reference: bool = False
 
     @property
@@ -37,12 +38,14 @@ class Config:
         return (
             f"{self.kind} {self.precision} b{self.batch_size} {self.decoder} "
             f"t{self.decode_threads}:{self.ort_threads}"
+            + (f" w{self.decode_workers}" if self.decode_workers else "")
         )
 
 
 def decoder_draft(decoder: str) -> int | None:
-    """None for DALI, else the Pillow preprocessor's draft factor (0: full decode)."""
-    if decoder == "dali":
+    """None for DALI and for "auto" (the engine's own choice, `cxr screen --decoder auto`), else
+    the Pillow preprocessor's draft factor (0: full decode)."""
+    if decoder in ("dali", "auto"):
         return None
     if decoder == "pillow":
         return 0
@@ -51,7 +54,8 @@ def decoder_draft(decoder: str) -> int | None:
     if decoder.startswith("pillow-draft") and decoder[12:].isdigit() and int(decoder[12:]) > 0:
         return int(decoder[12:])
     raise ConfigError(
-        f"unknown --decoder {decoder!r}: dali, pillow, pillow-draft (= pillow-draft2), pillow-draftK"
+        f"unknown --decoder {decoder!r}: auto, dali, pillow, pillow-draft (= pillow-draft2), "
+        "pillow-draftK"
     )
 
 
@@ -78,14 +82,17 @@ BUILT: list[str] = []
 def _patch_screener(cfg: Config) -> None:
     """Make engine.screener build the wanted preprocessor with the wanted thread count.
 
-    The Screener is always asked for decoder "dali" (_screen_config), so it calls
+    The Screener is asked for decoder "dali" (_screen_config), so it calls
     engine.screener.Preprocessor, replaced here by a factory that builds the configuration's
     preprocessor (DALI, or Pillow with its draft factor) with its own decode thread count. What it
     built is recorded in the result, so a configuration cannot silently run another decoder.
+    Decoder "auto" is the engine as `cxr screen` runs it: nothing is patched.
     """
     import engine.screener as screener
     from engine.pipeline import Preprocessor
 
+    if cfg.decoder == "auto":
+        return
     draft = decoder_draft(cfg.decoder)
     decode_threads = cfg.decode_threads
 
@@ -114,9 +121,12 @@ def _screen_config(cfg: Config, models: str, inputs: list[str], out: Path):
         models=Path(models),
         backend="null" if cfg.kind == "null" else "onnxruntime",
         precision=cfg.precision,
-        decoder="dali",  # routes through the patched engine.screener.Preprocessor (_patch_screener)
+        # "dali" routes through the patched engine.screener.Preprocessor (_patch_screener)
+        decoder="auto" if cfg.decoder == "auto" else "dali",
         batch_size=cfg.batch_size,
         threads=cfg.ort_threads,
+        # the readers and (Pillow) decoders: as many as the decode threads unless asked
+        decode_workers=cfg.decode_workers or cfg.decode_threads,
         progress=False,
     )
 
@@ -149,6 +159,8 @@ def _child_screen(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_utilisation": round(meter.utilisation(), 4),
         "warmup_images": len(warm),
         "preprocessor": sorted(set(BUILT)),
+        "decoder": summary.decoder,  # as the run recorded it ("dali" when patched)
+        "decode_workers": summary.decode_workers,
     }
     if spec.get("dev") and cfg.kind == "engine":
         dev = screen(_screen_config(cfg, spec["models"], spec["dev"], out / "dev"))

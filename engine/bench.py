@@ -50,8 +50,19 @@ def bench(
         str, typer.Option(help="DECODE:ORT thread pairs, e.g. 1:2,2:2 (default: THREADS:THREADS).")
     ] = "",
     decoder: Annotated[
-        str, typer.Option(help="Comma list of dali, pillow, pillow-draft, pillow-draftK.")
+        str,
+        typer.Option(
+            help="Comma list of auto (the engine's default, unpatched), dali, pillow, "
+            "pillow-draft, pillow-draftK."
+        ),
     ] = "dali",
+    decode_workers: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of `cxr screen --decode-workers` values (0: as many as the decode "
+            "threads, the engine's default)."
+        ),
+    ] = "0",
     limit: Annotated[int | None, typer.Option(help="Screen only the first N images.")] = None,
     naive_limit: Annotated[int, typer.Option(help="Images for the naive baseline.")] = 100,
     warmup: Annotated[
@@ -86,6 +97,7 @@ def bench(
             threads=threads if threads is not None else defaults.threads,
             thread_splits=bs.parse_splits(thread_split),
             decoders=bs.split_words(decoder),
+            decode_workers=bs.split_ints(decode_workers, "--decode-workers"),
             limit=limit,
             naive_limit=naive_limit,
             warmup=warmup,

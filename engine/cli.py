@@ -110,6 +110,13 @@ def screen(
     ] = 100_000_000,
     min_side: Annotated[int, typer.Option(help="Refuse images with a side below this.")] = 32,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    decode_workers: Annotated[
+        int,
+        typer.Option(
+            help="Threads that read images side by side (sha256, header, DICOM) and, with the "
+            "Pillow decoders, decode them (0: as many as --threads).",
+        ),
+    ] = 0,
     progress: Annotated[bool, typer.Option(help="Progress bar on a terminal.")] = True,
     rescreen_changed: Annotated[
         bool,
@@ -171,6 +178,7 @@ def screen(
             max_pixels=max_pixels,
             min_side=min_side,
             threads=default_threads() if threads is None else threads,
+            decode_workers=decode_workers,
             progress=progress,
             rescreen_changed=rescreen_changed,
             reference=reference,

@@ -84,6 +84,9 @@ class ScreenConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     threads: int = field(default_factory=default_threads)
+    # Threads that read each image (sha256, header, DICOM tags and pixels) and, with the Pillow
+    # decoders, decode and resize it, side by side (engine/screening.py); 0: `threads`.
+    decode_workers: int = 0
     progress: bool = True
     # Nightly runs (engine/nightly/, docs/nightly.md): screen files whose content changed since
     # their row was written again; the run whose images drift is measured against (None: the
@@ -123,12 +126,24 @@ class ScreenConfig:
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be positive")
         check_threads(self.threads)
+        if self.decode_workers < 0:
+            raise ConfigError(
+                "--decode-workers must be 0 (as many as --threads) or more, "
+                f"not {self.decode_workers}"
+            )
+        if self.decode_workers:
+            check_threads(self.decode_workers, "--decode-workers")
         if self.ray is not None and not self.ray.strip():
             raise ConfigError("--ray needs a value: auto, local or a cluster address (host:port)")
         if self.ray_actor_cpus < 0:
             raise ConfigError(
                 f"--ray-actor-cpus must be 0 (auto) or more, not {self.ray_actor_cpus}"
             )
+
+    @property
+    def workers(self) -> int:
+        """The decode workers this configuration runs: decode_workers, else threads."""
+        return self.decode_workers or self.threads
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

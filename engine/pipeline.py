@@ -51,6 +51,34 @@ class Preprocessed:
     errors: dict[int, str]
 
 
+# One image's preprocessing: (work (S, S), segmenter input (1, h, w)), or why it failed.
+Decoded = tuple[np.ndarray, np.ndarray] | str
+
+
+def assemble(results: Sequence[Decoded]) -> Preprocessed:
+    """The batch of per-image results (in input order): what `run` returns for those images."""
+    ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+    if not ok:
+        return Preprocessed(
+            ok=[],
+            work=np.empty((0, 0, 0), np.float32),
+            seg_input=np.empty((0, 1, 0, 0), np.float32),
+            errors=errors,
+        )
+    work = np.stack([results[i][0] for i in ok])
+    seg = np.stack([results[i][1] for i in ok])
+    return Preprocessed(ok=ok, work=work, seg_input=seg, errors=errors)
+
+
+def decode_one(preprocessor: ImagePreprocessor, sample: Sample) -> Decoded:
+    """`preprocessor.run_one(sample)`, or the ImageError's message."""
+    try:
+        return preprocessor.run_one(sample)
+    except ImageError as exc:
+        return str(exc)
+
+
 # DALI's type names -> NumPy (DALIDataType members; only what a pipeline here can output)
 _DALI_DTYPES = {
     "FLOAT": np.float32,
@@ -152,6 +180,10 @@ class ImagePreprocessor(Protocol):
 
     device: str  # "cpu" | "gpu"
     batch_size: int
+    # run_one may be called from several threads at once and costs per image what run does:
+    # a caller may then preprocess images one by one in its own threads and `assemble` the
+    # batch (the Pillow preprocessor). DALI runs whole batches: False.
+    per_image: bool
 
     def run(self, samples: Sequence[Sample]) -> Preprocessed:
         """A batch to the host; a bad image is an error entry, never a failed batch."""
@@ -225,6 +257,8 @@ _EMPTY_PIXELS = np.zeros((1, 1, 1), np.uint16)
 
 class Preprocessor:
     """Runs batches through the pipeline; one bad image never fails the others."""
+
+    per_image = False  # one DALI pipeline, run a batch at a time
 
     def __init__(self, models: ModelSet, *, device: str = "cpu", batch_size: int, threads: int):
         if device not in ("cpu", "gpu"):
@@ -301,22 +335,7 @@ class Preprocessor:
 
     def _run_one_by_one(self, samples: Sequence[Sample]) -> Preprocessed:
         # A decoder error fails DALI's whole batch; rerun singly to pin it on the bad images.
-        ok, works, segs, errors = [], [], [], {}
-        for i, sample in enumerate(samples):
-            try:
-                work, seg = self.run_one(sample)
-            except ImageError as exc:
-                errors[i] = str(exc)
-                continue
-            ok.append(i)
-            works.append(work)
-            segs.append(seg)
-        return Preprocessed(
-            ok=ok,
-            work=np.stack(works) if works else np.empty((0, 0, 0), np.float32),
-            seg_input=np.stack(segs) if segs else np.empty((0, 1, 0, 0), np.float32),
-            errors=errors,
-        )
+        return assemble([decode_one(self, sample) for sample in samples])
 
     def _run(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
         self._feed(samples)

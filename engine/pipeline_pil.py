@@ -35,18 +35,23 @@ import io
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from engine.errors import ConfigError, ImageError
 from engine.models import ModelSet
-from engine.pipeline import UINT16_MAX, DeviceBatch, Preprocessed, Sample
+from engine.pipeline import UINT16_MAX, DeviceBatch, Preprocessed, Sample, assemble, decode_one
 
 _SCALE_8BIT = 257.0  # 255 * 257 = 65535: the same 0..65535 scale as 16-bit sources
 
 
 class PilPreprocessor:
     """Drop-in for engine.pipeline.Preprocessor (an ImagePreprocessor), without DALI."""
+
+    # run_one is thread-safe (per-call Pillow images, read-only settings) and costs per image
+    # what run does: the screening loop decodes images in its reader threads (engine/screening.py)
+    per_image = True
 
     def __init__(
         self,
@@ -78,19 +83,7 @@ class PilPreprocessor:
             raise ValueError("empty batch")
         if len(samples) > self.batch_size:
             raise ValueError(f"batch of {len(samples)} exceeds the pipeline's {self.batch_size}")
-        results = list(self._pool.map(self._safe_one, samples))
-        ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
-        errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
-        if not ok:
-            return Preprocessed(
-                ok=[],
-                work=np.empty((0, 0, 0), np.float32),
-                seg_input=np.empty((0, 1, 0, 0), np.float32),
-                errors=errors,
-            )
-        work = np.stack([results[i][0] for i in ok])  # type: ignore[index]
-        seg = np.stack([results[i][1] for i in ok])  # type: ignore[index]
-        return Preprocessed(ok=ok, work=work, seg_input=seg, errors=errors)
+        return assemble(list(self._pool.map(partial(decode_one, self), samples)))
 
     def run_device(
         self, samples: Sequence[Sample], *, cuda_stream: int | None = None
@@ -113,12 +106,6 @@ class PilPreprocessor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-
-    def _safe_one(self, sample: Sample) -> tuple[np.ndarray, np.ndarray] | str:
-        try:
-            return self.run_one(sample)
-        except ImageError as exc:
-            return str(exc)
 
     def _decode(self, sample: Sample) -> tuple[np.ndarray, tuple[float, float] | None]:
         """uint8 or uint16 (H, W) gray (8-bit values still on their own scale), and the

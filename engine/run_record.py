@@ -36,6 +36,7 @@ class RunSummary:
     model_id: str
     trained: bool
     decoder: str = ""
+    decode_workers: int = 0  # the threads that read and decoded images (ScreenConfig.workers)
     precision_why: dict[str, str] = field(default_factory=dict)  # role -> why that export runs
     # the images this run screened (`count`)
     processed: int = 0
@@ -154,6 +155,7 @@ def run_record(
         "config": config.to_json(),
         "backend": s.backend,
         "decoder": s.decoder,
+        "decode_workers": s.decode_workers,
         "models": {
             "model_id": models.model_id,
             "directory": str(models.classifier.directory.resolve()),

@@ -76,6 +76,7 @@ def screen(config: ScreenConfig, *, on_progress: ProgressFn | None = None) -> Ru
             out=out,
             backend=screener.backend_name,
             decoder=screener.decoder,
+            decode_workers=config.workers,
             model_id=models.model_id,
             trained=models.trained,
             precision_why=models.precision_why,

@@ -13,7 +13,16 @@ import time
 
 from engine.config import resolve_decoder
 from engine.models import ModelSet
-from engine.pipeline import DeviceBatch, ImagePreprocessor, Preprocessed, Preprocessor, Sample
+from engine.pipeline import (
+    Decoded,
+    DeviceBatch,
+    ImagePreprocessor,
+    Preprocessed,
+    Preprocessor,
+    Sample,
+    assemble,
+    decode_one,
+)
 from engine.runtime import get_backend, resolve_backend
 from engine.runtime.base import Backend, DeviceBackend
 from engine.stages.base import Predictions, StageClock, Stages
@@ -52,6 +61,27 @@ class Screener:
         """The batch preprocessed to host arrays."""
         t = time.perf_counter()
         pre = self.pipeline.run(samples)
+        self.clock.add("decode+preprocess", time.perf_counter() - t)
+        return pre
+
+    @property
+    def per_image(self) -> bool:
+        """Whether images may be preprocessed one at a time in the caller's threads
+        (`preprocess_one`) and their batch `assemble`d: the Pillow preprocessor with the CPU
+        stages (whose `ingest` is the preprocessor's `run`)."""
+        return self.pipeline.per_image and self.stages.device == "cpu"
+
+    def preprocess_one(self, sample: Sample) -> Decoded:
+        """One image preprocessed (when `per_image`), or why it failed; thread-safe."""
+        t = time.perf_counter()
+        done = decode_one(self.pipeline, sample)
+        self.clock.add("decode+preprocess", time.perf_counter() - t)
+        return done
+
+    def assemble(self, done: list[Decoded]) -> Preprocessed:
+        """The batch of `preprocess_one`'s results, as `preprocess_batch` returns it."""
+        t = time.perf_counter()
+        pre = assemble(done)
         self.clock.add("decode+preprocess", time.perf_counter() - t)
         return pre
 

@@ -2,12 +2,23 @@
 
 `screen_items` runs a stream of items (a whole local run's, engine/runner.py, or one Ray
 shard's, engine/distributed/shard.py) through the Screener into a ShardWriter, counting every
-row into a RunSummary. Three stages overlap through bounded queues, so memory does not grow
-with the archive:
+row into a RunSummary. The steps overlap in threads, through bounded queues, so memory does not
+grow with the archive (engine/parallel.py):
 
-    reader thread      item bytes, sha256, header probe, DICOM decode (engine/io/reader.py)
-    pipeline thread    decode + resize + normalise (batch n+1 ...)
+    reader thread      the items' bytes (files and archive members, one after the other)
+    decode workers     per image, side by side (config.workers threads, ordered_map): sha256,
+                       header probe, DICOM tags and pixels (engine/io/reader.py) and, with the
+                       Pillow decoders, decode + resize + normalise (Screener.preprocess_one);
+                       results in input order, at most 2 x workers images in flight
+    pipeline thread    the batch: DALI's decode + resize + normalise, or the per-image
+                       results stacked (batch n+1 ...)
     calling thread     segmenter, lung crop, classifier, rows into the writer (... batch n)
+
+Images are decoded one at a time in the workers because the Pillow decoders' big steps (zlib
+inflate, JPEG decoding, the resize) and the reader's (sha256, NumPy's DICOM pipeline) release
+the GIL: one reader thread and a decoder pool per batch left cores idle on 16-bit PNG and
+DICOM (docs/performance.md). The numbers are the same: each image goes through the same
+functions, and the batches are the same.
 
 With the GPU stages, the preprocessor's device output never goes through the host: the
 pipeline thread copies it device to device into the stages' own memory right after DALI's run
@@ -21,11 +32,11 @@ shares.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,17 +48,24 @@ from engine.io.archive import Item
 from engine.io.parquet import Row
 from engine.io.reader import Prepared, failed, location, prepare
 from engine.io.writer import ShardWriter
-from engine.pipeline import DeviceBatch, Preprocessed
+from engine.parallel import Stage, ordered_map
+from engine.pipeline import Decoded, DeviceBatch, Preprocessed, Sample
 from engine.run_record import RunSummary
 from engine.screener import Screener
 from kernels.reference import box_to_pixels
 
-QUEUE_DEPTH = 2  # batches in flight between two stages
+JOIN_S = 60.0  # how long the end of a run waits for each of its threads
+
+# What a preprocessed image's Prepared.sample becomes: it had a sample (finish_batch counts it),
+# and its bytes (or DICOM pixels, 12 MB for a 2048 x 3000 image) need not wait for the batch.
+DECODED = Sample()
 
 
 @dataclass(slots=True)
 class Batch:
     items: list[Prepared]
+    # with a per-image preprocessor: each sample's result, in order (Screener.preprocess_one)
+    done: list[Decoded] = field(default_factory=list)
     pre: Preprocessed | DeviceBatch | None = None
 
 
@@ -64,30 +82,54 @@ def screen_items(
     """Screen `items` into `writer`, every row counted into `summary` (it does not flush).
 
     Each batch's inference time is appended to `latencies`, and `on_rows` gets the number of
-    rows each batch added. Busy time per stage goes to the screener's clock.
+    rows each batch added. Busy time per stage goes to the screener's clock ("read" and
+    "decode+preprocess" summed over the decode workers). Its threads have ended when it
+    returns or raises: each finishes the image or batch in hand (a read stuck on a dead
+    network mount is left behind after JOIN_S, a daemon thread, rather than hang the run).
     """
     stop = threading.Event()
     clock = screener.clock
+    per_image = screener.per_image
 
-    def read() -> Iterator[Batch]:
-        it = batches(items, config)
+    def pulled() -> Iterator[Item]:
+        it = iter(items)
         while True:
             t = time.perf_counter()
-            batch = next(it, None)
+            item = next(it, None)
             clock.add("read", time.perf_counter() - t)
-            if batch is None:
+            if item is None:
                 return
-            yield batch
+            yield item
 
-    def preprocess(batches: Iterator[Batch]) -> Iterator[Batch]:
+    def read_one(item: Item) -> tuple[Prepared, Decoded | None]:
+        t = time.perf_counter()
+        p = prepare(item, max_pixels=config.max_pixels, min_side=config.min_side)
+        clock.add("read", time.perf_counter() - t)
+        if not per_image or p.sample is None:
+            return p, None
+        done = screener.preprocess_one(p.sample)
+        p.sample = DECODED
+        return p, done
+
+    def read() -> Iterator[Batch]:
+        with closing(ordered_map(read_one, pulled(), workers=config.workers)) as done:
+            yield from batches(done, config.batch_size)
+
+    def preprocess(batches: Iterable[Batch]) -> Iterator[Batch]:
         for batch in batches:
-            samples = [p.sample for p in batch.items if p.sample is not None]
-            if samples:
-                batch.pre = screener.preprocess_batch(samples)
+            if batch.done:
+                batch.pre = screener.assemble(batch.done)
+                batch.done = []
+            else:
+                samples = [p.sample for p in batch.items if p.sample is not None]
+                if samples:
+                    batch.pre = screener.preprocess_batch(samples)
             yield batch
 
+    reader = Stage(read(), stop, name="cxr-reader")
+    pipeline = Stage(preprocess(reader), stop, name="cxr-pipeline")
     try:
-        for batch in _threaded(preprocess(_threaded(read(), stop)), stop):
+        for batch in pipeline:
             t = time.perf_counter()
             rows, vecs, previews = finish_batch(batch, screener)
             latencies.append(time.perf_counter() - t)
@@ -100,21 +142,24 @@ def screen_items(
                 on_rows(len(rows))
     finally:
         stop.set()
+        pipeline.join(JOIN_S)
+        reader.join(JOIN_S)
 
 
-def batches(items: Iterable[Item], config: ScreenConfig) -> Iterator[Batch]:
-    """Prepared items in batches of `config.batch_size` samples (at most 4x as many items)."""
-    prepared: list[Prepared] = []
-    n_samples = 0
-    for item in items:
-        p = prepare(item, max_pixels=config.max_pixels, min_side=config.min_side)
-        prepared.append(p)
+def batches(read: Iterable[tuple[Prepared, Decoded | None]], batch_size: int) -> Iterator[Batch]:
+    """Read items (with their per-image results, if any) in batches of `batch_size` samples,
+    at most 4x as many items."""
+    batch, n_samples = Batch([]), 0
+    for p, done in read:
+        batch.items.append(p)
+        if done is not None:
+            batch.done.append(done)
         n_samples += p.sample is not None
-        if n_samples >= config.batch_size or len(prepared) >= 4 * config.batch_size:
-            yield Batch(prepared)
-            prepared, n_samples = [], 0
-    if prepared:
-        yield Batch(prepared)
+        if n_samples >= batch_size or len(batch.items) >= 4 * batch_size:
+            yield batch
+            batch, n_samples = Batch([]), 0
+    if batch.items:
+        yield batch
 
 
 def common_columns(screener: Screener, run_id: str) -> dict[str, Any]:
@@ -170,43 +215,3 @@ def finish_batch(
         vecs.append(vec)
         previews.append(preview)
     return rows, vecs, previews
-
-
-_DONE = object()
-
-
-def _threaded(source: Iterator[Any], stop: threading.Event) -> Iterator[Any]:
-    """Run an iterator in a daemon thread behind a bounded queue; re-raise its errors here."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
-
-    def put(x: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for x in source:
-                if not put(x):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
-            put(_Failure(exc))
-
-    threading.Thread(target=work, daemon=True, name="cxr-stage").start()
-    while True:
-        x = q.get()
-        if x is _DONE:
-            return
-        if isinstance(x, _Failure):
-            raise x.exc
-        yield x
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    exc: BaseException

@@ -41,6 +41,7 @@ N_TAR = 60  # other images packed into a .tar.gz input
 N_IMAGES = N_DIR + N_TAR
 BATCH_SIZE = 4
 SHARD_SIZE = 8
+DECODE_WORKERS = 3
 N_PARTS = math.ceil(N_IMAGES / SHARD_SIZE)  # parts of one uninterrupted run
 
 POLL_S = 0.005
@@ -132,6 +133,9 @@ def screen_cmd(inputs: Inputs, out: Path, models: Path) -> list[str]:
         str(BATCH_SIZE),
         "--shard-size",
         str(SHARD_SIZE),
+        # more decode workers than cores: kills land with several images read ahead and in flight
+        "--decode-workers",
+        str(DECODE_WORKERS),
         "--no-progress",
     ]
 

@@ -408,8 +408,10 @@ def _execute(
     # note that it cannot grow it further is no news either
     for name in ("ray.data._internal.progress", "ray.data._internal.actor_autoscaler"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    actor_config = replace(config, threads=plan.cpus, out=out)
+    summary.decode_workers = actor_config.workers  # in each actor
     spec = WorkerSpec(
-        config=replace(config, threads=plan.cpus, out=out),
+        config=actor_config,
         model_id=models.model_id,
         run_id=summary.run_id,
         inputs=visible_inputs(config),
