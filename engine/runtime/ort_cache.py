@@ -5,7 +5,7 @@ NCHWc layout of the CPU kernels) is most of a small run's model loading: for the
 ResNet50, whose float16 weights are folded to float32 then, it takes several times as long as
 loading the graph it produces. ONNX Runtime can save that optimised graph
 (SessionOptions.optimized_model_filepath) and load it again with optimisation off; the outputs
-are the same (tests/test_runtime.py checks it bit for bit).
+are the same (tests/runtime/test_ort_cache.py checks it bit for bit).
 
 The saved graph depends on the machine (the layout transforms pick kernels for this CPU's
 instruction sets), so its key is the model file's sha256, the ONNX Runtime version and this
