@@ -197,14 +197,14 @@ def test_bench_screen_writes_one_line_per_configuration(bench_archive, tiny_mode
 
 
 def test_bench_screen_runs_the_engine_defaults_and_decode_workers(
-    archive, tiny_models_dir, tmp_path
+    bench_archive, tiny_models_dir, tmp_path
 ):
     """--decoder auto is `cxr screen` unpatched (the CPU default decoder); --decode-workers sweeps
     the readers/decoders, each line recording what ran (issue 17: PNG and DICOM vs ceiling)."""
     from engine.config import CPU_DECODER
 
     opts = bench_screen.BenchOptions(
-        archive=archive / "tree",
+        archive=bench_archive / "tree",
         models=tiny_models_dir,
         precisions=("fp32",),
         batch_sizes=(4,),
@@ -235,12 +235,12 @@ def test_bench_screen_runs_the_engine_defaults_and_decode_workers(
         bench_screen.BenchOptions(decode_workers=(-1,))
 
 
-def test_bench_decode_measures_each_worker_count_in_turn(archive, tmp_path):
+def test_bench_decode_measures_each_worker_count_in_turn(bench_archive, tmp_path):
     from benchmarks.bench_decode import main, run_decode_bench
 
     results = tmp_path / "decode.jsonl"
     lines = run_decode_bench(
-        archive / "tree", workers=(2, 1), rounds=2, limit=None, results=results
+        bench_archive / "tree", workers=(2, 1), rounds=2, limit=None, results=results
     )
     assert [json.loads(x) for x in results.read_text().splitlines()] == lines
     assert [line["config"]["workers"] for line in lines] == [1, 2]  # 1 first: the baseline

@@ -14,6 +14,7 @@ from PIL import Image
 from engine.config import ScreenConfig
 from engine.io import parquet
 from engine.io.archive import ImageRef, Item
+from engine.io.reader import prepare
 from engine.io.writer import ShardWriter
 from engine.run_record import RunSummary
 from engine.screener import Screener, embedding_dim
@@ -44,13 +45,22 @@ def config(tmp_path, **options) -> ScreenConfig:
     return ScreenConfig(inputs=(tmp_path,), out=tmp_path / "out", threads=1, min_side=16, **options)
 
 
+def read(kinds: str, cfg: ScreenConfig):
+    """What the reading side hands to `batches`: each item prepared, nothing decoded yet."""
+    return [
+        (prepare(item, max_pixels=cfg.max_pixels, min_side=cfg.min_side), None)
+        for item in items(kinds)
+    ]
+
+
 def test_a_batch_holds_batch_size_samples_and_the_failures_in_between(tmp_path):
-    got = list(batches(items("gugxgg"), config(tmp_path, batch_size=2)))
+    cfg = config(tmp_path, batch_size=2)
+    got = list(batches(read("gugxgg", cfg), cfg.batch_size))
     assert [[p.row.key for p in b.items] for b in got] == [[1, 2, 3], [4, 5, 6]]
     assert [p.sample is None for p in got[0].items] == [False, True, False]
     assert got[0].items[1].row.error == "/in/2.png: gone"
     # failures alone close a batch at 4x batch_size items, so memory stays bounded
-    assert [len(b.items) for b in batches(items("u" * 9), config(tmp_path, batch_size=2))] == [8, 1]
+    assert [len(b.items) for b in batches(read("u" * 9, cfg), cfg.batch_size)] == [8, 1]
 
 
 @pytest.fixture
