@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import archive_files, benchmarks_importable, dev_images, small_archive
+from conftest import archive_files, benchmarks_importable, dev_images, require_data, small_archive
 from PIL import Image
 
 benchmarks_importable()
@@ -274,6 +274,7 @@ def test_gil_released_share_tells_c_calls_that_release_the_gil_from_python_code(
 
 
 def test_bench_usearch_measures_recall_against_exact_search(tmp_path, tiny_models_dir):
+    require_data()  # `cxr similar` is timed on real dev images
     results = tmp_path / "usearch.jsonl"
     opts = bench_usearch.UsearchOptions(
         sizes=(3000,),
