@@ -64,7 +64,7 @@ class OnnxRuntimeBackend(Backend):
                 str(self.optimized), sess_options=opts, providers=["CPUExecutionProvider"]
             )
         except Exception:  # a damaged or foreign file: make the session from the model again
-            self.optimized.unlink(missing_ok=True)
+            ort_cache.discard(self.optimized)
             return None
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

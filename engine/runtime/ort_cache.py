@@ -69,3 +69,11 @@ def publish(tmp: Path, final: Path) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def discard(path: Path) -> None:
+    """Remove a saved graph that cannot be loaded (a read-only cache keeps it; no error)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
