@@ -20,6 +20,7 @@ nothing outside its --out by default (docs/screen.md), and an optimised ResNet50
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -73,7 +74,5 @@ def publish(tmp: Path, final: Path) -> None:
 
 def discard(path: Path) -> None:
     """Remove a saved graph that cannot be loaded (a read-only cache keeps it; no error)."""
-    try:
+    with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
-    except OSError:
-        pass
