@@ -185,6 +185,23 @@ class Int8Recipe:
     float_ends: int = 0
     float_depthwise: bool = False
 
+    def float_nodes(self, graph: Any) -> list[str]:
+        """Names of the graph's nodes this recipe leaves in float, in graph order."""
+        convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+        k = self.float_ends
+        ends = set(convs[:k] + convs[-k:]) if k else set()
+        return [
+            n.name
+            for n in graph.node
+            if n.op_type in self.exclude_op_types
+            or n.name in ends
+            or (
+                self.float_depthwise
+                and n.op_type == "Conv"
+                and any(a.name == "group" and a.i > 1 for a in n.attribute)
+            )
+        ]
+
     def describe(self) -> dict[str, Any]:
         act = "S8 symmetric" if self.symmetric_activations else "U8"
         out: dict[str, Any] = {
@@ -233,19 +250,7 @@ def quantize_int8(
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared), load_external_data=False).graph
-        exclude = [n.name for n in graph.node if n.op_type in recipe.exclude_op_types]
-        convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
-        if recipe.float_ends:
-            k = recipe.float_ends
-            exclude += [name for name in convs[:k] + convs[-k:] if name not in exclude]
-        if recipe.float_depthwise:
-            exclude += [
-                n.name
-                for n in graph.node
-                if n.op_type == "Conv"
-                and any(a.name == "group" and a.i > 1 for a in n.attribute)
-                and n.name not in exclude
-            ]
+        exclude = recipe.float_nodes(graph)
         extra: dict[str, Any] = {
             "ActivationSymmetric": recipe.symmetric_activations,
             "CalibStridedMinMax": 1,  # one batch at a time (see _Calibration)

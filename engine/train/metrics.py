@@ -29,6 +29,13 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _candidates(probs: np.ndarray) -> np.ndarray:
+    """Thresholds the rules try, ascending: 0, the midpoints between consecutive distinct
+    probabilities, 1."""
+    values = np.unique(probs)
+    return np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
+
+
 def sensitivity_rule(target: float) -> str:
     """THRESHOLD_RULE's counterpart for a sensitivity target (--threshold-sensitivity)."""
     return (
@@ -43,10 +50,8 @@ def sensitivity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) 
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
     if not labels.any():
         return 0.5
-    values = np.unique(probs)
-    candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
     best = 0.0
-    for t in candidates:  # ascending: the last one that still meets the target
+    for t in _candidates(probs):  # ascending: the last one that still meets the target
         if (probs[labels] >= t).mean() >= target - 1e-12:
             best = float(t)
     return best
@@ -57,10 +62,8 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return 0.5
-    values = np.unique(probs)
-    candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
     best_t, best_j = 0.5, -np.inf
-    for t in candidates:  # ascending, so a strict > keeps the lowest of tied thresholds
+    for t in _candidates(probs):  # ascending, so a strict > keeps the lowest of tied thresholds
         pred = probs >= t
         j = pred[labels].mean() + (~pred[~labels]).mean() - 1
         if j > best_j + 1e-12:

@@ -70,3 +70,27 @@ def test_resnet50_export_matches_torch_and_arch_topology():
     assert max(check_parity(model, proto, x, threads=2, where=Path("t.onnx")).values()) <= 1e-4
     reference = onnx_arch.resnet50_classifier(seed=0)
     assert [n.op_type for n in proto.graph.node] == [n.op_type for n in reference.graph.node]
+
+
+def test_int8_recipe_float_nodes_follow_its_options():
+    """Which nodes an INT8 recipe leaves in float: op types, the first and last N convolutions,
+    depthwise (grouped) convolutions; in graph order, each once."""
+    import onnx
+    from onnx import helper
+
+    from engine.train.export import Int8Recipe
+
+    def conv(name: str, group: int = 1) -> onnx.NodeProto:
+        return helper.make_node("Conv", ["x", "w"], [name], name=name, group=group)
+
+    nodes = [conv("c0"), conv("dw1", group=8), helper.make_node("Relu", ["c0"], ["r"], name="r")]
+    nodes += [conv("c2"), helper.make_node("Gemm", ["a", "b"], ["g"], name="g"), conv("c3")]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert Int8Recipe().float_nodes(graph) == []
+    assert Int8Recipe(exclude_op_types=("Gemm",)).float_nodes(graph) == ["g"]
+    assert Int8Recipe(float_ends=1).float_nodes(graph) == ["c0", "c3"]
+    assert Int8Recipe(float_ends=2).float_nodes(graph) == ["c0", "dw1", "c2", "c3"]
+    assert Int8Recipe(float_depthwise=True).float_nodes(graph) == ["dw1"]
+    both = Int8Recipe(float_ends=1, float_depthwise=True, exclude_op_types=("Conv",))
+    assert both.float_nodes(graph) == ["c0", "dw1", "c2", "c3"]  # each once
+    assert Int8Recipe(float_ends=1, float_depthwise=True).describe()["float_depthwise"] is True
