@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from engine.models import meets_parity_bar
-from engine.train.classifier import HEAD_OPS, calibration_inputs, reference_outputs
+from engine.train.classifier import HEAD_OPS, calibration_inputs
 from engine.train.data import log
 from engine.train.export import (
     Int8Recipe,
@@ -47,6 +47,7 @@ from engine.train.export import (
     quantize_int8,
 )
 from engine.train.int8_tune import Int8Tuning, refit_head, tune_int8
+from engine.train.redo import reference_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
 TUNE = re.compile(r"^t(\d+)(s?)(h?)$")

@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import ConfigError, ModelError
+from engine.errors import ModelError
 from engine.models import (
     Manifest,
     Variant,
     export_model,
-    load_manifest,
-    manifest_path,
     save_manifest,
     sha256_file,
 )
@@ -35,11 +33,8 @@ from engine.train.augment import Acquisition, ContextSwap, CropAugment
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData, fit, train_batch
 from engine.train.crops import (
-    config_of,
     load_data,
     load_segmenter,
-    recorded_splits,
-    split_keys,
 )
 from engine.train.data import log
 from engine.train.datasets import HOLDOUT, UNSEEN
@@ -120,10 +115,16 @@ def split_counts(data: CropData) -> dict[str, Any]:
 def calibration_inputs(
     data: CropData, clf: Manifest, n: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training crops for INT8 calibration: every unaugmented one, then augmented ones up to n;
-    with the patient id of each crop (an augmented crop is a view of a training image, so
-    cross-validation on these crops must keep a patient's crops in one fold)."""
-    train_idx = np.flatnonzero(data.split == "train")
+    """Training crops for INT8 calibration: unaugmented ones (the first set's, then the further
+    sets' in a seeded random order, so that n of them spread over their sources), then
+    augmented ones up to n; with the patient id of each crop (an augmented crop is a view of a
+    training image, so cross-validation on these crops must keep a patient's crops in one
+    fold). A larger n gives the same crops first."""
+    train = data.split == "train"
+    primary = np.flatnonzero(train & (data.dataset == 0))
+    further = np.flatnonzero(train & (data.dataset != 0))
+    shuffled = further[np.random.default_rng(seed + 2).permutation(len(further))]
+    train_idx = np.concatenate([primary, shuffled])
     rng, gen = np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1)
     chosen = [train_idx[:n]]
     parts = [data.inputs[chosen[0]]]
@@ -165,21 +166,23 @@ def int8_variant(
     """classifier.int8.onnx, calibrated on training crops and its integer weights tuned against
     the FP32 ONNX on them, and its parity with the FP32 ONNX."""
     path = manifest.directory / INT8_FILE
-    calib, patients = calibration_inputs(data, manifest, cfg.calibration_images, cfg.seed)
+    n_tune = max(cfg.int8_tune_images or 0, cfg.calibration_images)
+    crops, patients = calibration_inputs(data, manifest, n_tune, cfg.seed)
+    calib = crops[: cfg.calibration_images]  # the tuning crops start with the calibration ones
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
     recipe = replace(INT8_RECIPE, float_depthwise=cfg.int8_float_depthwise)
     quantize_int8(manifest.onnx_path, path, calib, recipe)
     tuning = Int8Tuning(epochs=cfg.int8_tune_epochs, seed=cfg.seed)
     tuned: dict[str, Any] = {"epochs": 0}
     if tuning.epochs:
-        log(f"INT8: tuning the integer weights for {tuning.epochs} epochs on the same crops")
-        teacher = ort_run(ort_session(manifest.onnx_path, cfg.threads), calib)
+        log(f"INT8: tuning the integer weights for {tuning.epochs} epochs on {len(crops)} crops")
+        teacher = ort_run(ort_session(manifest.onnx_path, cfg.threads), crops)
         try:
-            tuned = tune_int8(path, calib, teacher, tuning, cfg.threads)
+            tuned = tune_int8(path, crops, teacher, tuning, cfg.threads)
         except ModelError as exc:  # a graph the mirror cannot run: keep the calibrated file
             log(f"warning: INT8 tuning skipped ({exc}); the export is calibrated only")
             tuned = {"epochs": 0, "skipped": str(exc)}
-        tuned["head_refit"] = refit_head(path, calib, teacher, cfg.threads, patients=patients)
+        tuned["head_refit"] = refit_head(path, crops, teacher, cfg.threads, patients=patients)
     # The parity bar is defined on the primary (dev) set: its labelled images, its held-out
     # patients; the further sets are training data.
     primary = data.dataset == 0
@@ -238,71 +241,6 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Manifest:
         f"{metrics['val']['all']['roc_auc']}, threshold {threshold:.4f} -> {manifest.onnx_path}"
     )
     return manifest
-
-
-def requantize_int8(
-    models: Path,
-    labels: Path,
-    images: Path,
-    *,
-    calibration_images: int = 256,
-    int8_tune_epochs: int = 12,
-    float_depthwise: bool = False,
-    cache: Path | None = None,
-    threads: int = 2,
-) -> Manifest:
-    """Redo the INT8 export of a `cxr train classifier` directory without retraining (e.g. after
-    the INT8 recipe improved): the same FP32 model, split (the seed in its card, checked against
-    its splits.csv) and threshold; classifier.int8.onnx and the manifest's int8 entries are
-    rewritten, nothing else."""
-    m = load_manifest(manifest_path(models, "classifier"))
-    if m.precision != "fp32" or not m.trained or m.threshold is None:
-        raise ConfigError(
-            f"{models}: needs the trained FP32 classifier `cxr train classifier --out` wrote "
-            f"(this one is {'trained' if m.trained else 'untrained'}, {m.precision})"
-        )
-    _, data, fp32 = reference_outputs(models, labels, images, threads=threads, cache=cache)
-    _check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
-    cfg = config_of(
-        m,
-        models,
-        labels,
-        images,
-        threads,
-        calibration_images=calibration_images,
-        int8_tune_epochs=int8_tune_epochs,
-        int8_float_depthwise=float_depthwise,
-    )
-    int8 = int8_variant(cfg, m, data, fp32, m.threshold)
-    variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
-    out = replace(m, card=dict(m.card) | {"int8": int8}, variants={"int8": variant})
-    save_manifest(out, m.directory)
-    return out
-
-
-def reference_outputs(
-    trained: Path, labels: Path, images: Path, *, threads: int = 2, cache: Path | None = None
-) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
-    """The FP32 classifier of a `cxr train` directory, the unaugmented crops of every labelled
-    image (its own segmenter, and its split: the seed in its card), and its ONNX Runtime
-    outputs on them: the reference every other export of it is compared with."""
-    ref = load_manifest(manifest_path(trained, "classifier"))
-    cfg = config_of(ref, trained, labels, images, threads, cache=cache)
-    data, _ = load_data(cfg, load_segmenter(trained))
-    log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
-    return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
-
-
-def _check_same_split(path: Path, data: CropData) -> None:
-    """The crops' split must be the one the model was trained on (its splits.csv)."""
-    recorded = recorded_splits(path)
-    now = {key: str(s) for key, s in zip(split_keys(data), data.split, strict=True)}
-    differ = [key[1] for key, s in now.items() if recorded.get(key, s) != s]
-    if differ:
-        raise ConfigError(
-            f"{path}: {len(differ)} images (e.g. {differ[0]}) fall in another split than the "
-            "classifier was trained on; pass the labels CSV it was trained with"
-        )
 
 
 def _card(

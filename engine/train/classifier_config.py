@@ -44,6 +44,7 @@ class ClassifierTrainConfig:
     hflip: bool = False  # off: anatomy is not mirror-symmetric; turn on only if val shows a gain
     calibration_images: int = 256
     int8_tune_epochs: int = 12  # 0: calibration only
+    int8_tune_images: int | None = None  # crops to tune on (None: the calibration crops)
     int8_float_depthwise: bool = False  # depthwise convolutions left in float (export.Int8Recipe)
     threads: int = 2
     precision: str = "auto"
@@ -86,6 +87,8 @@ class ClassifierTrainConfig:
             raise ConfigError(
                 f"--calibration-images must be at least 1, not {self.calibration_images}"
             )
+        if self.int8_tune_images is not None and self.int8_tune_images < 1:
+            raise ConfigError(f"--tune-images must be at least 1, not {self.int8_tune_images}")
         if self.int8_tune_epochs < 0:
             raise ConfigError(f"--int8-tune-epochs must be 0 or more, not {self.int8_tune_epochs}")
         if self.epoch_images is not None and self.epoch_images < self.batch_size:

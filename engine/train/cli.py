@@ -222,34 +222,60 @@ def train_classifier(
         )
 
 
+# Options of the commands that redo a step of a trained classifier directory.
+TrainedModels = Annotated[
+    Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
+]
+TrainedLabels = Annotated[
+    list[Path],
+    typer.Option(
+        help="The labels CSV(s) the classifier was trained on, all of them, in the same order."
+    ),
+]
+TrainedImages = Annotated[
+    list[Path] | None,
+    typer.Option(help="Folder of each --labels CSV, in the same order (default: its folder)."),
+]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(help="Crop cache folder (default: MODELS/crop-cache)."),
+]
+
+
 @app.command("int8", help="Redo a trained classifier's INT8 export (calibrate, tune, parity).")
 def train_int8(
-    models: Annotated[
-        Path, typer.Option(help="Models directory `cxr train classifier --out` wrote.")
-    ],
-    labels: Annotated[Path, typer.Option(help="The labels CSV the classifier was trained on.")],
-    images: ImagesRoot,
+    models: TrainedModels,
+    labels: TrainedLabels,
+    images: TrainedImages = None,
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
-    float_depthwise: FloatDepthwise = False,
-    cache: Annotated[
-        Path | None,
-        typer.Option(help="Crop cache folder (default: MODELS/crop-cache)."),
+    tune_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Training crops to tune on, the calibration crops first and further sets' "
+            "crops spread over their sources (default: the calibration crops)."
+        ),
     ] = None,
+    float_depthwise: FloatDepthwise = False,
+    cache: CacheDir = None,
     threads: Threads = None,
 ) -> None:
     """Redo a trained classifier's INT8 export (calibration, tuning, parity); no retraining."""
 
     with fatal_errors():
         require_torch()
-        from engine.train.classifier import requantize_int8
+        from engine.train.datasets import pair_sets
+        from engine.train.redo import requantize_int8
 
+        sets = pair_sets(labels, images or [])
         m = requantize_int8(
             models,
-            labels,
-            images,
+            sets[0].labels,
+            sets[0].images,
+            extra=sets[1:],
             calibration_images=calibration_images,
             int8_tune_epochs=int8_tune_epochs,
+            int8_tune_images=tune_images,
             float_depthwise=float_depthwise,
             cache=cache,
             threads=_threads(threads),
@@ -257,7 +283,52 @@ def train_int8(
         par = m.variants["int8"].parity
         typer.echo(
             f"{m.directory / m.variants['int8'].onnx}: same decision as FP32 "
-            f"{par['same_decision']:.4f}, ROC AUC diff {par['roc_auc_diff']}"
+            f"{par['same_decision']:.4f} (held-out {par.get('same_decision_held_out')}), "
+            f"ROC AUC diff {par['roc_auc_diff']}, embedding cosine min "
+            f"{par['embedding_cosine_min']:.4f}"
+        )
+
+
+@app.command(
+    "threshold",
+    help="Choose a trained classifier's threshold again, by Youden's J or a sensitivity.",
+)
+def train_threshold(
+    models: TrainedModels,
+    labels: TrainedLabels,
+    images: TrainedImages = None,
+    threshold_sensitivity: Annotated[
+        float | None,
+        typer.Option(
+            help="The highest threshold whose sensitivity on the validation positives is at "
+            "least this (default: Youden's J)."
+        ),
+    ] = None,
+    cache: CacheDir = None,
+    threads: Threads = None,
+) -> None:
+    """Re-choose the threshold on the validation patients and rewrite what depends on it (card
+    metrics, INT8 parity, held-out figures); the weights are unchanged."""
+
+    with fatal_errors():
+        require_torch()
+        from engine.train.datasets import pair_sets
+        from engine.train.redo import rethreshold
+
+        sets = pair_sets(labels, images or [])
+        m = rethreshold(
+            models,
+            sets[0].labels,
+            sets[0].images,
+            extra=sets[1:],
+            threshold_sensitivity=threshold_sensitivity,
+            cache=cache,
+            threads=_threads(threads),
+        )
+        test = m.card["metrics"].get("test", {}).get("all", {})
+        typer.echo(
+            f"{m.directory}: threshold {m.threshold:.4f} ({m.card['threshold_rule']}); "
+            f"test sensitivity {test.get('sensitivity')}, specificity {test.get('specificity')}"
         )
 
 

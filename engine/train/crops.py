@@ -111,8 +111,16 @@ def config_of(
     m: Manifest, trained: Path, labels: Path, images: Path, threads: int, **kw: Any
 ) -> ClassifierTrainConfig:
     """The config that rebuilds a trained directory's crops and split: its own segmenter and
-    architecture, the split seed in its card; kw: the rest (e.g. the INT8 settings)."""
+    architecture, the split seed, the further sets' hold-out share and the groups left out of
+    training as its card records them; kw: the rest (e.g. the further sets, the INT8
+    settings)."""
     seed = int(m.card.get("splits", {}).get("seed", 0))
+    data = m.card.get("data", {})
+    recorded: dict[str, Any] = {}
+    if "holdout" in data:
+        recorded["holdout"] = float(data["holdout"]["fraction"])
+    if data.get("excluded_from_training"):
+        recorded["exclude"] = tuple(data["excluded_from_training"])
     return ClassifierTrainConfig(
         labels=labels,
         images=images,
@@ -121,7 +129,7 @@ def config_of(
         arch=m.architecture,
         seed=seed,
         threads=threads,
-        **kw,
+        **(recorded | kw),
     )
 
 

@@ -66,9 +66,9 @@ def packed_parity(
     """Parity with the FP32 export of each export the packed classifier lists (its own and
     its variants, e.g. the w8 one a release with INT8 carries), keyed by precision.
     reference_json: where to write the FP32 logits it was measured against."""
-    from engine.train.classifier import reference_outputs
     from engine.train.data import log
     from engine.train.export import PARITY_INPUTS, export_parity
+    from engine.train.redo import reference_outputs
 
     got = load_manifest(manifest_path(packed, "classifier"))
     ref, data, fp32 = reference_outputs(trained, labels, images, threads=threads)

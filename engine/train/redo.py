@@ -1,0 +1,177 @@
+"""Redo a step after training in a `cxr train classifier` directory, without retraining: the
+INT8 export (`cxr train int8`: a better recipe, more crops) or the threshold (`cxr train
+threshold`: the other rule). Both rebuild the directory's own crops and split (the seed, the
+further sets' hold-out and the groups left out of training as its card records them, checked
+against its splits.csv) and score them with its FP32 export, which stays as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ConfigError
+from engine.models import Manifest, Variant, load_manifest, manifest_path, save_manifest
+from engine.train.classifier import SPLITS_FILE, evaluate, int8_variant
+from engine.train.classifier_fit import CropData
+from engine.train.crops import config_of, load_data, load_segmenter, recorded_splits, split_keys
+from engine.train.data import log
+from engine.train.datasets import LabelSet
+from engine.train.export import PARITY_INPUTS, export_parity, ort_run, ort_session
+from engine.train.generalisation import from_training
+
+
+def reference_outputs(
+    trained: Path,
+    labels: Path,
+    images: Path,
+    *,
+    extra: tuple[LabelSet, ...] = (),
+    threads: int = 2,
+    cache: Path | None = None,
+) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
+    """The FP32 classifier of a `cxr train` directory, the unaugmented crops of every labelled
+    image of the sets given (its own segmenter, and its split: the seed in its card), and its
+    ONNX Runtime outputs on them: the reference every other export of it is compared with."""
+    ref = load_manifest(manifest_path(trained, "classifier"))
+    cfg = config_of(ref, trained, labels, images, threads, cache=cache, extra=extra)
+    data, _ = load_data(cfg, load_segmenter(trained))
+    log(f"scoring {len(data.inputs)} crops with {ref.onnx_path}")
+    return ref, data, ort_run(ort_session(ref.onnx_path, threads), data.inputs)
+
+
+def check_same_split(path: Path, data: CropData) -> None:
+    """The crops' split must be the one the model was trained on (its splits.csv)."""
+    recorded = recorded_splits(path)
+    now = {key: str(s) for key, s in zip(split_keys(data), data.split, strict=True)}
+    differ = [key[1] for key, s in now.items() if recorded.get(key, s) != s]
+    if differ:
+        raise ConfigError(
+            f"{path}: {len(differ)} images (e.g. {differ[0]}) fall in another split than the "
+            "classifier was trained on; pass the labels CSVs it was trained with, in order"
+        )
+
+
+def _trained_fp32(models: Path) -> Manifest:
+    m = load_manifest(manifest_path(models, "classifier"))
+    if m.precision != "fp32" or not m.trained or m.threshold is None:
+        raise ConfigError(
+            f"{models}: needs the trained FP32 classifier `cxr train classifier --out` wrote "
+            f"(this one is {'trained' if m.trained else 'untrained'}, {m.precision})"
+        )
+    return m
+
+
+def _check_sets(m: Manifest, labels: Path, extra: tuple[LabelSet, ...]) -> None:
+    """As many labels CSVs as the classifier was trained on: a missing set would silently
+    shrink the calibration crops and the figures."""
+    trained_on = m.card.get("data", {}).get("sets")
+    if trained_on is not None and len(trained_on) != 1 + len(extra):
+        names = ", ".join(str(s.get("labels")) for s in trained_on)
+        raise ConfigError(
+            f"{m.directory}: trained on {len(trained_on)} labelled set(s) ({names}); give "
+            f"--labels (and --images) for each, in that order, not {1 + len(extra)}"
+        )
+
+
+def requantize_int8(
+    models: Path,
+    labels: Path,
+    images: Path,
+    *,
+    extra: tuple[LabelSet, ...] = (),
+    calibration_images: int = 256,
+    int8_tune_epochs: int = 12,
+    int8_tune_images: int | None = None,
+    float_depthwise: bool = False,
+    cache: Path | None = None,
+    threads: int = 2,
+) -> Manifest:
+    """Redo the INT8 export (e.g. after the INT8 recipe improved): the same FP32 model, split
+    and threshold; classifier.int8.onnx and the manifest's int8 entries are rewritten, nothing
+    else."""
+    m = _trained_fp32(models)
+    _check_sets(m, labels, extra)
+    _, data, fp32 = reference_outputs(
+        models, labels, images, extra=extra, threads=threads, cache=cache
+    )
+    check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
+    cfg = config_of(
+        m,
+        models,
+        labels,
+        images,
+        threads,
+        extra=extra,
+        calibration_images=calibration_images,
+        int8_tune_epochs=int8_tune_epochs,
+        int8_tune_images=int8_tune_images,
+        int8_float_depthwise=float_depthwise,
+    )
+    int8 = int8_variant(cfg, m, data, fp32, m.threshold)
+    variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])
+    out = replace(m, card=dict(m.card) | {"int8": int8}, variants={"int8": variant})
+    save_manifest(out, m.directory)
+    return out
+
+
+def rethreshold(
+    models: Path,
+    labels: Path,
+    images: Path,
+    *,
+    extra: tuple[LabelSet, ...] = (),
+    threshold_sensitivity: float | None = None,
+    cache: Path | None = None,
+    threads: int = 2,
+) -> Manifest:
+    """Choose the threshold again on the validation patients by a rule (Youden's J, or the
+    highest threshold with validation sensitivity >= threshold_sensitivity) and rewrite what
+    depends on it: the threshold, its rule, the card's metrics, the INT8 export's parity
+    (re-measured: its decisions are taken at the threshold; the file is unchanged) and the
+    end-of-training figures (held-out specificity per group, downscale agreement). The card
+    keeps the threshold it replaced under `threshold_replaced`."""
+    m = _trained_fp32(models)
+    _check_sets(m, labels, extra)
+    _, data, fp32 = reference_outputs(
+        models, labels, images, extra=extra, threads=threads, cache=cache
+    )
+    check_same_split(Path(models) / SPLITS_FILE, data)
+    cfg = config_of(
+        m, models, labels, images, threads, extra=extra, threshold_sensitivity=threshold_sensitivity
+    )
+    probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
+    val = data.split == "val"
+    threshold, rule = cfg.threshold(probs[val], data.labels[val])
+    log(f"threshold {m.threshold:.4f} -> {threshold:.4f} ({rule})")
+    card: dict[str, Any] = dict(m.card)
+    card["threshold_replaced"] = {
+        "threshold": m.threshold,
+        "rule": card.get("threshold_rule"),
+        "by": "cxr train threshold (same FP32 model and validation patients)",
+    }
+    card |= {"threshold": threshold, "threshold_rule": rule}
+    card["metrics"] = evaluate(probs, data, threshold)
+    variants = dict(m.variants)
+    if "int8" in variants and "int8" in card:
+        primary = data.dataset == 0
+        par = export_parity(
+            {k: v[primary] for k, v in fp32.items()},
+            m.directory / variants["int8"].onnx,
+            data.inputs[primary],
+            data.labels[primary],
+            threshold,
+            threads,
+            held_out=data.split[primary] != "train",
+        )
+        par["inputs"] = PARITY_INPUTS
+        par["calibration"] = card["int8"]["parity"].get("calibration")
+        card["int8"] = dict(card["int8"]) | {"parity": par}
+        variants["int8"] = replace(variants["int8"], parity=par)
+    card |= from_training(m.directory, data, fp32, threshold, threads)
+    out = replace(m, threshold=threshold, card=card, variants=variants)
+    save_manifest(out, m.directory)
+    return out
