@@ -171,7 +171,10 @@ def rethreshold(
         par["calibration"] = card["int8"]["parity"].get("calibration")
         card["int8"] = dict(card["int8"]) | {"parity": par}
         variants["int8"] = replace(variants["int8"], parity=par)
-    card |= from_training(m.directory, data, fp32, threshold, threads)
     out = replace(m, threshold=threshold, card=card, variants=variants)
+    # saved first: the figures score the directory through the engine at its manifest threshold
+    save_manifest(out, m.directory)
+    figures = from_training(m.directory, data, fp32, threshold, threads)
+    out = replace(out, card=out.card | figures)
     save_manifest(out, m.directory)
     return out
