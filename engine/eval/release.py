@@ -1,7 +1,7 @@
 """Ship a trained model in one command: pack, parity, test evaluation, shortcut check, card.
 
     python -m engine.eval.release --trained TRAINED_DIR --out engine/shipped_models \\
-        --labels LABELS.csv --images ROOT --work WORKDIR [--classifier fp16|int8] \\
+        --labels LABELS.csv --images ROOT --work WORKDIR [--classifier fp16|int8|fp16+int8] \\
         [--compare NAME=OTHER_TRAINED_DIR ...] [--evidence docs/model-eval]
 
 (the same command as `cxr eval release ...`; `python -m` runs it through `main`.)
@@ -78,6 +78,7 @@ PARITY_REFERENCE = "parity-reference.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Model files of a release in --out: what the manifests do not name is stale and removed.
 MODEL_FILES = ("classifier*.onnx", "segmenter*.onnx")
+CLASSIFIER_PACKS = ("fp16", "int8", "fp16+int8")  # engine.models.pack_models
 _C = TypeVar("_C", ScreenConfig, "ShortcutConfig")
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class ReleaseConfig:
     labels: Path
     images: Path
     work: Path
-    classifier: str = "fp16"  # fp16 | int8: the export of the classifier that ships
+    classifier: str = "fp16"  # fp16 | int8 | fp16+int8: the export(s) of the classifier that ship
     compare: tuple[tuple[str, Path], ...] = ()  # (name, another trained dir)
     # (release | a compare name, a leave-one-source-out run of that recipe)
     unseen: tuple[tuple[str, Path], ...] = ()
@@ -105,8 +106,10 @@ class ReleaseConfig:
     command: str | None = None  # the command line, for the card's footer
 
     def __post_init__(self) -> None:
-        if self.classifier not in ("fp16", "int8"):
-            raise ConfigError(f"--classifier must be fp16 or int8, not {self.classifier!r}")
+        if self.classifier not in CLASSIFIER_PACKS:
+            raise ConfigError(
+                f"--classifier must be {', '.join(CLASSIFIER_PACKS)}, not {self.classifier!r}"
+            )
         for d in (self.trained, *(d for _, d in self.compare)):
             for name in ("classifier.json", "segmenter.json", "splits.csv"):
                 if not (Path(d) / name).is_file():
@@ -501,7 +504,11 @@ def release_command(
     images: Annotated[Path, typer.Option(help="Root of the CSV's paths.")],
     work: Annotated[Path, typer.Option(help="Scratch folder for the runs and JSONs.")],
     classifier: Annotated[
-        str, typer.Option(help="fp16 | int8: the classifier export that ships.")
+        str,
+        typer.Option(
+            help="fp16 | int8 | fp16+int8: the classifier export that ships (fp16+int8: the "
+            "float16-stored one with the INT8 export beside it, for --precision auto)."
+        ),
     ] = "fp16",
     compare: Annotated[
         list[str] | None,

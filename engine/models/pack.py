@@ -15,7 +15,10 @@ from engine.models.storage import fp16_weights, w8_weights
 def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
     """A lean copy of a models directory for shipping: the chosen classifier export
     (``int8``: its QDQ variant, with a w8 variant, the FP32 weights stored as INT8, that
-    TensorRT's float plans build from; ``fp16``: float16-stored weights), the segmenter as is.
+    TensorRT's float plans build from; ``fp16``: float16-stored weights; ``fp16+int8``: the
+    float16-stored weights with the trained INT8 export as their variant, which `--precision
+    auto` runs on CPUs with VNNI/AMX where its recorded parity meets the bar), the segmenter as
+    is.
 
     The manifests keep the training card, including the INT8 parity measured against FP32.
     """
@@ -49,12 +52,22 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
             directory=out,
         )
         save_manifest(packed, out)
-    elif classifier_precision == "fp16":
+    elif classifier_precision in ("fp16", "fp16+int8"):
+        variants = {}
+        if classifier_precision == "fp16+int8":
+            variant = clf.variants.get("int8")
+            if variant is None:
+                raise ModelError(f"{src}: the classifier has no int8 export to pack")
+            shutil.copy2(clf.directory / variant.onnx, out / variant.onnx)
+            variants = {"int8": variant}
         proto = fp16_weights(onnx.load(str(clf.onnx_path)))
-        half = replace(clf, onnx="classifier.fp16.onnx", precision="fp16", variants={}, card=card)
+        half = replace(
+            clf, onnx="classifier.fp16.onnx", precision="fp16", variants=variants, card=card
+        )
         export_model(proto, out, half)
     else:
         raise ModelError(
-            f"pack: classifier precision must be int8 or fp16, not {classifier_precision!r}"
+            "pack: classifier precision must be int8, fp16 or fp16+int8, not "
+            f"{classifier_precision!r}"
         )
     return load_models(out, precision="auto")

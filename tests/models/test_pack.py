@@ -1,5 +1,6 @@
 """engine.models.pack: the lean copy of a models directory that ships: the segmenter as is and
-the chosen classifier export (int8 with its w8 weights for TensorRT's float plans, or fp16)."""
+the chosen classifier export (int8 with its w8 weights for TensorRT's float plans, fp16, or fp16
+with the INT8 export beside it for `--precision auto`)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,36 @@ def test_fp16_pack_ships_float16_weights(models, tmp_path):
     assert clf.onnx_path.stat().st_size < (models / "classifier.onnx").stat().st_size
 
 
+def test_fp16_int8_pack_ships_float16_weights_with_the_int8_export_beside_them(models, tmp_path):
+    from engine.models import choose_precision
+
+    out = tmp_path / "packed"
+    packed = pack_models(models, out, classifier_precision="fp16+int8")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "classifier.fp16.onnx",
+        "classifier.int8.onnx",
+        "classifier.json",
+        "segmenter.json",
+        "segmenter.onnx",
+    ]
+    clf = packed.classifier
+    assert (clf.onnx, clf.precision, list(clf.variants)) == (
+        "classifier.fp16.onnx",
+        "fp16",
+        ["int8"],
+    )
+    trained = load_manifest(models / "classifier.json")
+    assert clf.variants["int8"] == trained.variants["int8"]  # its recorded parity goes along
+    assert clf.variants["int8"].sha256 == sha256_file(out / "classifier.int8.onnx")
+    assert choose_precision(clf, "int8").onnx == "classifier.int8.onnx"
+    assert choose_precision(clf, "fp16").onnx == "classifier.fp16.onnx"
+
+
 def test_what_cannot_be_packed_is_a_model_error(tiny_models_dir, tmp_path):
     with pytest.raises(ModelError, match="the classifier has no int8 export to pack"):
         pack_models(tiny_models_dir, tmp_path / "a", classifier_precision="int8")
-    with pytest.raises(ModelError, match="must be int8 or fp16, not 'fp32'"):
+    with pytest.raises(ModelError, match="the classifier has no int8 export to pack"):
+        pack_models(tiny_models_dir, tmp_path / "c", classifier_precision="fp16+int8")
+    with pytest.raises(ModelError, match="must be int8, fp16 or fp16\\+int8, not 'fp32'"):
         pack_models(tiny_models_dir, tmp_path / "b", classifier_precision="fp32")
