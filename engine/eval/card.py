@@ -145,7 +145,8 @@ def render(
     for precision in (clf.precision, *others):
         par = (card.get(precision) or {}).get("parity")
         if par:
-            out += ["", parity_line(precision, par, shipped=precision == clf.precision)]
+            shipped, beside = precision == clf.precision, precision in clf.variants
+            out += ["", parity_line(precision, par, shipped=shipped, beside=beside)]
     ret = ev.get("retrieval", {}).get("overall")
     if ret:
         out += [

@@ -39,12 +39,14 @@ from engine.models.modelset import PACKAGED_MODELS, ModelSet, load_models
 from engine.models.pack import pack_models
 from engine.models.precision import (
     AUTO_MAX_AUC_DIFF,
+    AUTO_MIN_EMBEDDING_COSINE,
     AUTO_MIN_SAME_DECISION,
     FLOAT_COMPUTE,
     PRECISIONS,
     SEG_MAX_DICE_DROP,
     SEG_MIN_BOX_IOU,
     choose_precision,
+    classifier_parity_ok,
     meets_parity_bar,
     segmenter_parity_ok,
     why_precision,
@@ -53,6 +55,7 @@ from engine.models.storage import float_weights, fp16_weights, w8_weights
 
 __all__ = [
     "AUTO_MAX_AUC_DIFF",
+    "AUTO_MIN_EMBEDDING_COSINE",
     "AUTO_MIN_SAME_DECISION",
     "FLOAT_COMPUTE",
     "INIT_SPECS",
@@ -74,6 +77,7 @@ __all__ = [
     "architecture_spec",
     "choose_precision",
     "classifier_manifest",
+    "classifier_parity_ok",
     "export_model",
     "float_weights",
     "fp16_weights",

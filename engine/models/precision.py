@@ -14,6 +14,10 @@ from engine.models.manifest import Manifest
 # (ARCHITECTURE.md habit 2; the same bar as the throughput issue's parity rule).
 AUTO_MIN_SAME_DECISION = 0.99
 AUTO_MAX_AUC_DIFF = 0.01
+# ...and, where its parity records them, the same decision on every held-out image (never
+# calibrated or tuned on) and a mean embedding cosine with FP32 of at least this (the
+# embeddings feed `cxr similar`)
+AUTO_MIN_EMBEDDING_COSINE = 0.99
 SEG_MIN_BOX_IOU = 0.95  # a segmenter export's lung box against the FP32 one, on every image
 SEG_MAX_DICE_DROP = 0.005
 # fp16 / w8: the FP32 model's weights stored as float16 / per-channel INT8, computed in float32
@@ -85,6 +89,22 @@ def meets_parity_bar(same_decision: float, roc_auc_diff: float | None) -> bool:
     )
 
 
+def classifier_parity_ok(parity: dict[str, Any]) -> bool:
+    """A classifier export's whole bar: meets_parity_bar on every labelled image, and where
+    recorded, the same decision on all held-out images and the mean embedding cosine."""
+    try:
+        same = float(parity["same_decision"])
+        auc = parity.get("roc_auc_diff")
+        ok = meets_parity_bar(same, None if auc is None else float(auc))
+        if parity.get("same_decision_held_out") is not None:
+            ok = ok and float(parity["same_decision_held_out"]) >= 1.0
+        if parity.get("embedding_cosine_mean") is not None:
+            ok = ok and float(parity["embedding_cosine_mean"]) >= AUTO_MIN_EMBEDDING_COSINE
+        return ok
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def segmenter_parity_ok(parity: dict[str, Any]) -> bool:
     """A segmenter export's bar (engine/train/segmenter_int8.py measures it): the lung box's
     IoU with the FP32 box on every labelled image, and the Dice drop on held-out masks."""
@@ -102,12 +122,9 @@ def _parity_ok(parity: dict[str, Any]) -> bool:
     (a classifier's decisions and ROC AUC, a segmenter's boxes and Dice)."""
     if "box_iou_min" in parity:
         return segmenter_parity_ok(parity)
-    try:
-        same = float(parity["same_decision"])
-        auc_diff = float(parity["roc_auc_diff"])
-    except (KeyError, TypeError, ValueError):
+    if parity.get("roc_auc_diff") is None:  # auto needs both numbers recorded
         return False
-    return meets_parity_bar(same, auc_diff)
+    return classifier_parity_ok(parity)
 
 
 def at_precision(m: Manifest, precision: str) -> Manifest:

@@ -29,7 +29,13 @@ import numpy as np
 import typer
 
 from engine.console import fatal_errors, run_script
-from engine.models import Manifest, load_manifest, manifest_path, meets_parity_bar, save_manifest
+from engine.models import (
+    Manifest,
+    classifier_parity_ok,
+    load_manifest,
+    manifest_path,
+    save_manifest,
+)
 from engine.train import require_torch
 
 if TYPE_CHECKING:
@@ -93,7 +99,7 @@ def packed_parity(
         )
         par["inputs"] = PARITY_INPUTS
         par["reference"] = f"{ref.onnx} (fp32), sha256 {ref.sha256[:12]}"
-        par["meets_bar"] = meets_parity_bar(par["same_decision"], par.get("roc_auc_diff"))
+        par["meets_bar"] = classifier_parity_ok(par)
         out[precision] = par
     return out
 

@@ -51,8 +51,12 @@ def test_parity_line_gives_counts_so_a_miss_by_one_image_reads_as_one():
     )
     assert "neither calibration nor tuning saw: 89 of 90)" in line
     assert line.endswith(
-        "Meets the parity bar (same decision >= 0.99, |ROC AUC diff| <= 0.01): no."
+        "Meets the parity bar (same decision >= 0.99 and on every held-out image, |ROC AUC "
+        "diff| <= 0.01, embedding cosine mean >= 0.99): no."
     )
+    assert "is not shipped" in line
+    beside = parity_line("int8", par, shipped=False, beside=True)
+    assert beside.startswith("The INT8 QDQ export ships beside it: `--precision auto` runs it")
     w8 = parity_line("w8", {"images": 4, "same_decision": 1.0}, shipped=False)
     assert "TensorRT's fp16/fp32 plans build from it" in w8 and "(4 of 4)" in w8
 

@@ -16,6 +16,7 @@ from engine.models import (
     SEG_MIN_BOX_IOU,
     Variant,
     choose_precision,
+    classifier_parity_ok,
     meets_parity_bar,
     segmenter_parity_ok,
     why_precision,
@@ -53,6 +54,28 @@ def test_auto_precision_takes_int8_only_where_its_parity_holds(tiny_models):
     shipped = _replace(clf, precision="int8", variants=w8)
     assert choose_precision(shipped, "auto").precision == "int8"
     assert choose_precision(shipped, "w8").onnx == "w.onnx"
+
+
+def test_the_classifier_bar_counts_held_out_images_and_embeddings_where_recorded(tiny_models):
+    from dataclasses import replace as _replace
+
+    from engine.cpu import parse_cpuinfo
+    from engine.models import AUTO_MIN_EMBEDDING_COSINE, Variant, choose_precision
+
+    base = {"same_decision": 0.995, "roc_auc_diff": 0.001}
+    assert classifier_parity_ok(base)
+    full = base | {"same_decision_held_out": 1.0, "embedding_cosine_mean": 0.999}
+    assert classifier_parity_ok(full)
+    assert not classifier_parity_ok(full | {"same_decision_held_out": 89 / 90})
+    assert not classifier_parity_ok(full | {"embedding_cosine_mean": 0.983})
+    assert classifier_parity_ok(full | {"embedding_cosine_mean": AUTO_MIN_EMBEDDING_COSINE})
+    assert not classifier_parity_ok({"roc_auc_diff": 0.0})  # no decisions recorded
+    # --precision auto follows the whole bar
+    vnni = parse_cpuinfo("flags\t\t: avx2 avx512f avx512_vnni\n")
+    clf = tiny_models.classifier
+    for par, want in ((full, "int8"), (full | {"same_decision_held_out": 0.96}, "fp32")):
+        v = {"int8": Variant(onnx="q.onnx", sha256="a" * 64, parity=par)}
+        assert choose_precision(_replace(clf, variants=v), "auto", vnni).precision == want
 
 
 def test_the_parity_bars():
