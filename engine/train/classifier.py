@@ -66,7 +66,9 @@ INT8_FILE = "classifier.int8.onnx"
 # integer weights and activation scales tuned against FP32 and the float head refit
 # (engine/train/int8_tune.py); measured: docs/model-eval/int8-recipes.md
 HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")  # pool, flatten, the logit's Gemm
-INT8_RECIPE = Int8Recipe(method="percentile", exclude_op_types=HEAD_OPS)
+# The nodes before the first convolution (the input standardisation, where the network has one)
+# stay in float too: measured on the EfficientNet, docs/model-eval/int8-recipes.md.
+INT8_RECIPE = Int8Recipe(method="percentile", exclude_op_types=HEAD_OPS, float_prelude=True)
 INCOMPLETE = "INCOMPLETE: `cxr train classifier` did not finish; do not use"
 SPLIT_RULE = (
     "engine.train.splits.split_patients: patient-wise 70/15/15, stratified by patient label "
@@ -170,7 +172,9 @@ def int8_variant(
     crops, patients = calibration_inputs(data, manifest, n_tune, cfg.seed)
     calib = crops[: cfg.calibration_images]  # the tuning crops start with the calibration ones
     log(f"INT8: calibrating on {len(calib)} training crops -> {path}")
-    recipe = replace(INT8_RECIPE, float_depthwise=cfg.int8_float_depthwise)
+    recipe = replace(
+        INT8_RECIPE, float_depthwise=cfg.int8_float_depthwise, float_ends=cfg.int8_float_ends
+    )
     quantize_int8(manifest.onnx_path, path, calib, recipe)
     tuning = Int8Tuning(epochs=cfg.int8_tune_epochs, seed=cfg.seed)
     tuned: dict[str, Any] = {"epochs": 0}

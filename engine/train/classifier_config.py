@@ -46,6 +46,7 @@ class ClassifierTrainConfig:
     int8_tune_epochs: int = 12  # 0: calibration only
     int8_tune_images: int | None = None  # crops to tune on (None: the calibration crops)
     int8_float_depthwise: bool = False  # depthwise convolutions left in float (export.Int8Recipe)
+    int8_float_ends: int = 0  # the first and last N convolutions left in float (export.Int8Recipe)
     threads: int = 2
     precision: str = "auto"
     # Further labelled sets (training data; a seeded slice per source held out), see datasets.py
@@ -87,6 +88,8 @@ class ClassifierTrainConfig:
             raise ConfigError(
                 f"--calibration-images must be at least 1, not {self.calibration_images}"
             )
+        if self.int8_float_ends < 0:
+            raise ConfigError(f"--int8-float-ends must be 0 or more, not {self.int8_float_ends}")
         if self.int8_tune_images is not None and self.int8_tune_images < 1:
             raise ConfigError(f"--tune-images must be at least 1, not {self.int8_tune_images}")
         if self.int8_tune_epochs < 0:

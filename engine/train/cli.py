@@ -50,6 +50,10 @@ FloatDepthwise = Annotated[
     bool,
     typer.Option(help="Leave the depthwise convolutions of the INT8 export in float."),
 ]
+FloatEnds = Annotated[
+    int,
+    typer.Option(help="Leave the first and the last N convolutions of the INT8 export in float."),
+]
 MaxSteps = Annotated[
     int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
 ]
@@ -194,6 +198,7 @@ def train_classifier(
     calibration_images: CalibrationImages = 256,
     int8_tune_epochs: Int8TuneEpochs = 12,
     int8_float_depthwise: FloatDepthwise = False,
+    int8_float_ends: FloatEnds = 0,
     threads: Threads = None,
     precision: Precision = "auto",
 ) -> None:
@@ -257,6 +262,7 @@ def train_int8(
         ),
     ] = None,
     float_depthwise: FloatDepthwise = False,
+    float_ends: FloatEnds = 0,
     cache: CacheDir = None,
     threads: Threads = None,
 ) -> None:
@@ -277,6 +283,7 @@ def train_int8(
             int8_tune_epochs=int8_tune_epochs,
             int8_tune_images=tune_images,
             float_depthwise=float_depthwise,
+            float_ends=float_ends,
             cache=cache,
             threads=_threads(threads),
         )

@@ -176,6 +176,9 @@ class Int8Recipe:
     last writes the output (for the U-Net, the logits whose threshold decides the box edges).
     float_depthwise: depthwise (grouped) convolutions left in float: few MACs, and per-channel
     INT8 of a 3x3 single-channel filter loses more than it does on a dense one.
+    float_prelude: the nodes before the first convolution left in float (a network's own input
+    standardisation: per-image mean and variance, elementwise and cheap, whose U8 rounding
+    reaches every later layer).
     """
 
     method: str = "minmax"  # minmax | percentile | entropy
@@ -184,17 +187,25 @@ class Int8Recipe:
     percentile: float = 99.999
     float_ends: int = 0
     float_depthwise: bool = False
+    float_prelude: bool = False
 
     def float_nodes(self, graph: Any) -> list[str]:
         """Names of the graph's nodes this recipe leaves in float, in graph order."""
         convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
         k = self.float_ends
         ends = set(convs[:k] + convs[-k:]) if k else set()
+        prelude: set[str] = set()
+        if self.float_prelude and convs:
+            for n in graph.node:
+                if n.op_type in ("Conv", "ConvTranspose"):
+                    break
+                prelude.add(n.name)
         return [
             n.name
             for n in graph.node
             if n.op_type in self.exclude_op_types
             or n.name in ends
+            or n.name in prelude
             or (
                 self.float_depthwise
                 and n.op_type == "Conv"
@@ -218,6 +229,8 @@ class Int8Recipe:
             out["float_convolutions"] = f"the first and last {self.float_ends}"
         if self.float_depthwise:
             out["float_depthwise"] = True
+        if self.float_prelude:
+            out["float_prelude"] = "the nodes before the first convolution"
         return out
 
 

@@ -87,6 +87,7 @@ def requantize_int8(
     int8_tune_epochs: int = 12,
     int8_tune_images: int | None = None,
     float_depthwise: bool = False,
+    float_ends: int = 0,
     cache: Path | None = None,
     threads: int = 2,
 ) -> Manifest:
@@ -110,6 +111,7 @@ def requantize_int8(
         int8_tune_epochs=int8_tune_epochs,
         int8_tune_images=int8_tune_images,
         int8_float_depthwise=float_depthwise,
+        int8_float_ends=float_ends,
     )
     int8 = int8_variant(cfg, m, data, fp32, m.threshold)
     variant = Variant(onnx=int8["onnx"], sha256=int8["sha256"], parity=int8["parity"])

@@ -185,3 +185,6 @@ def test_int8_over_both_sets_tunes_on_more_crops_than_it_calibrates_on(trained, 
     code, out = _cxr("train", "int8", "--models", models, *_sets_args(sets),
                      "--tune-images", 0, "--threads", 1)  # fmt: skip
     assert code == 1 and "--tune-images must be at least 1" in out
+    code, out = _cxr("train", "int8", "--models", models, *_sets_args(sets),
+                     "--float-ends", -1, "--threads", 1)  # fmt: skip
+    assert code == 1 and "--int8-float-ends must be 0 or more" in out

@@ -94,3 +94,18 @@ def test_int8_recipe_float_nodes_follow_its_options():
     both = Int8Recipe(float_ends=1, float_depthwise=True, exclude_op_types=("Conv",))
     assert both.float_nodes(graph) == ["c0", "dw1", "c2", "c3"]  # each once
     assert Int8Recipe(float_ends=1, float_depthwise=True).describe()["float_depthwise"] is True
+    # the prelude: what comes before the first convolution (a network's input standardisation)
+    pre = [helper.make_node("ReduceMean", ["x"], ["m"], name="mean")]
+    pre += [helper.make_node("Sub", ["x", "m"], ["s"], name="sub")]
+    with_prelude = helper.make_graph(pre + nodes, "g", [], [])
+    assert Int8Recipe(float_prelude=True).float_nodes(with_prelude) == ["mean", "sub"]
+    assert Int8Recipe(float_prelude=True).float_nodes(graph) == []  # no prelude there
+    assert Int8Recipe(float_prelude=True, float_ends=1).float_nodes(with_prelude) == [
+        "mean",
+        "sub",
+        "c0",
+        "c3",
+    ]
+    assert "float_prelude" in Int8Recipe(float_prelude=True).describe()
+    no_conv = helper.make_graph(pre, "g", [], [])
+    assert Int8Recipe(float_prelude=True).float_nodes(no_conv) == []  # nothing to stop at
