@@ -148,15 +148,6 @@ def test_duplicate_image_across_sets_is_refused(sets, tmp_path):
         load_sets((LabelSet(sets["primary"], DEV), LabelSet(again, DEV)), seed=0)
 
 
-def test_images_must_pair_with_labels():
-    from engine.train.datasets import pair_sets
-
-    with pytest.raises(ConfigError, match="one --images per --labels"):
-        pair_sets([Path("a.csv"), Path("b.csv")], [Path("x")])
-    default = pair_sets([Path("d/a.csv")], [])
-    assert default[0].images == Path("d")
-
-
 def test_excluded_group_is_never_trained_on(sets):
     from engine.train.datasets import LabelSet, load_sets, parse_group
 
