@@ -2,7 +2,9 @@
 cache (cache.py, crops.py), the context swap in a training batch (classifier_fit.py), resume
 equivalence, and the measurements of issue 14 on real crops: downscale agreement
 (engine/eval/resolution.py) and a models directory's generalisation (generalisation.py).
-Sampling, augmentation, bf16 and the source probe have their own test files.
+Sampling, augmentation, bf16 and the source probe have their own test files, and so do
+these modules' units on synthetic data (test_datasets, test_cache, test_crops,
+test_classifier_fit, test_generalisation).
 
 Real images from ../shared/data/cxr-dev, the shipped segmenter, the tiny classifier; all
 output under tmp_path.
