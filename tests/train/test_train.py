@@ -1,7 +1,9 @@
 """engine.train: short real training runs (segmenter.py, classifier.py, data.py), their INT8
 exports (segmenter_int8.py, export.py), train/serve skew, what the cards record, and errors.
 The patient split, the export's parity, the metrics and the command's options have their own
-files: test_splits, test_train_export, test_train_metrics, test_train_cli.
+files: test_splits, test_train_export, test_train_metrics, test_train_cli; so does each trainer
+module's unit behaviour on synthetic data (test_data, test_segmenter, test_segmenter_int8,
+test_classifier, ...).
 
 The trainings run the tiny architectures for 3 steps on 8 real mask pairs and 16 real CXRs of
 ../shared/data, through the same typer functions `cxr train ...` calls; everything is written

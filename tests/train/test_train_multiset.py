@@ -2,7 +2,9 @@
 cache (cache.py, crops.py), the context swap in a training batch (classifier_fit.py), resume
 equivalence, and the measurements of issue 14 on real crops: downscale agreement
 (engine/eval/resolution.py) and a models directory's generalisation (generalisation.py).
-Sampling, augmentation, bf16 and the source probe have their own test files.
+Sampling, augmentation, bf16 and the source probe have their own test files, and so do
+these modules' units on synthetic data (test_datasets, test_cache, test_crops,
+test_classifier_fit, test_generalisation).
 
 Real images from ../shared/data/cxr-dev, the shipped segmenter, the tiny classifier; all
 output under tmp_path.
@@ -146,15 +148,6 @@ def test_duplicate_image_across_sets_is_refused(sets, tmp_path):
     again = _write(tmp_path / "again" / "labels.csv", sets["primary_rows"][:2])
     with pytest.raises(ConfigError, match="listed twice"):
         load_sets((LabelSet(sets["primary"], DEV), LabelSet(again, DEV)), seed=0)
-
-
-def test_images_must_pair_with_labels():
-    from engine.train.datasets import pair_sets
-
-    with pytest.raises(ConfigError, match="one --images per --labels"):
-        pair_sets([Path("a.csv"), Path("b.csv")], [Path("x")])
-    default = pair_sets([Path("d/a.csv")], [])
-    assert default[0].images == Path("d")
 
 
 def test_excluded_group_is_never_trained_on(sets):
