@@ -38,10 +38,10 @@ from engine.train.classifier import (  # noqa: E402
     export_all,
     group_counts_of,
     int8_variant,
-    requantize_int8,
     split_counts,
 )
 from engine.train.metrics import binary_metrics  # noqa: E402
+from engine.train.redo import check_same_split  # noqa: E402
 from engine.train.resnet import build_classifier  # noqa: E402
 
 SPLIT = ["train"] * 10 + ["val"] * 4 + ["test"] * 4 + ["holdout"] * 2
@@ -156,12 +156,12 @@ def test_the_recorded_split_is_checked_on_a_rerun(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "patient_id", "label", "source", "split", "dataset"]
     assert [r["split"] for r in rows] == SPLIT and rows[-1]["dataset"] == "1"
-    classifier._check_same_split(path, data)  # the same split: fine
-    classifier._check_same_split(path, replace(data, images=data.images + data.images[:0]))
+    check_same_split(path, data)  # the same split: fine
+    check_same_split(path, replace(data, images=data.images + data.images[:0]))
     moved = data.split.copy()
     moved[[0, 12]] = ["test", "train"]
     with pytest.raises(ConfigError, match="2 images .* fall in another split"):
-        classifier._check_same_split(path, replace(data, split=moved))
+        check_same_split(path, replace(data, split=moved))
 
 
 def test_the_segmenter_is_brought_along(tiny_models, tmp_path):
@@ -172,11 +172,6 @@ def test_the_segmenter_is_brought_along(tiny_models, tmp_path):
     before = sorted(p.name for p in seg.directory.iterdir())
     classifier._copy_segmenter(seg, seg.directory)  # already there: nothing to do
     assert sorted(p.name for p in seg.directory.iterdir()) == before
-
-
-def test_requantize_needs_a_trained_fp32_classifier(tiny_models, tmp_path):
-    with pytest.raises(ConfigError, match="needs the trained FP32 classifier .* untrained, fp32"):
-        requantize_int8(tiny_models.classifier.directory, tmp_path / "l.csv", tmp_path)
 
 
 def test_train_classifier_end_to_end_on_synthetic_sets(tiny_models, tmp_path):

@@ -24,7 +24,7 @@ from conftest import add_int8_variant  # noqa: E402
 from test_classifier_fit import crop_data  # noqa: E402
 
 from engine.models import load_manifest, save_manifest, sha256_file  # noqa: E402
-from engine.train import classifier  # noqa: E402
+from engine.train import redo  # noqa: E402
 from engine.train.export import PARITY_INPUTS, ort_run, ort_session  # noqa: E402
 from engine.train.parity import (  # noqa: E402
     main,
@@ -47,18 +47,18 @@ def packed(tiny_models, tmp_path):
 
 @pytest.fixture
 def reference(packed, monkeypatch):
-    """classifier.reference_outputs replaced: the packed FP32 classifier's ONNX outputs on 12
+    """redo.reference_outputs replaced: the packed FP32 classifier's ONNX outputs on 12
     synthetic crops (what it computes from a trained directory's labelled images)."""
     ref = load_manifest(packed / "classifier.json")
     data = crop_data(SPLIT)
     fp32 = ort_run(ort_session(ref.onnx_path, 1), data.inputs)
     calls = []
 
-    def outputs(trained, labels, images, *, threads=2, cache=None):
+    def outputs(trained, labels, images, *, extra=(), threads=2, cache=None):
         calls.append((trained, labels, images, threads))
         return ref, data, fp32
 
-    monkeypatch.setattr(classifier, "reference_outputs", outputs)
+    monkeypatch.setattr(redo, "reference_outputs", outputs)
     return ref, data, fp32, calls
 
 

@@ -188,3 +188,10 @@ def test_int8_over_both_sets_tunes_on_more_crops_than_it_calibrates_on(trained, 
     code, out = _cxr("train", "int8", "--models", models, *_sets_args(sets),
                      "--float-ends", -1, "--threads", 1)  # fmt: skip
     assert code == 1 and "--int8-float-ends must be 0 or more" in out
+
+
+def test_requantize_needs_a_trained_fp32_classifier(tiny_models, tmp_path):
+    from engine.train.redo import requantize_int8
+
+    with pytest.raises(ConfigError, match="needs the trained FP32 classifier .* untrained, fp32"):
+        requantize_int8(tiny_models.classifier.directory, tmp_path / "l.csv", tmp_path)
