@@ -12,13 +12,15 @@ record: same decision at the manifest's threshold, ROC AUC difference, embedding
 Speed: img/s of the INT8 and the FP32 sessions on the same 64 crops, one after the other, and
 their ratio. One JSON line per recipe on stdout and appended to --out.
 
-Recipe names: METHOD[-PERCENTILE][-head][-s8][-tEPOCHS[s][h]] with METHOD minmax | percentile |
-entropy; "-head": the head (pool, flatten, Gemm) left in float; "-s8": symmetric S8 activations
+Recipe names: METHOD[-PERCENTILE][-head][-pre][-eN][-s8][-tEPOCHS[s][h]] with METHOD minmax |
+percentile | entropy; "-head": the head (pool, flatten, Gemm) left in float; "-pre": the nodes
+before the first convolution (input standardisation) left in float; "-eN": the first and last N
+convolutions left in float; "-s8": symmetric S8 activations
 (what TensorRT's explicit quantization needs); "-tEPOCHS": then the integer weights tuned
 against FP32 for that many epochs on the calibration crops (engine/train/int8_tune.py), "s"
 after the epochs: the activation scales learned too, "h": then the float head refit on the INT8
 embeddings (engine.train.int8_tune.refit_head; needs "-head"). The training default is
-percentile-head-t12sh. Parity rows also give the same decision on the held-out
+percentile-head-pre-t12sh. Parity rows also give the same decision on the held-out
 (validation + test) images alone, which neither calibration nor tuning saw.
 """
 
@@ -51,6 +53,7 @@ from engine.train.redo import reference_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
 TUNE = re.compile(r"^t(\d+)(s?)(h?)$")
+ENDS = re.compile(r"^e(\d+)$")
 
 
 def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None, bool]:
@@ -68,6 +71,12 @@ def parse_recipe(name: str) -> tuple[Int8Recipe, Int8Tuning | None, bool]:
         rest = rest[:-1]
     if rest and rest[-1] == "s8":
         kw["symmetric_activations"] = True
+        rest = rest[:-1]
+    if rest and (m := ENDS.match(rest[-1])):
+        kw["float_ends"] = int(m[1])
+        rest = rest[:-1]
+    if rest and rest[-1] == "pre":
+        kw["float_prelude"] = True
         rest = rest[:-1]
     if rest and rest[-1] == "head":
         kw["exclude_op_types"] = HEAD_OPS

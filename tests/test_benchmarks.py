@@ -339,10 +339,13 @@ def test_int8_recipe_names():
     tuning = parse_recipe("minmax-t12s")[1]
     assert tuning is not None and (tuning.epochs, tuning.learn_scales) == (12, True)
     # the training default: Percentile, head in float, 12 epochs with scales, head refit
-    r, tuning, refit = parse_recipe("percentile-head-t12sh")
+    r, tuning, refit = parse_recipe("percentile-head-pre-t12sh")
     assert r == INT8_RECIPE and tuning == Int8Tuning() and refit
     # the training default is one of these names
-    assert parse_recipe("percentile-head")[0] == INT8_RECIPE
+    assert parse_recipe("percentile-head-pre")[0] == INT8_RECIPE
+    r = parse_recipe("percentile-head-pre-e2-t4sh")[0]
+    assert (r.float_prelude, r.float_ends, r.exclude_op_types) == (True, 2, HEAD_OPS)
+    assert parse_recipe("minmax-e1")[0].float_ends == 1
     for bad in (
         "median",
         "minmax-99.9",
@@ -351,6 +354,8 @@ def test_int8_recipe_names():
         "minmax-t",
         "minmax-t8x",
         "minmax-t8h",  # a head refit needs the head in float
+        "minmax-ex",
+        "minmax-pre-head",  # the order of the name
     ):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
