@@ -160,17 +160,21 @@ def tune_int8(
             f"(while stepping), {time.perf_counter() - started:.0f}s"
         )
     after = mean_objective(mirror, x, ref, tuning)
-    tmp = int8_path.with_name(f".{int8_path.name}.tuning")
-    onnx.save(mirror.export(), str(tmp))
-    tmp.replace(int8_path)
-    log(f"INT8 tuning: objective {after:.5f} after tuning -> {int8_path}")
-    return {
+    record = {
         **tuning.describe(),
         "images": len(x),
         "objective_before": before,
         "objective_after": after,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if after >= before:  # a calibration already close to FP32: the steps only added noise
+        log(f"INT8 tuning: objective {after:.5f} after tuning, not lower: calibrated file kept")
+        return record | {"kept": "calibrated (tuning did not lower the objective)"}
+    tmp = int8_path.with_name(f".{int8_path.name}.tuning")
+    onnx.save(mirror.export(), str(tmp))
+    tmp.replace(int8_path)
+    log(f"INT8 tuning: objective {after:.5f} after tuning -> {int8_path}")
+    return record
 
 
 # Ridge penalties tried for the head refit, in units of the mean squared embedding entry.

@@ -84,6 +84,21 @@ def test_no_epochs_leaves_the_file_alone(models, tmp_path):
     assert path.read_bytes() == int8.read_bytes()
 
 
+def test_tuning_that_does_not_lower_the_objective_keeps_the_calibrated_file(models, tmp_path):
+    """A step far too large for a calibration already close to FP32: the objective after the
+    steps is not lower, so the calibrated file stays as it was and the record says so."""
+    fp32, int8 = models
+    path = tmp_path / "kept.onnx"
+    path.write_bytes(int8.read_bytes())
+    calib = _images(16, seed=4)
+    ref = ort_run(ort_session(fp32, 1), calib)
+    tuning = Int8Tuning(epochs=2, lr=50.0, bias_lr_factor=1e4, batch=8, learn_scales=False)
+    record = tune_int8(path, calib, ref, tuning, threads=1)
+    assert record["objective_after"] >= record["objective_before"], record
+    assert record["kept"] == "calibrated (tuning did not lower the objective)"
+    assert path.read_bytes() == int8.read_bytes()
+
+
 def test_unmirrored_ops_and_bad_settings_are_refused():
     x = helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("logit", onnx.TensorProto.FLOAT, [1, 4])
