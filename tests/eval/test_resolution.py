@@ -124,6 +124,15 @@ def test_downscale_agreement_of_the_tiny_models(tiny_models_dir, tmp_path):
     assert r["model_id"].startswith("tiny")
 
 
+def test_an_image_pillow_cannot_open_counts_as_failed(tiny_models_dir, tmp_path):
+    """It failed to screen at full size too: one `failed`, not a crash of the whole measure."""
+    good = [image(tmp_path / f"g{i}.png", (200, 160), seed=i) for i in range(2)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = downscale_agreement(tiny_models_dir, [good[0], bad, good[1]], np.array([1, 0, 0]), side=96)
+    assert r["images"] == 2 and r["failed"] == 1
+
+
 def test_images_already_small_agree_with_themselves(tiny_models_dir, tmp_path):
     small = [image(tmp_path / f"s{i}.png", (90, 80), seed=i) for i in range(2)]
     r = downscale_agreement(tiny_models_dir, small, np.array([0, 0]), side=224, threads=1)
