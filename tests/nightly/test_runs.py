@@ -235,6 +235,15 @@ def test_run_rows_marks_rows_a_later_run_replaced(out):
     assert runs.run_rows(out, "nope").height == 0
 
 
+def test_run_rows_of_a_directory_without_parts_has_the_same_columns(out, tmp_path):
+    rows = runs.run_rows(tmp_path, "x")
+    assert rows.height == 0
+    assert rows.columns == [
+        "key", "source", "member", "status", "error", "prob", "decision", "superseded",
+    ]  # fmt: skip
+    assert rows.schema == runs.run_rows(out, "aaa111").schema
+
+
 def test_show_run_lists_positives_errors_and_changes(out):
     doc = runs.show_run(out, "aaa")
     assert doc["schema"] == runs.SHOW_SCHEMA and doc["run"]["run_id"] == "aaa111"
