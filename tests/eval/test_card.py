@@ -227,7 +227,8 @@ def test_card_command_writes_the_card_and_records_its_command(models, tmp_path, 
         (["--segmenter-only", "--eval", "ev.json"], "--segmenter-only takes no --eval"),
         (["--segmenter-only"], "CARD.md"),  # no card to update
         (["--eval", "nope.json"], "nope.json"),
-        (["--eval", "bad.json"], "Expecting property name"),
+        (["--eval", "bad.json"], "--eval bad.json: not JSON (Expecting property name"),
+        (["--eval", "ev.json", "--shortcut", "bad.json"], "--shortcut bad.json: not JSON"),
         (["--eval", "ev.json", "--compare", "justaname"], "--compare"),
     ],
 )
