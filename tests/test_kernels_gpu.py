@@ -13,6 +13,9 @@ Tolerances: boxes and fractions exact (integer reductions, then the same float64
 one rounding); crops max abs difference <= 1e-5 (the kernels are compiled with --fmad=false
 and do the reference's float32 steps in its order, so they are expected to be exact too).
 
+kernels.nvrtc's own plumbing (compile targets, the kernel cache, argument packing, the array
+API's checks) is tested in test_kernels_nvrtc.py.
+
 Imports only numpy, pytest, kernels.reference and kernels.nvrtc (which needs cuda-python only
 when called), so ``python -m pytest tests/test_kernels_gpu.py`` works on a GPU machine that has
 nothing of this repository's dependencies but numpy, CuPy and cuda-python.
@@ -160,33 +163,6 @@ def test_nvrtc_compiles_the_kernels(source):
     assert "fma." not in ptx  # --fmad=false: no contracted multiply-adds, as in NumPy
     for name in nvrtc._kernel_names(source):
         assert f".entry {name}(" in ptx
-
-
-def test_nvrtc_reports_the_compiler_log():
-    reason = _nvrtc_reason()
-    if reason:
-        pytest.skip(reason)
-    with pytest.raises(nvrtc.KernelCompileError, match=r"broken\.cu: NVRTC could not compile"):
-        nvrtc.compile_source('extern "C" __global__ void k( {', "broken.cu", "sm_80")
-
-
-def test_compile_target_falls_back_to_ptx_for_newer_devices():
-    assert nvrtc.compile_target(90, [75, 80, 90]) == ("sm_90", "cubin")
-    assert nvrtc.compile_target(95, [75, 80, 90]) == ("compute_90", "ptx")
-    with pytest.raises(nvrtc.CudaError, match="NVRTC supports"):
-        nvrtc.compile_target(60, [75, 80])
-
-
-def test_channel_norm_layout_and_limits():
-    norm = nvrtc.channel_norm((0.5,), (0.25,))
-    assert norm.tolist() == [0.5, 1, 1, 1, 0.25, 1, 1, 1]
-    with pytest.raises(ValueError):
-        nvrtc.channel_norm((0.1,) * 5, (1.0,) * 5)
-
-
-def test_array_api_refuses_host_arrays():
-    with pytest.raises(TypeError, match="kernels.reference"):
-        nvrtc.lung_bbox(np.zeros((1, 4, 4), np.float32), 0.5, 0.0)
 
 
 # --------------------------------------------------------------------------- host emulation
@@ -342,17 +318,3 @@ def test_gpu_without_cupy_outputs(cp):
     want_boxes, want_frac = ref.lung_bbox(masks, 0.0, MARGIN)
     np.testing.assert_array_equal(boxes.get(), want_boxes)
     np.testing.assert_array_equal(frac.get(), want_frac)
-
-
-@pytest.mark.gpu
-@requires_cupy
-def test_kernel_cache_is_used(cp, tmp_path, monkeypatch):
-    monkeypatch.setenv("CXR_KERNEL_CACHE", str(tmp_path))
-    from engine.runtime.cuda import device_info
-
-    nvrtc.cached_image("lung_bbox.cu", device_info(0).sm)
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("lung_bbox-")
-    mtime = files[0].stat().st_mtime_ns
-    nvrtc.cached_image("lung_bbox.cu", device_info(0).sm)
-    assert files[0].stat().st_mtime_ns == mtime

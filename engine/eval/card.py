@@ -282,9 +282,9 @@ def card_command(
     if eval_json is None:
         raise typer.BadParameter("--eval is required (or --segmenter-only)")
     try:
-        ev = json.loads(eval_json.read_text())
-        ev_shipped = json.loads(eval_shipped.read_text()) if eval_shipped else None
-        sc = json.loads(shortcut.read_text()) if shortcut else None
+        ev = _read_json("--eval", eval_json)
+        ev_shipped = _read_json("--eval-shipped", eval_shipped) if eval_shipped else None
+        sc = _read_json("--shortcut", shortcut) if shortcut else None
         comparisons = [parse_compare(spec) for spec in compare or ()]
         runs = unseen_runs(unseen or ())
         text = render(
@@ -302,6 +302,15 @@ def card_command(
         raise typer.BadParameter(str(exc)) from None
     out.write_text(text)
     print(f"wrote {out}")
+
+
+def _read_json(option: str, path: Path) -> Any:
+    """The JSON document at `path`; a ValueError that names the option and file if it is none."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{option} {path}: not JSON ({exc})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,7 +80,10 @@ def downscale_agreement(
             small_paths = []
             for i, p in enumerate(paths):
                 dst = Path(tmp) / f"{i:06d}.png"
-                downscale(p, dst, side)
+                try:
+                    downscale(p, dst, side)
+                except OSError:  # not an image Pillow opens (e.g. DICOM): counted as failed
+                    dst.write_bytes(b"")
                 small_paths.append(dst)
             small = screen_probs(screener, small_paths, batch_size)
     finally:

@@ -144,9 +144,9 @@ def run_rows(out: Path, run_id: str) -> pl.DataFrame:
     """Every row the run wrote (also those superseded since), each with `superseded`."""
     cols = ["key", "source", "member", "status", "error", "prob", "decision", "run_id"]
     lf = parquet.scan_predictions(out, history=True)
-    if lf is None:
+    if lf is None:  # the columns of a directory with parts, run_id dropped
         return pl.DataFrame(
-            schema={**{c: parquet.SCHEMA[c] for c in cols}, "superseded": pl.Boolean()}
+            schema={**{c: parquet.SCHEMA[c] for c in cols[:-1]}, "superseded": pl.Boolean()}
         )
     numbered = lf.select(cols).with_row_index("_row")
     latest = numbered.group_by("key").agg(pl.col("_row").max().alias("_latest"))

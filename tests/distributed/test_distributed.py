@@ -22,7 +22,6 @@ import tarfile
 import threading
 import time
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -406,17 +405,6 @@ def test_ray_refuses_object_storage_urls(cluster, tiny_models_dir, tmp_path):
     )
     assert code == 1
     assert "object storage URLs are not supported" in " ".join(stderr.split())
-
-
-def test_config_round_trip_for_workers(tiny_models_dir, tmp_path):
-    """What the actors receive pickles and keeps its meaning."""
-    import pickle
-
-    from engine.distributed.worker import WorkerSpec
-
-    cfg = config(["/x"], tmp_path, tiny_models_dir, ray="auto")
-    spec = WorkerSpec(config=replace(cfg, threads=2), model_id="m", run_id="r", inputs=["/x"])
-    assert pickle.loads(pickle.dumps(spec)) == spec
 
 
 def readme_ray_blocks() -> list[str]:

@@ -1,13 +1,10 @@
 """engine.eval.card_sections: the model card's pieces (the segmenter's Dice table, the parity
-line), and the shipped card's segmenter section as rendered from its manifest."""
+line, the metrics and shortcut tables, the data lines). The shipped card's segmenter section,
+re-rendered from its manifest, is in test_card.py."""
 
 from __future__ import annotations
 
-import pytest
-
-from engine.eval import card as card_md
 from engine.eval import card_sections
-from engine.models import PACKAGED_MODELS
 
 # ---------------------------------------------------------------------------------------------
 # the model card's segmenter table
@@ -24,15 +21,6 @@ def test_card_table_shows_the_interval_or_says_there_is_none():
     old = {"metrics": {"dice": {"test": d}}, "splits": {"counts": {"test": {"patients": 12}}}}
     assert "| 0.947 | 0.945 |" in "\n".join(card_sections._dice_lines(old))
     assert "No interval" in "\n".join(card_sections._dice_lines(old))
-
-
-def test_shipped_model_card_segmenter_section_is_rendered_from_the_manifest():
-    md = PACKAGED_MODELS / "MODEL_CARD.md"
-    if not md.is_file():
-        pytest.skip("no shipped model card")
-    text = md.read_text()
-    assert card_md.replace_segmenter_section(text, PACKAGED_MODELS) == text
-    assert "| test | 27 (12) | 0.947 [" in text
 
 
 def test_parity_line_gives_counts_so_a_miss_by_one_image_reads_as_one():

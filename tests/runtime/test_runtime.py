@@ -1,6 +1,7 @@
-"""engine.runtime and runtime/base.py: the backend registry and selection, and how --backend
-tensorrt refuses where it cannot run. Also: importing the CPU path never pulls in the GPU
-libraries. Each backend's own tests: test_onnxrt.py, test_null.py, test_tensorrt.py.
+"""engine.runtime: the backend registry and selection, and how --backend tensorrt refuses
+where it cannot run. Also: importing the CPU path never pulls in the GPU libraries. The
+interface and `register` (runtime/base.py): test_base.py; each backend's own tests:
+test_onnxrt.py, test_null.py, test_tensorrt.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from engine.config import ScreenConfig
 from engine.errors import BackendUnavailable, ConfigError, ModelError
 from engine.models import ModelSet, init_models
 from engine.runtime import backend_choices, backend_names, get_backend, resolve_backend
-from engine.runtime.base import REGISTRY, Backend, DeviceBackend, register
+from engine.runtime.base import REGISTRY, Backend, DeviceBackend
 from engine.runtime.null import NullBackend
 from engine.runtime.onnxrt import OnnxRuntimeBackend
 from engine.runtime.tensorrt import TensorRTBackend, missing_requirements
@@ -79,25 +80,6 @@ def test_every_backend_comes_from_the_registry():
 def _subclasses(cls: type) -> set[type]:
     direct = set(cls.__subclasses__())
     return direct.union(*(_subclasses(c) for c in direct))
-
-
-def test_a_registered_backend_is_listed_and_chosen_by_name():
-    @register
-    class EchoBackend(NullBackend):
-        name = "echo"
-        rank = 15
-
-    try:
-        assert backend_names() == ("onnxruntime", "echo", "tensorrt", "null")
-        assert get_backend("echo") is EchoBackend
-        ScreenConfig(inputs=(Path("x"),), out=Path("o"), backend="echo")
-        with pytest.raises(ValueError, match="taken by"):
-            register(type("Other", (NullBackend,), {"name": "echo"}))
-        with pytest.raises(ValueError, match="cannot name a backend"):
-            register(type("Auto", (NullBackend,), {"name": "auto"}))
-    finally:
-        del REGISTRY["echo"]
-    assert "echo" not in backend_choices()
 
 
 def test_resolve_backend():
