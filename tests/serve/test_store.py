@@ -1,7 +1,7 @@
 """engine.serve.store: the review page's view of an output directory, on hand-written parts:
 pages filtered, searched and sorted from the slim frame, rows and parts found by key, a
 rescreened image shown once (its latest row), and the helpers that shape a row for the browser.
-The same store over a real screening run, through the app: test_serve.py."""
+The same store over a real screening run, through the app: test_app.py."""
 
 from __future__ import annotations
 
