@@ -273,12 +273,9 @@ def train_int8(
         from engine.train.datasets import pair_sets
         from engine.train.redo import requantize_int8
 
-        sets = pair_sets(labels, images or [])
         m = requantize_int8(
             models,
-            sets[0].labels,
-            sets[0].images,
-            extra=sets[1:],
+            pair_sets(labels, images or []),
             calibration_images=calibration_images,
             int8_tune_epochs=int8_tune_epochs,
             int8_tune_images=tune_images,
@@ -322,12 +319,9 @@ def train_threshold(
         from engine.train.datasets import pair_sets
         from engine.train.redo import rethreshold
 
-        sets = pair_sets(labels, images or [])
         m = rethreshold(
             models,
-            sets[0].labels,
-            sets[0].images,
-            extra=sets[1:],
+            pair_sets(labels, images or []),
             threshold_sensitivity=threshold_sensitivity,
             cache=cache,
             threads=_threads(threads),

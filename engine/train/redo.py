@@ -65,24 +65,36 @@ def _trained_fp32(models: Path) -> Manifest:
     return m
 
 
-def _check_sets(m: Manifest, labels: Path, extra: tuple[LabelSet, ...]) -> None:
+def _check_sets(m: Manifest, sets: tuple[LabelSet, ...]) -> None:
     """As many labels CSVs as the classifier was trained on: a missing set would silently
     shrink the calibration crops and the figures."""
     trained_on = m.card.get("data", {}).get("sets")
-    if trained_on is not None and len(trained_on) != 1 + len(extra):
+    if trained_on is not None and len(trained_on) != len(sets):
         names = ", ".join(str(s.get("labels")) for s in trained_on)
         raise ConfigError(
             f"{m.directory}: trained on {len(trained_on)} labelled set(s) ({names}); give "
-            f"--labels (and --images) for each, in that order, not {1 + len(extra)}"
+            f"--labels (and --images) for each, in that order, not {len(sets)}"
         )
+
+
+def _prepare(
+    models: Path, sets: tuple[LabelSet, ...], threads: int, cache: Path | None
+) -> tuple[Manifest, CropData, dict[str, np.ndarray]]:
+    """The trained FP32 classifier, its crops of every set (its split, checked against its
+    splits.csv) and its FP32 outputs on them."""
+    m = _trained_fp32(models)
+    _check_sets(m, sets)
+    _, data, fp32 = reference_outputs(
+        models, sets[0].labels, sets[0].images, extra=sets[1:], threads=threads, cache=cache
+    )
+    check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
+    return m, data, fp32
 
 
 def requantize_int8(
     models: Path,
-    labels: Path,
-    images: Path,
+    sets: tuple[LabelSet, ...],
     *,
-    extra: tuple[LabelSet, ...] = (),
     calibration_images: int = 256,
     int8_tune_epochs: int = 12,
     int8_tune_images: int | None = None,
@@ -93,20 +105,15 @@ def requantize_int8(
 ) -> Manifest:
     """Redo the INT8 export (e.g. after the INT8 recipe improved): the same FP32 model, split
     and threshold; classifier.int8.onnx and the manifest's int8 entries are rewritten, nothing
-    else."""
-    m = _trained_fp32(models)
-    _check_sets(m, labels, extra)
-    _, data, fp32 = reference_outputs(
-        models, labels, images, extra=extra, threads=threads, cache=cache
-    )
-    check_same_split(Path(models) / SPLITS_FILE, data)  # calibration must see training images
+    else. sets: every labelled set the classifier was trained on, in order."""
+    m, data, fp32 = _prepare(models, sets, threads, cache)
     cfg = config_of(
         m,
         models,
-        labels,
-        images,
+        sets[0].labels,
+        sets[0].images,
         threads,
-        extra=extra,
+        extra=sets[1:],
         calibration_images=calibration_images,
         int8_tune_epochs=int8_tune_epochs,
         int8_tune_images=int8_tune_images,
@@ -122,10 +129,8 @@ def requantize_int8(
 
 def rethreshold(
     models: Path,
-    labels: Path,
-    images: Path,
+    sets: tuple[LabelSet, ...],
     *,
-    extra: tuple[LabelSet, ...] = (),
     threshold_sensitivity: float | None = None,
     cache: Path | None = None,
     threads: int = 2,
@@ -136,26 +141,26 @@ def rethreshold(
     (re-measured: its decisions are taken at the threshold; the file is unchanged) and the
     end-of-training figures (held-out specificity per group, downscale agreement). The card
     keeps the threshold it replaced under `threshold_replaced`."""
-    m = _trained_fp32(models)
-    _check_sets(m, labels, extra)
-    _, data, fp32 = reference_outputs(
-        models, labels, images, extra=extra, threads=threads, cache=cache
-    )
-    check_same_split(Path(models) / SPLITS_FILE, data)
-    cfg = config_of(
-        m, models, labels, images, threads, extra=extra, threshold_sensitivity=threshold_sensitivity
+    m, data, fp32 = _prepare(models, sets, threads, cache)
+    rule = config_of(
+        m,
+        models,
+        sets[0].labels,
+        sets[0].images,
+        threads,
+        threshold_sensitivity=threshold_sensitivity,
     )
     probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
     val = data.split == "val"
-    threshold, rule = cfg.threshold(probs[val], data.labels[val])
-    log(f"threshold {m.threshold:.4f} -> {threshold:.4f} ({rule})")
+    threshold, rule_text = rule.threshold(probs[val], data.labels[val])
+    log(f"threshold {m.threshold:.4f} -> {threshold:.4f} ({rule_text})")
     card: dict[str, Any] = dict(m.card)
     card["threshold_replaced"] = {
         "threshold": m.threshold,
         "rule": card.get("threshold_rule"),
         "by": "cxr train threshold (same FP32 model and validation patients)",
     }
-    card |= {"threshold": threshold, "threshold_rule": rule}
+    card |= {"threshold": threshold, "threshold_rule": rule_text}
     card["metrics"] = evaluate(probs, data, threshold)
     variants = dict(m.variants)
     if "int8" in variants and "int8" in card:

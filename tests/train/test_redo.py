@@ -153,12 +153,13 @@ def test_threshold_by_sensitivity_rewrites_what_depends_on_it(trained, sets, tmp
 
 
 def test_redo_needs_every_set_the_classifier_was_trained_on(trained, sets, tmp_path):  # noqa: F811
+    from engine.train.datasets import LabelSet
     from engine.train.redo import requantize_int8, rethreshold
 
     models = _copy(trained, tmp_path)
     for redo in (requantize_int8, rethreshold):
         with pytest.raises(ConfigError, match=r"trained on 2 labelled set\(s\).*not 1"):
-            redo(models, sets["primary"], DEV, threads=1, cache=trained["cache"])
+            redo(models, (LabelSet(sets["primary"], DEV),), threads=1, cache=trained["cache"])
     code, out = _cxr("train", "int8", "--models", models, "--labels", sets["primary"],
                      "--images", DEV, "--threads", "1")  # fmt: skip
     assert code == 1 and "give --labels (and --images) for each" in out
@@ -191,7 +192,8 @@ def test_int8_over_both_sets_tunes_on_more_crops_than_it_calibrates_on(trained, 
 
 
 def test_requantize_needs_a_trained_fp32_classifier(tiny_models, tmp_path):
+    from engine.train.datasets import LabelSet
     from engine.train.redo import requantize_int8
 
     with pytest.raises(ConfigError, match="needs the trained FP32 classifier .* untrained, fp32"):
-        requantize_int8(tiny_models.classifier.directory, tmp_path / "l.csv", tmp_path)
+        requantize_int8(tiny_models.classifier.directory, (LabelSet(tmp_path / "l.csv", tmp_path),))
