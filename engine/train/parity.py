@@ -106,12 +106,16 @@ def packed_parity(
 
 def record_parity(packed: Path, pars: dict[str, dict[str, Any]]) -> Manifest:
     """Record each export's parity in the packed classifier manifest's card under its
-    precision (card[precision] = {..., "onnx": ..., "parity": par}) and in its variant entry;
-    the ONNX files are unchanged."""
+    precision (card[precision] = {..., "onnx": ..., "parity": par}, keeping the record of how
+    the export was made, e.g. INT8 calibration and tuning) and in its variant entry; the ONNX
+    files are unchanged."""
     m = load_manifest(manifest_path(packed, "classifier"))
     card, variants = dict(m.card), dict(m.variants)
-    for precision, par in pars.items():
+    for precision, measured in pars.items():
         onnx = m.onnx if precision == m.precision else variants[precision].onnx
+        # how training made the export (calibration, tuning) stays with its new figures
+        made = (card.get(precision) or {}).get("parity") or {}
+        par = {k: made[k] for k in ("calibration",) if k in made} | measured
         card[precision] = dict(card.get(precision, {})) | {"onnx": onnx, "parity": par}
         if precision in variants:
             variants[precision] = replace(variants[precision], parity=par)
