@@ -84,14 +84,9 @@ def tiny_models_dir(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_models(tmp_path_factory):
+def full_models_dir(tmp_path_factory) -> Path:
     """The real architectures (U-Net + ResNet50, ~100 MB), untrained, seed 0. For `slow` tests."""
-    return _untrained_models(tmp_path_factory, "full")
-
-
-@pytest.fixture(scope="session")
-def full_models_dir(full_models) -> Path:
-    return full_models.classifier.directory
+    return _untrained_models(tmp_path_factory, "full").classifier.directory
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
