@@ -252,6 +252,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def cxr_argv(*args: object) -> list[str]:
+    """The command line of `cxr ARGS` as this checkout's engine (`python -m engine.cli`: an
+    installed `cxr` script may import another one), each argument as str."""
+    return [sys.executable, "-m", "engine.cli", *map(str, args)]
+
+
 def run_child(
     args: Sequence[str | os.PathLike[str]], *, timeout: float, what: str
 ) -> subprocess.CompletedProcess[str]:
