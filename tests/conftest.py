@@ -84,14 +84,9 @@ def tiny_models_dir(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_models(tmp_path_factory):
+def full_models_dir(tmp_path_factory) -> Path:
     """The real architectures (U-Net + ResNet50, ~100 MB), untrained, seed 0. For `slow` tests."""
-    return _untrained_models(tmp_path_factory, "full")
-
-
-@pytest.fixture(scope="session")
-def full_models_dir(full_models) -> Path:
-    return full_models.classifier.directory
+    return _untrained_models(tmp_path_factory, "full").classifier.directory
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -255,6 +250,12 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
+
+
+def cxr_argv(*args: object) -> list[str]:
+    """The command line of `cxr ARGS` as this checkout's engine (`python -m engine.cli`: an
+    installed `cxr` script may import another one), each argument as str."""
+    return [sys.executable, "-m", "engine.cli", *map(str, args)]
 
 
 def run_child(

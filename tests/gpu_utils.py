@@ -1,4 +1,5 @@
-"""Skip logic for GPU tests: each says which piece is missing (GPU, cuda-python, CuPy, TensorRT).
+"""Skip logic for GPU tests: each says which piece is missing (GPU, cuda-python, NVRTC, CuPy,
+TensorRT).
 
 Use as ``pytestmark = [pytest.mark.gpu, requires_gpu]`` or per test. Importing this module
 imports nothing heavy: it only looks for packages and asks cuda-python for a device count.
@@ -31,6 +32,19 @@ def gpu_reason() -> str | None:
 
 def gpu_available() -> bool:
     return gpu_reason() is None
+
+
+@functools.cache
+def nvrtc_reason() -> str | None:
+    """Why NVRTC cannot compile here (no cuda-python or no NVRTC library), or None when it can:
+    compiling needs no GPU."""
+    from kernels import nvrtc
+
+    try:
+        nvrtc.nvrtc_version()
+    except Exception as exc:  # noqa: BLE001 - no cuda-python or no NVRTC library
+        return f"NVRTC is not available here ({type(exc).__name__}: {exc})"
+    return None
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpu_utils import cupy_reason, requires_cupy
+from gpu_utils import cupy_reason, nvrtc_reason, requires_cupy
 
 from kernels import nvrtc
 from kernels import reference as ref
@@ -141,17 +141,9 @@ def crop_cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int], tup
 # --------------------------------------------------------------------------- NVRTC (no GPU)
 
 
-def _nvrtc_reason() -> str | None:
-    try:
-        nvrtc.nvrtc_version()
-    except Exception as exc:  # noqa: BLE001 - no cuda-python or no NVRTC library
-        return f"NVRTC is not available here ({type(exc).__name__}: {exc})"
-    return None
-
-
 @pytest.mark.parametrize("source", ["lung_bbox.cu", "crop_resize_normalize.cu"])
 def test_nvrtc_compiles_the_kernels(source):
-    reason = _nvrtc_reason()
+    reason = nvrtc_reason()
     if reason:
         pytest.skip(reason)
     text = (nvrtc.KERNEL_DIR / source).read_text()

@@ -16,25 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gpu_utils import requires_gpu
+from gpu_utils import nvrtc_reason, requires_gpu
 
 from kernels import nvrtc
 from kernels import reference as ref
-
-
-def _nvrtc_reason() -> str | None:
-    try:
-        nvrtc.nvrtc_version()
-    except Exception as exc:  # noqa: BLE001 - no cuda-python or no NVRTC library
-        return f"NVRTC is not available here ({type(exc).__name__}: {exc})"
-    return None
-
 
 # --------------------------------------------------------------------------- compilation
 
 
 def test_nvrtc_reports_the_compiler_log():
-    reason = _nvrtc_reason()
+    reason = nvrtc_reason()
     if reason:
         pytest.skip(reason)
     with pytest.raises(nvrtc.KernelCompileError, match=r"broken\.cu: NVRTC could not compile"):

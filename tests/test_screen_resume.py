@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cxr_argv
 
 from engine.io import parquet, vectors
 from engine.io.archive import image_key
@@ -119,25 +119,22 @@ def clean_run(
 
 
 def screen_cmd(inputs: Inputs, out: Path, models: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "engine.cli",
+    return cxr_argv(
         "screen",
         *inputs.args,
         "--out",
-        str(out),
+        out,
         "--models",
-        str(models),
+        models,
         "--batch-size",
-        str(BATCH_SIZE),
+        BATCH_SIZE,
         "--shard-size",
-        str(SHARD_SIZE),
+        SHARD_SIZE,
         # more decode workers than cores: kills land with several images read ahead and in flight
         "--decode-workers",
-        str(DECODE_WORKERS),
+        DECODE_WORKERS,
         "--no-progress",
-    ]
+    )
 
 
 def start(inputs: Inputs, out: Path, models: Path) -> subprocess.Popen[str]:
@@ -194,6 +191,22 @@ def wait_until(
             pytest.fail(f"timed out after {WAIT_S:.0f} s waiting for: {what}")
         if poll:
             time.sleep(poll)
+
+
+def start_until(
+    inputs: Inputs, out: Path, models: Path, cond: Callable[[], bool], what: str, *, poll=POLL_S
+) -> subprocess.Popen[str]:
+    """Start a run and wait until cond() is true (see wait_until)."""
+    proc = start(inputs, out, models)
+    wait_until(proc, cond, what, poll=poll)
+    return proc
+
+
+def kill_when(
+    inputs: Inputs, out: Path, models: Path, cond: Callable[[], bool], what: str, *, poll=POLL_S
+) -> None:
+    """Start a run and SIGKILL it as soon as cond() is true (see kill9)."""
+    kill9(start_until(inputs, out, models, cond, what, poll=poll), out)
 
 
 def kill9(proc: subprocess.Popen[str], out: Path) -> None:
@@ -319,17 +332,13 @@ def test_killed_before_any_part_and_at_first_sidecar(
 ) -> None:
     out = tmp_path / "out"
     # 1. during start-up: the lock is taken, run.json says "running", no row is finished yet
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: (out / "run.json").exists(), "run.json written")
-    kill9(proc, out)
+    kill_when(inputs, out, models_dir, lambda: (out / "run.json").exists(), "run.json written")
     assert n_parts(out) == 0
     assert run_json(out)["status"] == "running"
 
     # 2. the moment the first embeddings sidecar appears: written, its part not yet committed
     # (spin without sleeping: the part follows within milliseconds)
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: bool(sidecars(out)), "first sidecar", poll=0)
-    kill9(proc, out)
+    kill_when(inputs, out, models_dir, lambda: bool(sidecars(out)), "first sidecar", poll=0)
     assert n_parts(out) <= 1
 
     assert_same_as_clean(resume_to_end(out, inputs, models_dir), clean_run[1])
@@ -339,15 +348,13 @@ def test_killed_twice_mid_run(
     tmp_path: Path, clean_run: tuple[Path, Result], inputs: Inputs, models_dir: Path
 ) -> None:
     out = tmp_path / "out"
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: n_parts(out) >= 3, "3 parts committed")
-    kill9(proc, out)
+    kill_when(inputs, out, models_dir, lambda: n_parts(out) >= 3, "3 parts committed")
     first = n_parts(out)
     assert 3 <= first < N_PARTS
     # the rerun is killed too, once it has added two parts of its own
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: n_parts(out) >= first + 2, f"{first + 2} parts committed")
-    kill9(proc, out)
+    kill_when(
+        inputs, out, models_dir, lambda: n_parts(out) >= first + 2, f"{first + 2} parts committed"
+    )
     assert first + 2 <= n_parts(out)
     rows = parquet.read_predictions(out, ["key"])["key"]
     assert rows.n_unique() == rows.len() < N_IMAGES
@@ -359,8 +366,9 @@ def test_killed_during_final_index_sync(
     tmp_path: Path, clean_run: tuple[Path, Result], inputs: Inputs, models_dir: Path
 ) -> None:
     out = tmp_path / "out"
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: n_parts(out) >= N_PARTS - 1, "the last parts")
+    proc = start_until(
+        inputs, out, models_dir, lambda: n_parts(out) >= N_PARTS - 1, "the last parts"
+    )
 
     # on a fresh --out the index is first saved by the final sync: spin until its temporary
     # (or, if that was too quick to see, the index itself) appears, and kill right then
@@ -406,8 +414,9 @@ def test_second_concurrent_run_is_refused(
     tmp_path: Path, clean_run: tuple[Path, Result], inputs: Inputs, models_dir: Path
 ) -> None:
     out = tmp_path / "out"
-    first = start(inputs, out, models_dir)
-    wait_until(first, lambda: n_parts(out) >= 1, "first part of the first run")
+    first = start_until(
+        inputs, out, models_dir, lambda: n_parts(out) >= 1, "first part of the first run"
+    )
     # pause the first run mid-way so it surely still holds the directory while the second one
     # starts up (a second's start-up would otherwise race the first run's end)
     os.kill(first.pid, signal.SIGSTOP)
@@ -438,8 +447,7 @@ def test_ctrl_c_keeps_finished_rows_and_resumes(
     tmp_path: Path, clean_run: tuple[Path, Result], inputs: Inputs, models_dir: Path
 ) -> None:
     out = tmp_path / "out"
-    proc = start(inputs, out, models_dir)
-    wait_until(proc, lambda: n_parts(out) >= 2, "2 parts committed")
+    proc = start_until(inputs, out, models_dir, lambda: n_parts(out) >= 2, "2 parts committed")
     committed = parquet.existing_keys(out)
     os.kill(proc.pid, signal.SIGINT)
     result = finish(proc)

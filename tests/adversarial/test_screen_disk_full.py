@@ -12,11 +12,10 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, dev_images, plain, run_cli
+from conftest import REPO, cxr_argv, dev_images, plain, run_cli
 
 from engine.io import parquet, vectors
 
@@ -184,7 +183,7 @@ def test_real_write_failures_in_a_child_process(run_dirs, tiny_models_dir):
     file (RLIMIT_FSIZE, EFBIG), the way a nearly full disk refuses the first large file."""
     inp, out = run_dirs
     # this checkout's engine (an installed `cxr` script may import another one)
-    cmd = [sys.executable, "-m", "engine.cli", *map(str, _args(inp, out, tiny_models_dir))]
+    cmd = cxr_argv(*_args(inp, out, tiny_models_dir))
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     run = {"capture_output": True, "text": True, "timeout": 300, "env": env, "cwd": REPO}
     proc = subprocess.run([*cmd, "--no-progress"], preexec_fn=_limit_file_size(16 * 1024), **run)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import REPO, dev_images
+from conftest import REPO, cxr_argv, dev_images
 
 
 def _files(root: Path) -> list[str]:
@@ -38,7 +37,7 @@ def test_screen_and_similar_write_nothing_under_home_or_tmp(tmp_path, tiny_model
 
     def cxr(*args: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *map(str, args)],
+            cxr_argv(*args),
             capture_output=True,
             text=True,
             timeout=300,

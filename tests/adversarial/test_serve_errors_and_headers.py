@@ -39,26 +39,18 @@ def client_of(out: Path, **options: Any) -> TestClient:
     return TestClient(create_app(out, **options), raise_server_exceptions=False)
 
 
+def _bad(route: str, param: str, *values: str) -> list[tuple[str, dict[str, str]]]:
+    return [(route, {param: v}) for v in values]
+
+
 BAD_NUMBERS = [
-    ("/api/images", {"offset": HUGE}),
-    ("/api/images", {"offset": str(2**63)}),
-    ("/api/images", {"offset": str(2**53)}),
-    ("/api/images", {"offset": "-1"}),
-    ("/api/images", {"offset": "1e3"}),
-    ("/api/images", {"offset": "ten"}),
-    ("/api/images", {"limit": "0"}),
-    ("/api/images", {"limit": "501"}),
-    ("/api/images", {"limit": HUGE}),
-    ("/api/images", {"prob_min": "nan"}),
-    ("/api/images", {"prob_max": "inf"}),
-    ("/api/images", {"prob_min": "-0.5"}),
-    ("/api/images", {"prob_max": "1e400"}),
-    ("/api/images", {"desc": "maybe"}),
-    ("/api/similar/{ok}", {"k": "0"}),
-    ("/api/similar/{ok}", {"k": "101"}),
-    ("/api/similar/{ok}", {"k": HUGE}),
-    ("/api/similar/{ok}", {"k": "nan"}),
-    ("/api/mask/{ok}", {"overlay": "maybe"}),
+    *_bad("/api/images", "offset", HUGE, str(2**63), str(2**53), "-1", "1e3", "ten"),
+    *_bad("/api/images", "limit", "0", "501", HUGE),
+    *_bad("/api/images", "prob_min", "nan", "-0.5"),
+    *_bad("/api/images", "prob_max", "inf", "1e400"),
+    *_bad("/api/images", "desc", "maybe"),
+    *_bad("/api/similar/{ok}", "k", "0", "101", HUGE, "nan"),
+    *_bad("/api/mask/{ok}", "overlay", "maybe"),
     ("/api/case/" + HUGE, {}),
     ("/api/image/-1", {}),
 ]

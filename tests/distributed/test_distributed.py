@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import DATA, REPO, dev_images, run_cli
+from conftest import DATA, REPO, cxr_argv, dev_images, run_cli
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -323,24 +323,21 @@ def test_driver_sigkill_then_rerun_ends_exactly_once(cluster, inputs, tiny_model
     out = tmp_path / "out"
     images = [str(p) for p in dev_images(80)]
     all_inputs = images + inputs[-4:]
-    command = [
-        sys.executable,
-        "-m",
-        "engine.cli",
+    command = cxr_argv(
         "screen",
         *all_inputs,
         "--out",
-        str(out),
+        out,
         "--models",
-        str(tiny_models_dir),
+        tiny_models_dir,
         "--ray",
         cluster.address,
         "--shard-size",
-        "2",
+        2,
         "--batch-size",
-        "2",
+        2,
         "--no-progress",
-    ]
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ torch = pytest.importorskip(
 )
 pytest.importorskip("onnxruntime.quantization")
 
-from test_classifier_fit import CLF, crop_data  # noqa: E402
+from test_classifier_fit import CLF, crop_data, tiny_config  # noqa: E402
 from test_crops import synthetic_sets  # noqa: E402
 
 from engine.errors import ConfigError  # noqa: E402
@@ -50,20 +49,6 @@ SOURCES = ["a", "b"] * 9 + ["c", "c"]
 
 def _data():
     return crop_data(SPLIT, sources=SOURCES, dataset=[0] * 18 + [1] * 2)
-
-
-def _config(out: Path, **kw) -> ClassifierTrainConfig:
-    base = dict(
-        labels=Path("labels.csv"),
-        images=Path("images"),
-        segmenter=Path("seg"),
-        out=out,
-        arch="tiny-classifier",
-        threads=1,
-        calibration_images=8,
-        int8_tune_epochs=0,
-    )
-    return ClassifierTrainConfig(**(base | kw))
 
 
 def test_evaluate_per_part_overall_and_per_source():
@@ -116,7 +101,8 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = build_classifier("tiny-classifier", 64, standardize=True).eval()
     data = _data()
-    cfg = _config(tmp_path_factory.mktemp("export"))
+    out = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(out, calibration_images=8, int8_tune_epochs=0)
     manifest, outputs, parity = export_all(cfg, model, data, CLF)
     return cfg, model, data, manifest, outputs, parity
 

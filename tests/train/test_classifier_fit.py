@@ -4,7 +4,8 @@ same run may resume; and fit: seeded, bounded by --max-steps, a killed and resum
 the unbroken one.
 
 Synthetic crops (`crop_data`, shared with the other train test files: `from
-test_classifier_fit import crop_data`) and the tiny classifier, under tmp_path.
+test_classifier_fit import crop_data`; so are the configs `tiny_config` and `fit_config`, and
+`kill_and_resume` with `assert_same_fit`) and the tiny classifier, under tmp_path.
 """
 
 from __future__ import annotations
@@ -80,20 +81,17 @@ def crop_data(
     )
 
 
-def _config(out: Path, **kw) -> ClassifierTrainConfig:
-    base = dict(
-        labels=Path("labels.csv"),
-        images=Path("images"),
-        segmenter=Path("seg"),
-        out=out,
-        arch="tiny-classifier",
-        batch_size=4,
-        epochs=3,
-        epoch_images=8,
-        threads=1,
-        precision="fp32",
-    )
-    return ClassifierTrainConfig(**(base | kw))
+def tiny_config(out: Path, **kw) -> ClassifierTrainConfig:
+    """The config of the tiny classifier on one thread, writing to `out`, `kw` over it. Its
+    labels, images and segmenter are placeholders, for tests that give the data themselves."""
+    base = dict(labels=Path("labels.csv"), images=Path("images"), segmenter=Path("seg"))
+    return ClassifierTrainConfig(**(base | dict(out=out, arch="tiny-classifier", threads=1) | kw))
+
+
+def fit_config(out: Path, **kw) -> ClassifierTrainConfig:
+    """`tiny_config` of a short FP32 fit: 3 epochs of 8 images in batches of 4."""
+    short = dict(batch_size=4, epochs=3, epoch_images=8, precision="fp32")
+    return tiny_config(out, **(short | kw))
 
 
 def _rngs(seed: int = 0):
@@ -179,7 +177,7 @@ def test_holdout_report_per_source_of_the_held_out_slice():
 
 
 def test_checkpoints_resume_only_the_same_run(tmp_path):
-    cfg = _config(tmp_path)
+    cfg = fit_config(tmp_path)
     fp = classifier_fit._fingerprint(cfg, 10)
     assert classifier_fit._fingerprint(replace(cfg, threads=2, resume=True), 10) == fp
     assert classifier_fit._fingerprint(replace(cfg, lr=1e-3), 10) != fp
@@ -203,24 +201,27 @@ def _strip(history):
 
 def test_fit_is_seeded_bounded_by_max_steps_and_checkpoints_each_epoch(tmp_path):
     data = crop_data(SPLIT16, sources=["a", "b"] * 8)
-    model, stopper, history, _ = classifier_fit.fit(_config(tmp_path / "a"), data, CLF, "fp32")
+    model, stopper, history, _ = classifier_fit.fit(fit_config(tmp_path / "a"), data, CLF, "fp32")
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert [h["steps"] for h in history] == [2, 4, 6]  # 8 draws per epoch, batches of 4
     assert 1 <= stopper.best_epoch <= 3
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 3 and state["history"] == history
-    again, _, history_b, _ = classifier_fit.fit(_config(tmp_path / "b"), data, CLF, "fp32")
+    again, _, history_b, _ = classifier_fit.fit(fit_config(tmp_path / "b"), data, CLF, "fp32")
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
     assert _strip(history) == _strip(history_b)
-    _, _, short, _ = classifier_fit.fit(_config(tmp_path / "c", max_steps=3), data, CLF, "fp32")
+    _, _, short, _ = classifier_fit.fit(fit_config(tmp_path / "c", max_steps=3), data, CLF, "fp32")
     assert [h["steps"] for h in short] == [2, 3]
 
 
-def test_killed_and_resumed_fit_equals_the_unbroken_one(tmp_path, monkeypatch):
-    data = crop_data(SPLIT16, sources=["a", "b"] * 8)
-    cfg = _config(tmp_path / "a", context_swap=0.5)
-    unbroken, stop_a, hist_a, _ = classifier_fit.fit(cfg, data, CLF, "fp32")
+def kill_and_resume(cfg, data, clf, tmp_path, monkeypatch, *, epoch: int):
+    """Fit `cfg` unbroken into tmp_path/a, then into tmp_path/b killed right after the
+    checkpoint of `epoch` is saved, and resume that. Returns the (model, stopper, history) of
+    the unbroken and of the resumed run, and the killed run's config."""
+    unbroken, stop_a, hist_a, _ = classifier_fit.fit(
+        replace(cfg, out=tmp_path / "a"), data, clf, "fp32"
+    )
     real_save = classifier_fit.save_checkpoint
 
     class Killed(Exception):
@@ -228,15 +229,29 @@ def test_killed_and_resumed_fit_equals_the_unbroken_one(tmp_path, monkeypatch):
 
     def save_then_die(path, state):
         real_save(path, state)
-        if state["epoch"] == 1:
+        if state["epoch"] == epoch:
             raise Killed
 
     monkeypatch.setattr(classifier_fit, "save_checkpoint", save_then_die)
     b = replace(cfg, out=tmp_path / "b")
     with pytest.raises(Killed):
-        classifier_fit.fit(b, data, CLF, "fp32")
+        classifier_fit.fit(b, data, clf, "fp32")
     monkeypatch.setattr(classifier_fit, "save_checkpoint", real_save)
-    resumed, stop_b, hist_b, _ = classifier_fit.fit(replace(b, resume=True), data, CLF, "fp32")
-    for k, v in unbroken.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
+    resumed, stop_b, hist_b, _ = classifier_fit.fit(replace(b, resume=True), data, clf, "fp32")
+    return (unbroken, stop_a, hist_a), (resumed, stop_b, hist_b), b
+
+
+def assert_same_fit(a, b) -> None:
+    """Two (model, stopper, history) of `fit`: the same weights, best epoch and history (but
+    for the timings)."""
+    (model_a, stop_a, hist_a), (model_b, stop_b, hist_b) = a, b
+    for k, v in model_a.state_dict().items():
+        assert torch.equal(v, model_b.state_dict()[k]), k
     assert stop_a.best_epoch == stop_b.best_epoch and _strip(hist_a) == _strip(hist_b)
+
+
+def test_killed_and_resumed_fit_equals_the_unbroken_one(tmp_path, monkeypatch):
+    data = crop_data(SPLIT16, sources=["a", "b"] * 8)
+    cfg = fit_config(tmp_path / "a", context_swap=0.5)
+    unbroken, resumed, _ = kill_and_resume(cfg, data, CLF, tmp_path, monkeypatch, epoch=1)
+    assert_same_fit(unbroken, resumed)

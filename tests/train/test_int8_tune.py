@@ -1,9 +1,11 @@
 """INT8 weight tuning: tuning brings the INT8 outputs closer to FP32 while changing integer
 values only (and learned scales keep each bias in units of input x weight scale); the float
 head refit. The torch mirror it tunes (engine/train/qdq_mirror.py) has its own file,
-test_qdq_mirror.py, which uses this file's `_images` and `_step`."""
+test_qdq_mirror.py, which uses this file's `tiny_models`, `_images` and `_step`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,13 +26,17 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (n, 1, 64, 64)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tune")
+def tiny_models(d: Path) -> tuple[Path, Path]:
+    """The tiny classifier (seed 3) and its MinMax INT8 export, written into `d`."""
     fp32, int8 = d / "fp32.onnx", d / "int8.onnx"
     onnx.save(tiny_classifier(seed=3), str(fp32))
     quantize_int8(fp32, int8, _images(64, seed=1), Int8Recipe(method="minmax"))
     return fp32, int8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("tune"))
 
 
 def _step(path) -> float:

@@ -17,9 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
 
-from test_int8_tune import _images, _step  # noqa: E402
+from test_int8_tune import _images, _step, tiny_models  # noqa: E402
 
-from engine.arch import tiny_classifier  # noqa: E402
 from engine.errors import ModelError  # noqa: E402
 from engine.train.export import Int8Recipe, ort_run, ort_session, quantize_int8  # noqa: E402
 from engine.train.qdq_mirror import QDQMirror, _padded, _ste_round, attrs  # noqa: E402
@@ -28,11 +27,7 @@ from engine.train.qdq_mirror import QDQMirror, _padded, _ste_round, attrs  # noq
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The tiny classifier (seed 3) and its MinMax INT8 export."""
-    d = tmp_path_factory.mktemp("mirror")
-    fp32, int8 = d / "fp32.onnx", d / "int8.onnx"
-    onnx.save(tiny_classifier(seed=3), str(fp32))
-    quantize_int8(fp32, int8, _images(64, seed=1), Int8Recipe(method="minmax"))
-    return fp32, int8
+    return tiny_models(tmp_path_factory.mktemp("mirror"))
 
 
 def test_mirror_matches_onnxruntime(models):

@@ -78,7 +78,10 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 def _config(sets, tmp: Path, **kw):
-    from engine.train.classifier import ClassifierTrainConfig
+    """test_classifier_fit's short fit of the tiny classifier (`fit_config`) on the two sets
+    (a 0.3 holdout of the second) with the shipped segmenter; output and crop cache in `tmp`."""
+    from test_classifier_fit import fit_config
+
     from engine.train.datasets import LabelSet
 
     base = dict(
@@ -88,15 +91,9 @@ def _config(sets, tmp: Path, **kw):
         segmenter=SHIPPED,
         out=tmp / "out",
         cache=tmp / "cache",
-        arch="tiny-classifier",
-        batch_size=4,
-        epochs=3,
-        epoch_images=8,
         holdout=0.3,
-        threads=1,
-        precision="fp32",
     )
-    return ClassifierTrainConfig(**(base | kw))
+    return fit_config(**(base | kw))
 
 
 @pytest.fixture(scope="module")
@@ -254,40 +251,16 @@ def test_killed_and_resumed_run_equals_the_unbroken_one(loaded, tmp_path, monkey
     weights, optimiser state and history as the run that was never interrupted."""
     from dataclasses import replace
 
+    from test_classifier_fit import CLF, assert_same_fit, kill_and_resume
+
     from engine.train import classifier_fit
-    from engine.train.specs import classifier_manifest
 
     cfg, data, _ = loaded
-    clf = classifier_manifest("tiny-classifier", trained=False)
-    unbroken, stop_a, hist_a, _ = classifier_fit.fit(
-        replace(cfg, out=tmp_path / "a"), data, clf, "fp32"
-    )
-    real_save = classifier_fit.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2:
-            raise Killed
-
-    monkeypatch.setattr(classifier_fit, "save_checkpoint", save_then_die)
-    b = replace(cfg, out=tmp_path / "b")
-    with pytest.raises(Killed):
-        classifier_fit.fit(b, data, clf, "fp32")
-    monkeypatch.setattr(classifier_fit, "save_checkpoint", real_save)
-    resumed, stop_b, hist_b, _ = classifier_fit.fit(replace(b, resume=True), data, clf, "fp32")
-
-    for k, v in unbroken.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
-    assert stop_a.best_epoch == stop_b.best_epoch
-    timing = ("img_per_s", "train_s")
-    strip = [{k: v for k, v in h.items() if k not in timing} for h in hist_a]
-    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in hist_b]
+    unbroken, resumed, b = kill_and_resume(cfg, data, CLF, tmp_path, monkeypatch, epoch=2)
+    assert_same_fit(unbroken, resumed)
     # other options cannot resume this checkpoint
     with pytest.raises(ConfigError, match="other options"):
-        classifier_fit.fit(replace(b, resume=True, lr=1e-2), data, clf, "fp32")
+        classifier_fit.fit(replace(b, resume=True, lr=1e-2), data, CLF, "fp32")
 
 
 # --- measurements ---------------------------------------------------------------------------
