@@ -48,13 +48,21 @@ from engine.eval.compare import (
     side_by_side,
     unseen_of,
 )
-from engine.models import load_models
+from engine.models import ModelSet, load_manifest, load_models, manifest_path
+
+
+def as_shipped(models_dir: Path) -> ModelSet:
+    """The models as their manifests name them (the classifier's own export, not the variant
+    `--precision auto` would pick on the CPU rendering the card): the card is the same on
+    every machine."""
+    clf = load_manifest(manifest_path(models_dir, "classifier"), verify=False)
+    return load_models(models_dir, precision=clf.precision)
 
 
 def replace_segmenter_section(text: str, models_dir: Path) -> str:
     """The card text with its "## Segmenter" section re-rendered; the rest unchanged. The card
     must be of the same models (its model id line), or ConfigError."""
-    model_id = load_models(models_dir, precision="auto").model_id
+    model_id = as_shipped(models_dir).model_id
     if f"Model id `{model_id}`" not in text:
         raise ConfigError(
             f"the card is not of the models in {models_dir} (model id {model_id}): render it "
@@ -97,7 +105,7 @@ def render(
             raise ConfigError(f"--unseen {key}=...: no --compare named {key!r} (or `release`)")
     if baseline is not None and baseline not in names:
         raise ConfigError(f"--baseline {baseline!r}: no --compare of that name")
-    ms = load_models(models_dir, precision="auto")
+    ms = as_shipped(models_dir)
     seg, clf = ms.segmenter, ms.classifier
     card = clf.card
     init = initialisation(card)
@@ -135,9 +143,12 @@ def render(
         *metrics_table(ev),
     ]
     if ev_shipped is not None:
+        ran = (ev_shipped.get("run") or {}).get("model_id") or ms.model_id
         out += [
             "",
             f"## The same with the shipped {clf.precision} classifier",
+            "",
+            f"As `cxr screen --precision auto` ran it where the release was made: `{ran}`.",
             "",
             *metrics_table(ev_shipped),
         ]
