@@ -75,9 +75,6 @@ def segmenter_inputs(
     return dec.ok, dec.seg_input
 
 
-_seg_inputs = segmenter_inputs
-
-
 def lung_boxes(session: Any, seg: Manifest, x: np.ndarray) -> np.ndarray:
     """(N, 4) lung boxes of segmenter inputs x as `cxr screen` finds them: the same
     kernels.reference.lung_bbox, the segmenter's threshold and the full classifier's margin."""
@@ -122,7 +119,7 @@ def export_segmenter_int8(
             "ones; both are needed (calibration, Dice)"
         )
     log(f"segmenter INT8: calibrating on {len(train)} training mask images")
-    _, calib = _seg_inputs([p.image for p in train], seg, threads)
+    _, calib = segmenter_inputs([p.image for p in train], seg, threads)
     int8_path = models_dir / INT8_FILE
     recipe = replace(RECIPE, float_ends=float_ends)
     quantize_int8(seg.onnx_path, int8_path, calib, recipe)
@@ -135,9 +132,9 @@ def export_segmenter_int8(
     thr = logit_threshold(seg.threshold)
     dev = read_labels(labels, images)
     log(f"segmenter INT8: lung boxes of {len(dev)} labelled images, FP32 and INT8")
-    _, x = _seg_inputs([im.path for im in dev], seg, threads)
+    _, x = segmenter_inputs([im.path for im in dev], seg, threads)
     iou = box_iou(lung_boxes(fp32_s, seg, x), lung_boxes(int8_s, seg, x))
-    ok, xh = _seg_inputs([p.image for p in held], seg, threads)
+    ok, xh = segmenter_inputs([p.image for p in held], seg, threads)
     side = tuple(xh.shape[-2:])
     truth = np.stack([load_mask(held[i].mask, side) for i in ok])  # type: ignore[arg-type]
     dice_a = dice_per_image(logits(fp32_s, xh) >= thr, truth)
