@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import __version__
+from engine.models.export import UNET_SEGMENTERS
 
 OPSET = 17
 # IR 9 is what onnx 1.15 writes for opset 17; every ONNX Runtime and TensorRT we support reads it.
@@ -297,9 +298,20 @@ def _unet(seed: int, size: int, base_channels: int, depth: int, name: str) -> on
     return g.model(name, inputs, outputs, doc, seed)
 
 
+def segmenter_builder(name: str) -> Callable[..., onnx.ModelProto]:
+    """build(seed=0, size=<the table's>) for a U-Net of engine.models.UNET_SEGMENTERS."""
+    shape = UNET_SEGMENTERS[name]
+
+    def build(*, seed: int = 0, size: int = shape.size) -> onnx.ModelProto:
+        return _unet(seed, size, shape.base_channels, shape.depth, name)
+
+    build.__name__ = f"segmenter_{name.replace('-', '_')}"
+    build.__doc__ = f"U-Net {name!r}: base {shape.base_channels}, depth {shape.depth}."
+    return build
+
+
 ARCHITECTURES: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50_classifier,
     "tiny-classifier": tiny_classifier,
-    "unet": unet_segmenter,
-    "tiny-unet": tiny_segmenter,
+    **{name: segmenter_builder(name) for name in UNET_SEGMENTERS},
 }

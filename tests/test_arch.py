@@ -14,10 +14,12 @@ from PIL import Image
 from engine.arch import (
     ARCHITECTURES,
     resnet50_classifier,
+    segmenter_builder,
     tiny_classifier,
     tiny_segmenter,
     unet_segmenter,
 )
+from engine.models import UNET_SEGMENTERS
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 
@@ -30,7 +32,7 @@ IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "
 RESNET50_PARAMS = 25_557_032 - 26_560 - 6_272 - (2_049_000 - 2_049)
 
 CLASSIFIERS = {"resnet50": 224, "tiny-classifier": 64}
-SEGMENTERS = {"unet": 256, "tiny-unet": 64}
+SEGMENTERS = {name: shape.size for name, shape in UNET_SEGMENTERS.items()}
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -127,8 +129,7 @@ def test_runs_batch_1_and_3_with_batch_invariant_finite_outputs(models, sessions
     expected = {
         "resnet50": [(3, 1), (3, 2048)],
         "tiny-classifier": [(3, 1), (3, 64)],
-        "unet": [(3, 1, size, size)],
-        "tiny-unet": [(3, 1, size, size)],
+        **{seg: [(3, 1, size, size)] for seg in SEGMENTERS},
     }[name]
     assert [o.shape for o in together] == expected
 
@@ -156,11 +157,43 @@ def test_resnet50_topology_is_torchvision_v1_5(models):
     assert {"conv1.weight", "layer4.2.conv3.bias", "fc.weight", "fc.bias"} <= names
 
 
+def test_every_segmenter_of_the_table_is_an_architecture_and_the_named_ones_are_unchanged():
+    assert set(SEGMENTERS) <= set(ARCHITECTURES)
+    assert SEGMENTERS["unet"] == 256 and SEGMENTERS["tiny-unet"] == 64
+    for name, build in [("unet", unet_segmenter), ("tiny-unet", tiny_segmenter)]:
+        assert _sha256(ARCHITECTURES[name](seed=5)) == _sha256(build(seed=5))
+
+
+def _conv_weights(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return [weights[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+
+
+@pytest.mark.parametrize("name", ["unet-s8", "unet-128", "unet-s8-128"])
+def test_cheaper_segmenters_are_the_unet_with_the_tables_widths_and_input(models, name):
+    """Same topology as the shipped U-Net; only the widths (base channels) and the input side
+    change, as UNET_SEGMENTERS says."""
+    shape, unet = UNET_SEGMENTERS[name], UNET_SEGMENTERS["unet"]
+    assert shape.family == "full" and shape.depth == unet.depth
+    model, reference = models[name], models["unet"]
+    assert [n.op_type for n in model.graph.node] == [n.op_type for n in reference.graph.node]
+    scale = unet.base_channels // shape.base_channels
+    for got, ref in zip(_conv_weights(model), _conv_weights(reference), strict=True):
+        # channel dims scale with the base (the image's 1 and the head's 1 stay); kernels stay
+        assert [g if r == 1 else g * scale for g, r in zip(got[:2], ref[:2], strict=True)] == list(
+            ref[:2]
+        )
+        assert got[2:] == ref[2:]
+    assert _conv_weights(model)[0] == (shape.base_channels, 1, 3, 3)
+    assert _param_count(model) * scale**2 == pytest.approx(_param_count(reference), rel=0.01)
+
+
 @pytest.mark.parametrize(
     ("build", "kwargs"),
     [
         (tiny_classifier, {}),
         (tiny_segmenter, {}),
+        (segmenter_builder("unet-s8-128"), {"size": 32}),
         (unet_segmenter, {"size": 64, "base_channels": 4, "depth": 3}),
         (resnet50_classifier, {}),
     ],

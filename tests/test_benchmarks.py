@@ -396,3 +396,75 @@ def test_drift_calibration_runs_every_night_and_scenario(tmp_path, tiny_models_d
         assert set(r["measures"]) == set(drift_calibration.MEASURES)
         assert r["draws"] == 3 and "any" in r["flag_rate_at_defaults"]
     assert lines[-1]["kind"] == "null_max" and lines[-1]["machine"]["cores"] >= 1
+
+
+def test_conv_macs_counts_every_conv_and_up_conv_of_the_tiny_unet(tiny_models):
+    import onnx
+
+    from benchmarks.bench_segmenters import conv_macs
+
+    # tiny-unet (base 4, depth 2, 64 px), pixels x weights per conv: enc 147,456 + 589,824 and
+    # 294,912 + 589,824; bottleneck 294,912 + 589,824; up-convs (per input pixel) 131,072 each;
+    # dec 1,179,648 + 589,824 twice; 1x1 head 16,384
+    assert conv_macs(onnx.load(str(tiny_models.segmenter.onnx_path))) == 6_324_224
+
+
+def test_bench_segmenters_measures_each_segmenter_against_the_reference(tiny_models_dir, tmp_path):
+    """One line per segmenter with its speed ratio to the reference (measured in turns), MACs,
+    the card's Dice; with labels, box IoU against the reference's boxes on every image; with
+    masks, test Dice at the reference's size (of the test pairs of segmenter_splits.csv)."""
+    import csv
+    import shutil
+
+    pytest.importorskip("torch", reason="the box and Dice comparisons need the train extra")
+    from conftest import DATA
+
+    from benchmarks.bench_segmenters import format_table, run_segmenter_bench
+    from engine.models import init_models
+
+    masks = DATA / "lung-masks"
+    if not (masks / "index.csv").is_file():
+        pytest.skip(f"no lung masks at {masks}")
+    images = dev_images(3)
+    labels = tmp_path / "labels.csv"
+    rows = "".join(f"{p.name},0,p{i}\n" for i, p in enumerate(images))
+    labels.write_text("path,label,patient_id\n" + rows)
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_models_dir, reference)
+    other = init_models(tmp_path / "other", size="tiny", seed=1).segmenter.directory
+    with open(masks / "index.csv", newline="") as f:
+        pairs = list(csv.DictReader(f))[:3]
+    for directory in (reference, other):  # what `cxr train segmenter` writes beside its model
+        with open(directory / "segmenter_splits.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image_path", "mask_path", "patient_id", "split"])
+            w.writerows([p["image_path"], p["mask_path"], p["patient_id"], "test"] for p in pairs)
+    results = tmp_path / "segmenters.jsonl"
+    lines = run_segmenter_bench(
+        reference,
+        [reference, other],
+        batch_size=2,
+        threads=1,
+        rounds=2,
+        batches=1,
+        labels=labels,
+        images=images[0].parent,
+        masks=masks,
+        results=results,
+    )
+    assert [json.loads(x)["segmenter"] for x in results.read_text().splitlines()] == [
+        str(reference),
+        str(reference),
+        str(other),
+    ]
+    ref, same, seeded = lines
+    assert ref["speed_ratio"] == 1.0 and len(ref["img_per_s_rounds"]) == 2
+    assert same["macs_per_image"] == seeded["macs_per_image"] == 6_324_224
+    assert ref["input"] == [64, 64] and ref["machine"]["cpu_flags"] is not None
+    assert same["boxes_vs_reference"]["box_iou_min"] == 1.0
+    assert same["boxes_vs_reference"]["images"] == 3
+    assert 0.0 <= seeded["boxes_vs_reference"]["box_iou_mean"] <= 1.0
+    dice = [ln["test_dice_at_reference_size"] for ln in lines]
+    assert dice[0] == dice[1] and dice[0]["images"] == 3 and dice[0]["side"] == 64
+    assert all(d["same_test_images"] for d in dice) and 0.0 <= dice[2]["mean"] <= 1.0
+    assert "| tiny-unet | 64 |" in format_table(lines)

@@ -406,6 +406,29 @@ def test_hand_built_manifests_with_other_sizes(tiny, real_files):
         )
 
 
+def test_a_cheaper_segmenter_leaves_the_work_image_as_it_was(real_files):
+    """Issue 17: a segmenter of another input size (engine.models.UNET_SEGMENTERS) changes the
+    segmenter input alone; the work image the classifier's crop is cut from is bit for bit the
+    shipped U-Net's."""
+    from engine.models import classifier_manifest, segmenter_manifest
+
+    clf = classifier_manifest("resnet50", trained=False)
+    files = [real_files["png"][0], real_files["jpg"][0]]
+    outs = {}
+    for arch in ("unet", "unet-s8-128"):
+        models = ModelSet(segmenter=segmenter_manifest(arch, trained=False), classifier=clf)
+        outs[arch] = Preprocessor(models, device="cpu", batch_size=2, threads=1).run(
+            [file_sample(p) for p in files]
+        )
+        for i, p in enumerate(files):
+            assert_matches_reference(
+                outs[arch], i, gray16(Image.open(p)), models, JPEG_MEAN_TOL, JPEG_P99_TOL, p.name
+            )
+    assert outs["unet"].work.shape == (2, 512, 512)
+    np.testing.assert_array_equal(outs["unet"].work, outs["unet-s8-128"].work)
+    assert outs["unet-s8-128"].seg_input.shape == (2, 1, 128, 128)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

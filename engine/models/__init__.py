@@ -13,6 +13,8 @@ The names below are the package's API: import them from ``engine.models``.
 from engine.models.export import (
     INIT_SPECS,
     TRAIN_ONLY_CLASSIFIERS,
+    UNET_SEGMENTERS,
+    UNetShape,
     architecture_spec,
     classifier_manifest,
     export_model,
@@ -74,6 +76,8 @@ __all__ = [
     "Role",
     "TensorSpec",
     "Variant",
+    "UNET_SEGMENTERS",
+    "UNetShape",
     "architecture_spec",
     "choose_precision",
     "classifier_manifest",

@@ -4,7 +4,7 @@ their manifests, and writing an ONNX model with its manifest."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +20,31 @@ from engine.models.manifest import (
 )
 from engine.models.modelset import ModelSet
 
+
+@dataclass(frozen=True, slots=True)
+class UNetShape:
+    """A U-Net segmenter: engine.arch (ONNX) and engine.train.unet (torch) build it from this."""
+
+    base_channels: int
+    depth: int
+    size: int  # input side: the manifest's preprocess and mask_logit size
+    family: str  # INIT_SPECS family whose work image (crop source) and classifier it serves
+
+
+# The one table of segmenter architectures. A family's cheaper segmenters (issue 17) read the same
+# work image as its own and only derive a smaller input from it, so the classifier's crop is cut
+# exactly as before given the same box.
+UNET_SEGMENTERS: dict[str, UNetShape] = {
+    "unet": UNetShape(base_channels=16, depth=4, size=256, family="full"),
+    "tiny-unet": UNetShape(base_channels=4, depth=2, size=64, family="tiny"),
+    "unet-s8": UNetShape(base_channels=8, depth=4, size=256, family="full"),
+    "unet-128": UNetShape(base_channels=16, depth=4, size=128, family="full"),
+    "unet-s8-128": UNetShape(base_channels=8, depth=4, size=128, family="full"),
+}
+
 INIT_SPECS: dict[str, dict[str, Any]] = {
     "full": {
-        "segmenter": {"architecture": "unet", "size": 256},
+        "segmenter": {"architecture": "unet", "size": UNET_SEGMENTERS["unet"].size},
         "classifier": {
             "architecture": "resnet50",
             "size": 224,
@@ -31,7 +53,7 @@ INIT_SPECS: dict[str, dict[str, Any]] = {
         },
     },
     "tiny": {
-        "segmenter": {"architecture": "tiny-unet", "size": 64},
+        "segmenter": {"architecture": "tiny-unet", "size": UNET_SEGMENTERS["tiny-unet"].size},
         "classifier": {
             "architecture": "tiny-classifier",
             "size": 64,
@@ -69,6 +91,10 @@ TRAIN_ONLY_CLASSIFIERS: dict[str, dict[str, Any]] = {
 
 def architecture_spec(role: str, architecture: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(this role's spec, the classifier spec of the same size family)."""
+    if role == "segmenter" and architecture in UNET_SEGMENTERS:
+        shape = UNET_SEGMENTERS[architecture]
+        spec = {"architecture": architecture, "size": shape.size}
+        return spec, INIT_SPECS[shape.family]["classifier"]
     for family in INIT_SPECS.values():
         if family[role]["architecture"] == architecture:
             return family[role], family["classifier"]
@@ -76,6 +102,8 @@ def architecture_spec(role: str, architecture: str) -> tuple[dict[str, Any], dic
         spec = TRAIN_ONLY_CLASSIFIERS[architecture]
         return spec, spec
     choices = sorted(f[role]["architecture"] for f in INIT_SPECS.values())
+    if role == "segmenter":
+        choices = sorted(UNET_SEGMENTERS)
     if role == "classifier":
         choices += sorted(TRAIN_ONLY_CLASSIFIERS)
     raise ModelError(f"unknown {role} architecture {architecture!r}: choose one of {choices}")

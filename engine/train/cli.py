@@ -76,7 +76,9 @@ def train_segmenter(
     ] = None,
     epochs: Epochs = 60,
     seed: Seed = 0,
-    arch: Annotated[str, typer.Option(help="unet | tiny-unet")] = "unet",
+    arch: Annotated[
+        str, typer.Option(help="unet | unet-s8 | unet-128 | unet-s8-128 | tiny-unet")
+    ] = "unet",
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 8,
     lr: LearningRate = 1e-3,

@@ -65,10 +65,32 @@ def _splits(path: Path) -> dict[str, str]:
         return {r["patient_id"]: r["split"] for r in csv.DictReader(f)}
 
 
-def _seg_inputs(paths: list[Path], seg: Manifest, threads: int) -> tuple[list[int], np.ndarray]:
+def segmenter_inputs(
+    paths: list[Path], seg: Manifest, threads: int
+) -> tuple[list[int], np.ndarray]:
+    """(indices of paths that decoded, their segmenter inputs): the engine's Preprocessor with the
+    full family's work image (what `cxr screen` feeds the segmenter beside the ResNet50)."""
     models = ModelSet(segmenter=seg, classifier=classifier_manifest("resnet50", trained=False))
     dec = decode_all(paths, models, threads=threads)
     return dec.ok, dec.seg_input
+
+
+def lung_boxes(session: Any, seg: Manifest, x: np.ndarray) -> np.ndarray:
+    """(N, 4) lung boxes of segmenter inputs x as `cxr screen` finds them: the same
+    kernels.reference.lung_bbox, the segmenter's threshold and the full classifier's margin."""
+    logits = ort_run(session, x, batch=16)[seg.outputs[0].name][:, 0]
+    margin = classifier_manifest("resnet50", trained=False).crop.margin  # type: ignore[union-attr]
+    return lung_bbox(logits, logit_threshold(seg.threshold), margin)[0]
+
+
+def box_agreement(iou: np.ndarray) -> dict[str, Any]:
+    """Per-image box IoUs summarised against the bar (SEG_MIN_BOX_IOU on every image)."""
+    return {
+        "images": len(iou),
+        "box_iou_min": float(iou.min()),
+        "box_iou_mean": float(iou.mean()),
+        "box_iou_below_bar": int((iou < SEG_MIN_BOX_IOU).sum()),
+    }
 
 
 def export_segmenter_int8(
@@ -97,7 +119,7 @@ def export_segmenter_int8(
             "ones; both are needed (calibration, Dice)"
         )
     log(f"segmenter INT8: calibrating on {len(train)} training mask images")
-    _, calib = _seg_inputs([p.image for p in train], seg, threads)
+    _, calib = segmenter_inputs([p.image for p in train], seg, threads)
     int8_path = models_dir / INT8_FILE
     recipe = replace(RECIPE, float_ends=float_ends)
     quantize_int8(seg.onnx_path, int8_path, calib, recipe)
@@ -108,23 +130,17 @@ def export_segmenter_int8(
         return ort_run(sess, x, batch=16)[out_name][:, 0]
 
     thr = logit_threshold(seg.threshold)
-    margin = classifier_manifest("resnet50", trained=False).crop.margin  # type: ignore[union-attr]
     dev = read_labels(labels, images)
     log(f"segmenter INT8: lung boxes of {len(dev)} labelled images, FP32 and INT8")
-    _, x = _seg_inputs([im.path for im in dev], seg, threads)
-    box_a, _ = lung_bbox(logits(fp32_s, x), thr, margin)
-    box_b, _ = lung_bbox(logits(int8_s, x), thr, margin)
-    iou = box_iou(box_a, box_b)
-    ok, xh = _seg_inputs([p.image for p in held], seg, threads)
+    _, x = segmenter_inputs([im.path for im in dev], seg, threads)
+    iou = box_iou(lung_boxes(fp32_s, seg, x), lung_boxes(int8_s, seg, x))
+    ok, xh = segmenter_inputs([p.image for p in held], seg, threads)
     side = tuple(xh.shape[-2:])
     truth = np.stack([load_mask(held[i].mask, side) for i in ok])  # type: ignore[arg-type]
     dice_a = dice_per_image(logits(fp32_s, xh) >= thr, truth)
     dice_b = dice_per_image(logits(int8_s, xh) >= thr, truth)
     parity: dict[str, Any] = {
-        "images": len(iou),
-        "box_iou_min": float(iou.min()),
-        "box_iou_mean": float(iou.mean()),
-        "box_iou_below_bar": int((iou < SEG_MIN_BOX_IOU).sum()),
+        **box_agreement(iou),
         "mask_images": len(ok),
         "dice_fp32": float(dice_a.mean()),
         "dice_int8": float(dice_b.mean()),

@@ -13,6 +13,7 @@ from engine.errors import ConfigError, ModelError
 from engine.models import (
     INIT_SPECS,
     TRAIN_ONLY_CLASSIFIERS,
+    UNET_SEGMENTERS,
     architecture_spec,
     classifier_manifest,
     segmenter_manifest,
@@ -20,7 +21,7 @@ from engine.models import (
 
 __all__ = ["classifier_manifest", "segmenter_manifest", "work_size", "classifier_for_segmenter"]
 
-SEGMENTER_ARCHS = tuple(s["segmenter"]["architecture"] for s in INIT_SPECS.values())
+SEGMENTER_ARCHS = tuple(UNET_SEGMENTERS)
 CLASSIFIER_ARCHS = (
     *(s["classifier"]["architecture"] for s in INIT_SPECS.values()),
     *TRAIN_ONLY_CLASSIFIERS,

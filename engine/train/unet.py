@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.models import UNET_SEGMENTERS
+
 # architecture name -> (base channels, depth), as engine.arch builds them
-UNET_SHAPES = {"unet": (16, 4), "tiny-unet": (4, 2)}
+UNET_SHAPES = {name: (s.base_channels, s.depth) for name, s in UNET_SEGMENTERS.items()}
 
 
 def double_conv(c_in: int, c_out: int) -> nn.Sequential:

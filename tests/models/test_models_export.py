@@ -4,6 +4,7 @@ the architectures' specs and manifests."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from engine.errors import ModelError
 from engine.models import (
     INIT_SPECS,
+    UNET_SEGMENTERS,
     architecture_spec,
     classifier_manifest,
     export_model,
@@ -44,6 +46,32 @@ def test_architecture_spec_knows_the_init_and_train_only_architectures():
         architecture_spec("segmenter", "efficientnet-lite0")
     with pytest.raises(ModelError, match=r"choose one of \['resnet50', 'tiny-classifier', 'eff"):
         architecture_spec("classifier", "vgg16")
+
+
+@pytest.mark.parametrize("arch", ["unet-s8", "unet-128", "unet-s8-128"])
+def test_cheaper_segmenters_serve_the_full_familys_work_image_and_classifier(arch):
+    """Their own input size (one table: UNET_SEGMENTERS), the full family's classifier, work
+    image side and crop; everything else of the manifest as the shipped U-Net's."""
+    from engine.train.specs import SEGMENTER_ARCHS, classifier_for_segmenter, work_size
+
+    n = UNET_SEGMENTERS[arch].size
+    seg, clf = architecture_spec("segmenter", arch)
+    assert seg == {"architecture": arch, "size": n} and clf == INIT_SPECS["full"]["classifier"]
+    assert arch in SEGMENTER_ARCHS
+    assert (work_size(arch), classifier_for_segmenter(arch)) == (512, "resnet50")
+    m, unet = segmenter_manifest(arch, trained=False), segmenter_manifest("unet", trained=False)
+    assert m.preprocess.size == (n, n) and m.inputs[0].shape == ("N", 1, n, n)
+    assert m.outputs[0].shape == ("N", 1, n, n)
+    assert replace(m.preprocess, size=unet.preprocess.size) == unet.preprocess
+    assert (m.threshold, m.crop, m.architecture) == (unet.threshold, None, arch)
+
+
+def test_the_init_families_take_their_segmenter_size_from_the_table():
+    for family in INIT_SPECS.values():
+        seg = family["segmenter"]
+        assert seg["size"] == UNET_SEGMENTERS[seg["architecture"]].size
+    with pytest.raises(ModelError, match=r"choose one of \['tiny-unet', 'unet', 'unet-128'"):
+        architecture_spec("segmenter", "unet-s4")
 
 
 def test_manifests_of_the_full_architectures():

@@ -35,3 +35,22 @@ def test_a_classifier_without_a_crop_section_is_refused(tiny_models):
     work = np.zeros((1, 128, 128), np.float32)
     with pytest.raises(ValueError, match="no crop section"):
         lung_crops(work, np.zeros((1, 64, 64), np.float32), tiny_models.segmenter, clf)
+
+
+def test_the_crop_depends_on_the_box_alone_not_on_the_segmenter_size():
+    """A cheaper segmenter (engine.models.UNET_SEGMENTERS: unet-128, ...) reads the same work image
+    at a smaller size: the lung drawn at 128 and at 256 gives the same box, so the same crop."""
+    from engine.models import classifier_manifest, segmenter_manifest
+
+    clf = classifier_manifest("resnet50", trained=False)
+    side = clf.crop.source_size
+    work = np.random.default_rng(1).random((1, side, side), dtype=np.float32)
+    crops = []
+    for arch, n in [("unet", 256), ("unet-s8-128", 128)]:
+        seg = segmenter_manifest(arch, trained=False)
+        assert seg.preprocess.size == (n, n)
+        logits = np.full((1, n, n), -5.0, np.float32)
+        logits[0, n * 3 // 16 : n * 14 // 16, n // 8 : n * 7 // 8] = 5.0
+        crops.append(lung_crops(work, logits, seg, clf))
+    np.testing.assert_array_equal(crops[0].boxes, crops[1].boxes)
+    np.testing.assert_array_equal(crops[0].classifier_input, crops[1].classifier_input)

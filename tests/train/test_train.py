@@ -187,6 +187,47 @@ def test_trained_models_load_and_screen(trained, tmp_path):
     assert status == ["ok"] * 4
 
 
+def test_a_cheaper_segmenter_trains_and_screens_beside_the_shipped_classifier(subset, tmp_path):
+    """issue 17: `cxr train segmenter --arch unet-s8-128` (base 8, input 128: about 1/16 of the
+    U-Net's MACs) exports the table's input size, and `cxr screen` runs it with the shipped
+    ResNet50, whose crops come from the same 512 px work image as before."""
+    import shutil
+
+    from engine.config import ScreenConfig
+    from engine.io import parquet
+    from engine.models import PACKAGED_MODELS, load_models
+    from engine.runner import screen
+
+    if not (PACKAGED_MODELS / "classifier.json").is_file():
+        pytest.skip("no shipped classifier")
+    out = tmp_path / "models"
+    args = ["--masks", subset["masks"], "--labels", subset["labels"], "--out", out]
+    args += ["--arch", "unet-s8-128", "--max-steps", 2, "--batch-size", 4, "--threads", 1]
+    code, text = run_train("segmenter", *args)
+    assert code == 0, text
+    clf = load_models(None).classifier
+    for name in ("classifier.json", clf.onnx):
+        shutil.copy(PACKAGED_MODELS / name, out / name)
+    models = load_models(out)
+    assert models.segmenter.architecture == "unet-s8-128"
+    assert models.segmenter.preprocess.size == (128, 128)
+    assert models.segmenter.card["training"]["max_steps"] == 2
+    assert models.classifier.crop.source_size == 512
+
+    config = ScreenConfig(
+        inputs=tuple(sorted((DEV / "images").glob("*"))[:3]),
+        out=tmp_path / "out",
+        models=out,
+        batch_size=3,
+        threads=2,
+        progress=False,
+    )
+    summary = screen(config)
+    assert summary.ok == 3 and summary.errors == 0
+    status = parquet.read_predictions(tmp_path / "out", ["status"])["status"].to_list()
+    assert status == ["ok"] * 3
+
+
 def test_splits_files_share_patients(trained):
     """No classifier val/test patient is a segmenter training patient."""
     with open(trained["classifier"] / "splits.csv", newline="") as f:
