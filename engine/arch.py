@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import __version__
-from engine.models.export import UNET_SEGMENTERS
+from engine.models.manifest import UNET_SEGMENTERS
 
 OPSET = 17
 # IR 9 is what onnx 1.15 writes for opset 17; every ONNX Runtime and TensorRT we support reads it.

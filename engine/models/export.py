@@ -4,12 +4,13 @@ their manifests, and writing an ONNX model with its manifest."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import ModelError
 from engine.models.manifest import (
+    UNET_SEGMENTERS,
     CropSpec,
     Manifest,
     Preprocess,
@@ -19,28 +20,6 @@ from engine.models.manifest import (
     sha256_file,
 )
 from engine.models.modelset import ModelSet
-
-
-@dataclass(frozen=True, slots=True)
-class UNetShape:
-    """A U-Net segmenter: engine.arch (ONNX) and engine.train.unet (torch) build it from this."""
-
-    base_channels: int
-    depth: int
-    size: int  # input side: the manifest's preprocess and mask_logit size
-    family: str  # INIT_SPECS family whose work image (crop source) and classifier it serves
-
-
-# The one table of segmenter architectures. A family's cheaper segmenters (issue 17) read the same
-# work image as its own and only derive a smaller input from it, so the classifier's crop is cut
-# exactly as before given the same box.
-UNET_SEGMENTERS: dict[str, UNetShape] = {
-    "unet": UNetShape(base_channels=16, depth=4, size=256, family="full"),
-    "tiny-unet": UNetShape(base_channels=4, depth=2, size=64, family="tiny"),
-    "unet-s8": UNetShape(base_channels=8, depth=4, size=256, family="full"),
-    "unet-128": UNetShape(base_channels=16, depth=4, size=128, family="full"),
-    "unet-s8-128": UNetShape(base_channels=8, depth=4, size=128, family="full"),
-}
 
 INIT_SPECS: dict[str, dict[str, Any]] = {
     "full": {

@@ -220,3 +220,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class UNetShape:
+    """A U-Net segmenter: engine.arch (ONNX) and engine.train.unet (torch) build it from this."""
+
+    base_channels: int
+    depth: int
+    size: int  # input side: the manifest's preprocess and mask_logit size
+    family: str  # INIT_SPECS family whose work image (crop source) and classifier it serves
+
+
+# The one table of segmenter architectures. A family's cheaper segmenters (issue 17) read the same
+# work image as its own and only derive a smaller input from it, so the classifier's crop is cut
+# exactly as before given the same box.
+UNET_SEGMENTERS: dict[str, UNetShape] = {
+    "unet": UNetShape(base_channels=16, depth=4, size=256, family="full"),
+    "tiny-unet": UNetShape(base_channels=4, depth=2, size=64, family="tiny"),
+    "unet-s8": UNetShape(base_channels=8, depth=4, size=256, family="full"),
+    "unet-128": UNetShape(base_channels=16, depth=4, size=128, family="full"),
+    "unet-s8-128": UNetShape(base_channels=8, depth=4, size=128, family="full"),
+}

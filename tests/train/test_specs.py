@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import ConfigError
-from engine.models import INIT_SPECS, TRAIN_ONLY_CLASSIFIERS
+from engine.models import INIT_SPECS, TRAIN_ONLY_CLASSIFIERS, UNET_SEGMENTERS
 from engine.train.specs import (
     CLASSIFIER_ARCHS,
     SEGMENTER_ARCHS,
@@ -18,7 +18,8 @@ from engine.train.specs import (
 
 
 def test_architecture_lists_cover_every_family_and_the_train_only_classifiers():
-    assert set(SEGMENTER_ARCHS) == {"unet", "tiny-unet"}
+    assert set(SEGMENTER_ARCHS) == set(UNET_SEGMENTERS)  # the one table of segmenters
+    assert {"unet", "tiny-unet"} <= set(SEGMENTER_ARCHS)
     assert set(CLASSIFIER_ARCHS) == {"resnet50", "tiny-classifier", *TRAIN_ONLY_CLASSIFIERS}
     assert "efficientnet-lite0" in CLASSIFIER_ARCHS
     assert len(set(CLASSIFIER_ARCHS)) == len(CLASSIFIER_ARCHS)  # each once
