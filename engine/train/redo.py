@@ -16,6 +16,7 @@ import numpy as np
 from engine.errors import ConfigError
 from engine.models import Manifest, Variant, load_manifest, manifest_path, save_manifest
 from engine.train.classifier import SPLITS_FILE, evaluate, int8_variant
+from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData
 from engine.train.crops import config_of, load_data, load_segmenter, recorded_splits, split_keys
 from engine.train.data import log
@@ -91,6 +92,13 @@ def _prepare(
     return m, data, fp32
 
 
+def _config(
+    m: Manifest, models: Path, sets: tuple[LabelSet, ...], threads: int, **kw: Any
+) -> ClassifierTrainConfig:
+    """The config that rebuilds the directory's crops of these sets (crops.config_of)."""
+    return config_of(m, models, sets[0].labels, sets[0].images, threads, extra=sets[1:], **kw)
+
+
 def requantize_int8(
     models: Path,
     sets: tuple[LabelSet, ...],
@@ -107,13 +115,11 @@ def requantize_int8(
     and threshold; classifier.int8.onnx and the manifest's int8 entries are rewritten, nothing
     else. sets: every labelled set the classifier was trained on, in order."""
     m, data, fp32 = _prepare(models, sets, threads, cache)
-    cfg = config_of(
+    cfg = _config(
         m,
         models,
-        sets[0].labels,
-        sets[0].images,
+        sets,
         threads,
-        extra=sets[1:],
         calibration_images=calibration_images,
         int8_tune_epochs=int8_tune_epochs,
         int8_tune_images=int8_tune_images,
@@ -142,14 +148,7 @@ def rethreshold(
     end-of-training figures (held-out specificity per group, downscale agreement). The card
     keeps the threshold it replaced under `threshold_replaced`."""
     m, data, fp32 = _prepare(models, sets, threads, cache)
-    rule = config_of(
-        m,
-        models,
-        sets[0].labels,
-        sets[0].images,
-        threads,
-        threshold_sensitivity=threshold_sensitivity,
-    )
+    rule = _config(m, models, sets, threads, threshold_sensitivity=threshold_sensitivity)
     probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
     val = data.split == "val"
     threshold, rule_text = rule.threshold(probs[val], data.labels[val])

@@ -57,6 +57,22 @@ def run_train(*args: object) -> tuple[int, str]:
     return result.exit_code, plain(result.output)
 
 
+def _screens_all(images, models: Path, out: Path) -> None:
+    """`cxr screen` of the images with a models directory: every row ok."""
+    from engine.config import ScreenConfig
+    from engine.io import parquet
+    from engine.runner import screen
+
+    summary = screen(
+        ScreenConfig(
+            inputs=tuple(images), out=out, models=models, batch_size=4, threads=2, progress=False
+        )
+    )
+    assert summary.ok == len(images) and summary.errors == 0
+    status = parquet.read_predictions(out, ["status"])["status"].to_list()
+    assert status == ["ok"] * len(images)
+
+
 @pytest.fixture(scope="module")
 def subset(tmp_path_factory) -> dict[str, Path]:
     """8 mask pairs of 8 different patients, and 16 labelled CXRs: those 8 positives plus
@@ -157,10 +173,7 @@ def trained(subset, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_trained_models_load_and_screen(trained, tmp_path):
-    from engine.config import ScreenConfig
-    from engine.io import parquet
     from engine.models import load_models
-    from engine.runner import screen
 
     models = load_models(trained["classifier"])
     assert models.trained
@@ -173,18 +186,7 @@ def test_trained_models_load_and_screen(trained, tmp_path):
     assert models.segmenter.card["metrics"]["dice"]["test"]["images"] >= 1
 
     images = sorted((DEV / "images").glob("*"))[:4]
-    config = ScreenConfig(
-        inputs=tuple(images),
-        out=tmp_path / "out",
-        models=trained["classifier"],
-        batch_size=4,
-        threads=2,
-        progress=False,
-    )
-    summary = screen(config)
-    assert summary.ok == 4 and summary.errors == 0
-    status = parquet.read_predictions(tmp_path / "out", ["status"])["status"].to_list()
-    assert status == ["ok"] * 4
+    _screens_all(images, trained["classifier"], tmp_path / "out")
 
 
 def test_a_cheaper_segmenter_trains_and_screens_beside_the_shipped_classifier(subset, tmp_path):
@@ -193,10 +195,7 @@ def test_a_cheaper_segmenter_trains_and_screens_beside_the_shipped_classifier(su
     ResNet50, whose crops come from the same 512 px work image as before."""
     import shutil
 
-    from engine.config import ScreenConfig
-    from engine.io import parquet
     from engine.models import PACKAGED_MODELS, load_models
-    from engine.runner import screen
 
     if not (PACKAGED_MODELS / "classifier.json").is_file():
         pytest.skip("no shipped classifier")
@@ -214,18 +213,7 @@ def test_a_cheaper_segmenter_trains_and_screens_beside_the_shipped_classifier(su
     assert models.segmenter.card["training"]["max_steps"] == 2
     assert models.classifier.crop.source_size == 512
 
-    config = ScreenConfig(
-        inputs=tuple(sorted((DEV / "images").glob("*"))[:3]),
-        out=tmp_path / "out",
-        models=out,
-        batch_size=3,
-        threads=2,
-        progress=False,
-    )
-    summary = screen(config)
-    assert summary.ok == 3 and summary.errors == 0
-    status = parquet.read_predictions(tmp_path / "out", ["status"])["status"].to_list()
-    assert status == ["ok"] * 3
+    _screens_all(sorted((DEV / "images").glob("*"))[:3], out, tmp_path / "out")
 
 
 def test_splits_files_share_patients(trained):
