@@ -69,37 +69,8 @@ def screen_shard(
     started, t0 = time.time(), time.perf_counter()
     if parquet.part_path(out, shard.number).exists():
         result = committed_result(out, shard.number)
-    else:
-        result = _screen(screener, reader, shard, config, out, common, before_commit)
-    result.started, result.seconds = started, time.perf_counter() - t0
-    return result
-
-
-def committed_result(out: Path, number: int) -> ShardResult:
-    """The counts of a part already committed."""
-    df = pl.read_parquet(parquet.part_path(out, number), columns=["status", "decision", "error"])
-    ok = df["status"] == "ok"
-    errors = df.filter(~ok)["error"].drop_nulls().to_list()
-    return ShardResult(
-        number=number,
-        rows=df.height,
-        ok=int(ok.sum()),
-        errors=df.height - int(ok.sum()),
-        positives=int(df.filter(ok)["decision"].fill_null(False).sum()),
-        error_samples=errors[:ERROR_SAMPLES],
-        already_committed=True,
-    )
-
-
-def _screen(
-    screener: Screener,
-    reader: ShardReader,
-    shard: Shard,
-    config: ScreenConfig,
-    out: Path,
-    common: dict[str, Any],
-    before_commit: Callable[[], None] | None,
-) -> ShardResult:
+        result.started, result.seconds = started, time.perf_counter() - t0
+        return result
     clock_before = dict(screener.clock.seconds)
     writer = ShardWriter(
         out,
@@ -127,7 +98,7 @@ def _screen(
     stage_s = {
         stage: s - clock_before.get(stage, 0.0) for stage, s in screener.clock.seconds.items()
     }
-    return ShardResult(
+    result = ShardResult(
         number=shard.number,
         rows=counts.processed,
         ok=counts.ok,
@@ -136,6 +107,24 @@ def _screen(
         error_samples=counts.error_samples[:ERROR_SAMPLES],
         stage_s=stage_s,
         latencies_s=latencies,
+    )
+    result.started, result.seconds = started, time.perf_counter() - t0
+    return result
+
+
+def committed_result(out: Path, number: int) -> ShardResult:
+    """The counts of a part already committed."""
+    df = pl.read_parquet(parquet.part_path(out, number), columns=["status", "decision", "error"])
+    ok = df["status"] == "ok"
+    errors = df.filter(~ok)["error"].drop_nulls().to_list()
+    return ShardResult(
+        number=number,
+        rows=df.height,
+        ok=int(ok.sum()),
+        errors=df.height - int(ok.sum()),
+        positives=int(df.filter(ok)["decision"].fill_null(False).sum()),
+        error_samples=errors[:ERROR_SAMPLES],
+        already_committed=True,
     )
 
 

@@ -44,6 +44,7 @@ def screen_examples(precision: str) -> dict:
         "images": [
             {
                 "file": Path(r["source"]).name,
+                "status": r["status"],
                 "prob": r["prob"],
                 "decision": r["decision"],
                 "lung_bbox": list(r["lung_bbox"]),
