@@ -100,11 +100,7 @@ def tables(e: Evaluation) -> list[Table]:
     counts.add_column(style="bold")
     counts.add_column()
     for name, value in (
-        ("labelled images", n.labelled),
-        ("found in the run", n.found),
-        ("missing from the run", n.missing),
-        ("excluded (status error)", n.errors),
-        ("evaluated (status ok)", n.evaluated),
+        *n.rows(),
         ("patients", e.overall.patients),
         ("thresholds", ", ".join(f"{t:g}" for t in e.run.get("thresholds", []))),
     ):

@@ -35,6 +35,16 @@ class MatchCounts:
     def to_json(self) -> dict[str, int]:
         return {f: getattr(self, f) for f in self.__slots__}
 
+    def rows(self) -> list[tuple[str, int]]:
+        """The counts as `cxr evaluate` prints them and its report lists them."""
+        return [
+            ("labelled images", self.labelled),
+            ("found in the run", self.found),
+            ("missing from the run", self.missing),
+            ("excluded (status error)", self.errors),
+            ("evaluated (status ok)", self.evaluated),
+        ]
+
 
 def read_labels(csv: Path, *, images: Path | None = None, by: str | None = None) -> pl.DataFrame:
     """Columns `_row, path, label, patient, patient_given, group, _rel, _abs` (`group` only

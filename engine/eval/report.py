@@ -118,11 +118,7 @@ def _facts(e: Evaluation) -> str:
         ("labels", str(e.config.labels)),
         ("model", f"{run.get('model_id')} (trained: {run.get('trained')})"),
         ("decision threshold(s)", ", ".join(f"{t:g}" for t in run.get("thresholds", []))),
-        ("labelled images", n.labelled),
-        ("found in the run", n.found),
-        ("missing from the run", n.missing),
-        ("excluded: status error", n.errors),
-        ("evaluated (status ok)", n.evaluated),
+        *n.rows(),
         ("patients evaluated", e.overall.patients),
         ("prediction rows without a label", n.unlabelled),
     ]

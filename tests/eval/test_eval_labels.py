@@ -217,3 +217,18 @@ def test_match_counts_json_keeps_the_field_order():
         ("evaluated", 4),
         ("unlabelled", 3),
     ]
+
+
+def test_match_counts_rows_are_the_printed_counts_in_order():
+    from engine.eval.labels import MatchCounts
+
+    n = MatchCounts(
+        labelled=10, found=8, missing=2, ambiguous=1, errors=1, evaluated=7, unlabelled=3
+    )
+    assert n.rows() == [
+        ("labelled images", 10),
+        ("found in the run", 8),
+        ("missing from the run", 2),
+        ("excluded (status error)", 1),
+        ("evaluated (status ok)", 7),
+    ]
