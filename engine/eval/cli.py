@@ -119,13 +119,8 @@ def tables(e: Evaluation) -> list[Table]:
 
 
 def _cell(g, name: str) -> str:
-    value = g.values[name]
-    if value != value:  # nan
-        return "undefined"
-    ci = g.intervals.get(name)
-    if ci is None or ci.valid == 0:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+    text, ci = g.shown(name)
+    return text if ci is None else f"{text} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
 def _retrieval_table(e: Evaluation) -> list[Table]:

@@ -127,14 +127,11 @@ def _facts(e: Evaluation) -> str:
 
 
 def _cell(g: GroupScore, name: str) -> str:
-    value = g.values[name]
-    if value != value:  # nan
-        return "undefined"
-    ci = g.intervals.get(name)
-    if ci is None or ci.valid == 0:
-        return f"{value:.3f}"
+    text, ci = g.shown(name)
+    if ci is None:
+        return text
     return (
-        f"{value:.3f} <span class='ci'>[{ci.low:.3f}, {ci.high:.3f}]"
+        f"{text} <span class='ci'>[{ci.low:.3f}, {ci.high:.3f}]"
         f"{'' if ci.valid == ci.resamples else f' n={ci.valid}'}</span>"
     )
 

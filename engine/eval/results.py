@@ -56,6 +56,15 @@ class GroupScore:
     intervals: dict[str, Interval]  # empty with --bootstrap 0
     calibration: m.Reliability
 
+    def shown(self, name: str) -> tuple[str, Interval | None]:
+        """A metric as the terminal and the report show it: its value to 3 decimals (or
+        "undefined") and its interval where one was drawn."""
+        value = self.values[name]
+        if value != value:  # nan
+            return "undefined", None
+        ci = self.intervals.get(name)
+        return f"{value:.3f}", (ci if ci is not None and ci.valid else None)
+
     def to_json(self) -> dict[str, Any]:
         c = self.confusion
         return {

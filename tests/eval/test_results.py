@@ -172,3 +172,19 @@ def test_evaluation_json_says_what_was_asked_and_found(tmp_path):
 def test_evaluation_json_images_root_as_given(tmp_path):
     e = evaluation(EvalConfig(out=tmp_path, labels=tmp_path / "l.csv", images=Path("/data/x")))
     assert e.to_json()["images_root"] == "/data/x"
+
+
+def test_group_score_shown_gives_the_text_and_the_interval_to_show():
+    ci = Interval(low=0.4, high=0.9, valid=180, resamples=200)
+    none_valid = Interval(low=float("nan"), high=float("nan"), valid=0, resamples=200)
+    s = score(
+        [1, 0, 1, 0],
+        [0.8, 0.4, 0.6, 0.1],
+        [1, 0, 1, 0],
+        intervals={"accuracy": ci, "roc_auc": none_valid},
+    )
+    assert s.shown("accuracy") == ("1.000", ci)
+    assert s.shown("roc_auc") == ("1.000", None)  # no valid resample: no interval shown
+    assert s.shown("specificity") == ("1.000", None)  # none drawn
+    undefined = score([0, 0], [0.1, 0.2], [0, 0])
+    assert undefined.shown("sensitivity") == ("undefined", None)
