@@ -92,7 +92,8 @@ def test_group_score_json_undefined_metrics_and_empty_bins_are_null():
     json.dumps(j, allow_nan=False)  # strict JSON: no NaN anywhere
 
 
-def test_group_score_json_carries_intervals_where_computed():
+def _with_intervals():
+    """A score with an accuracy interval and a roc_auc one that no resample made valid."""
     ci = Interval(low=0.4, high=0.9, valid=180, resamples=200)
     none_valid = Interval(low=float("nan"), high=float("nan"), valid=0, resamples=200)
     s = score(
@@ -101,6 +102,11 @@ def test_group_score_json_carries_intervals_where_computed():
         [1, 0, 1, 0],
         intervals={"accuracy": ci, "roc_auc": none_valid},
     )
+    return s, ci
+
+
+def test_group_score_json_carries_intervals_where_computed():
+    s, ci = _with_intervals()
     metrics = s.to_json()["metrics"]
     assert metrics["accuracy"]["ci95"] == {
         "low": 0.4,
@@ -175,14 +181,7 @@ def test_evaluation_json_images_root_as_given(tmp_path):
 
 
 def test_group_score_shown_gives_the_text_and_the_interval_to_show():
-    ci = Interval(low=0.4, high=0.9, valid=180, resamples=200)
-    none_valid = Interval(low=float("nan"), high=float("nan"), valid=0, resamples=200)
-    s = score(
-        [1, 0, 1, 0],
-        [0.8, 0.4, 0.6, 0.1],
-        [1, 0, 1, 0],
-        intervals={"accuracy": ci, "roc_auc": none_valid},
-    )
+    s, ci = _with_intervals()
     assert s.shown("accuracy") == ("1.000", ci)
     assert s.shown("roc_auc") == ("1.000", None)  # no valid resample: no interval shown
     assert s.shown("specificity") == ("1.000", None)  # none drawn
