@@ -158,6 +158,26 @@ def export_all(
     return manifest, outputs, parity
 
 
+def first_set_parity(
+    fp32: dict[str, np.ndarray], path: Path, data: CropData, threshold: float, threads: int
+) -> dict[str, Any]:
+    """An export's parity with the FP32 outputs at `threshold`, on the first (dev) set: the
+    parity bar is defined on its labelled images and its held-out patients; the further sets
+    are training data."""
+    primary = data.dataset == 0
+    parity = export_parity(
+        {k: v[primary] for k, v in fp32.items()},
+        path,
+        data.inputs[primary],
+        data.labels[primary],
+        threshold,
+        threads,
+        held_out=data.split[primary] != "train",
+    )
+    parity["inputs"] = PARITY_INPUTS
+    return parity
+
+
 def int8_variant(
     cfg: ClassifierTrainConfig,
     manifest: Manifest,
@@ -187,19 +207,7 @@ def int8_variant(
             log(f"warning: INT8 tuning skipped ({exc}); the export is calibrated only")
             tuned = {"epochs": 0, "skipped": str(exc)}
         tuned["head_refit"] = refit_head(path, crops, teacher, cfg.threads, patients=patients)
-    # The parity bar is defined on the primary (dev) set: its labelled images, its held-out
-    # patients; the further sets are training data.
-    primary = data.dataset == 0
-    parity = export_parity(
-        {k: v[primary] for k, v in fp32.items()},
-        path,
-        data.inputs[primary],
-        data.labels[primary],
-        threshold,
-        cfg.threads,
-        held_out=data.split[primary] != "train",
-    )
-    parity["inputs"] = PARITY_INPUTS
+    parity = first_set_parity(fp32, path, data, threshold, cfg.threads)
     parity["calibration"] = {"images": len(calib), **recipe.describe(), "tuning": tuned}
     log(
         f"INT8 parity: same decision {parity['same_decision']:.4f} (held-out "

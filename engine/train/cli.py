@@ -54,6 +54,13 @@ FloatEnds = Annotated[
     int,
     typer.Option(help="Leave the first and the last N convolutions of the INT8 export in float."),
 ]
+ThresholdSensitivity = Annotated[
+    float | None,
+    typer.Option(
+        help="Choose the threshold as the highest one whose sensitivity on the validation "
+        "positives is at least this (default: Youden's J)."
+    ),
+]
 MaxSteps = Annotated[
     int | None, typer.Option(help="Stop after this many optimiser steps (smoke runs).")
 ]
@@ -182,13 +189,7 @@ def train_classifier(
             "outside the lungs stop predicting the label (0: off)."
         ),
     ] = 0.0,
-    threshold_sensitivity: Annotated[
-        float | None,
-        typer.Option(
-            help="Choose the threshold as the highest one whose sensitivity on the validation "
-            "positives is at least this (default: Youden's J)."
-        ),
-    ] = None,
+    threshold_sensitivity: ThresholdSensitivity = None,
     cache: Annotated[
         Path | None,
         typer.Option(help="Crop cache folder, shared between runs (default: OUT/crop-cache)."),
@@ -303,13 +304,7 @@ def train_threshold(
     models: TrainedModels,
     labels: TrainedLabels,
     images: TrainedImages = None,
-    threshold_sensitivity: Annotated[
-        float | None,
-        typer.Option(
-            help="The highest threshold whose sensitivity on the validation positives is at "
-            "least this (default: Youden's J)."
-        ),
-    ] = None,
+    threshold_sensitivity: ThresholdSensitivity = None,
     cache: CacheDir = None,
     threads: Threads = None,
 ) -> None:

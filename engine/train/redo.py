@@ -15,13 +15,13 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.models import Manifest, Variant, load_manifest, manifest_path, save_manifest
-from engine.train.classifier import SPLITS_FILE, evaluate, int8_variant
+from engine.train.classifier import SPLITS_FILE, evaluate, first_set_parity, int8_variant
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData
 from engine.train.crops import config_of, load_data, load_segmenter, recorded_splits, split_keys
 from engine.train.data import log
 from engine.train.datasets import LabelSet
-from engine.train.export import PARITY_INPUTS, export_parity, ort_run, ort_session
+from engine.train.export import ort_run, ort_session
 from engine.train.generalisation import from_training
 
 
@@ -163,17 +163,7 @@ def rethreshold(
     card["metrics"] = evaluate(probs, data, threshold)
     variants = dict(m.variants)
     if "int8" in variants and "int8" in card:
-        primary = data.dataset == 0
-        par = export_parity(
-            {k: v[primary] for k, v in fp32.items()},
-            m.directory / variants["int8"].onnx,
-            data.inputs[primary],
-            data.labels[primary],
-            threshold,
-            threads,
-            held_out=data.split[primary] != "train",
-        )
-        par["inputs"] = PARITY_INPUTS
+        par = first_set_parity(fp32, m.directory / variants["int8"].onnx, data, threshold, threads)
         par["calibration"] = card["int8"]["parity"].get("calibration")
         card["int8"] = dict(card["int8"]) | {"parity": par}
         variants["int8"] = replace(variants["int8"], parity=par)
