@@ -70,11 +70,16 @@ def augment_pair(
     gen: torch.Generator,
     geometry: Geometry = Geometry(),
     photometry: Photometry = Photometry(),
+    *,
+    binarize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segmenter batch: one geometry for image and mask, photometry on the image."""
+    """Segmenter batch: one geometry for image and mask, photometry on the image. The warped
+    mask is thresholded at 0.5 unless binarize is False (soft targets stay soft)."""
     theta = random_theta(image01.shape[0], geometry, gen)
     image = warp(image01, theta)
-    mask = (warp(mask, theta) >= 0.5).to(mask.dtype)
+    mask = warp(mask, theta)
+    if binarize:
+        mask = (mask >= 0.5).to(mask.dtype)
     return photometric(image, photometry, gen), mask
 
 

@@ -92,6 +92,26 @@ def train_segmenter(
     patience: Annotated[int, typer.Option(help="Epochs without a better val Dice.")] = 12,
     threads: Threads = None,
     precision: Precision = "auto",
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Models directory of a segmenter to imitate (e.g. the shipped one) on "
+            "--teacher-images, beside the human masks: a cheaper U-Net then keeps its boxes."
+        ),
+    ] = None,
+    teacher_images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Unlabelled pool for --teacher: a CSV with a 'path' column (relative to its "
+            "folder) or a folder. Must not hold the mask pairs or the --labels images."
+        ),
+    ] = None,
+    teacher_per_epoch: Annotated[
+        int, typer.Option(help="Pool images per epoch (5% of the pool is held out).")
+    ] = 1024,
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder that keeps the teacher's targets between runs.")
+    ] = None,
 ) -> None:
     """Train the lung U-Net on image/mask pairs; write segmenter.onnx + segmenter.json."""
     from engine.config import output_path

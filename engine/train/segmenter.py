@@ -33,9 +33,18 @@ from engine.train.data import (
     labels_split,
     load_mask,
     log,
+    read_table,
+)
+from engine.train.distil import (
+    TeacherData,
+    check_disjoint,
+    held_out,
+    pool_images,
+    teacher_targets,
 )
 from engine.train.export import check_parity, ort_run, ort_session, to_onnx
 from engine.train.metrics import dice_per_image
+from engine.train.segmenter_int8 import box_iou
 from engine.train.specs import (
     SEGMENTER_ARCHS,
     classifier_for_segmenter,
@@ -45,6 +54,7 @@ from engine.train.specs import (
 )
 from engine.train.splits import SPLITS, fallback_split, patient_strata, split_patients
 from engine.train.unet import build_unet
+from kernels.reference import lung_bbox
 
 SPLITS_FILE = "segmenter_splits.csv"
 LOG_FILE = "segmenter_train_log.json"
@@ -65,9 +75,17 @@ class SegmenterTrainConfig:
     patience: int = 12
     threads: int = 2
     precision: str = "auto"
+    teacher: Path | None = None  # models dir of a segmenter to imitate (engine.train.distil)
+    teacher_images: Path | None = None  # its pool: a CSV with a path column, or a folder
+    teacher_per_epoch: int = 1024  # pool images drawn per epoch (beside every human pair)
+    cache: Path | None = None  # where the teacher targets are kept between runs
 
     def __post_init__(self) -> None:
         loop.check_common(self, SEGMENTER_ARCHS)
+        if (self.teacher is None) != (self.teacher_images is None):
+            raise ConfigError("--teacher and --teacher-images go together: give both or neither")
+        if self.teacher_per_epoch < 1:
+            raise ConfigError(f"--teacher-per-epoch must be >= 1, got {self.teacher_per_epoch}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,21 +169,53 @@ def predict_masks(model: torch.nn.Module, x: np.ndarray, precision: str) -> np.n
     return np.concatenate(out)
 
 
+def teacher_agreement(
+    model: torch.nn.Module, pool: TeacherData, idx: np.ndarray, precision: str
+) -> dict[str, float]:
+    """The student against the teacher on held-out pool images, at the student's size: mask
+    Dice and lung-box IoU (kernels.reference.lung_bbox with the classifier crop's margin)."""
+    pred = predict_masks(model, pool.x[idx], precision)[:, 0]
+    teacher = pool.target[idx][:, 0]
+    margin = classifier_manifest("resnet50", trained=False).crop.margin  # type: ignore[union-attr]
+    iou = box_iou(
+        lung_bbox(pred.astype(np.float32), 0.5, margin)[0], lung_bbox(teacher, 0.5, margin)[0]
+    )
+    return {
+        "teacher_dice": float(dice_per_image(pred[:, None], teacher[:, None] >= 0.5).mean()),
+        "teacher_box_iou_mean": float(iou.mean()),
+        "teacher_box_iou_min": float(iou.min()),
+    }
+
+
 def fit(
-    cfg: SegmenterTrainConfig, data: SegData, precision: str
+    cfg: SegmenterTrainConfig, data: SegData, precision: str, pool: TeacherData | None = None
 ) -> tuple[torch.nn.Module, loop.EarlyStopping, list[dict[str, Any]]]:
+    """Train on the human pairs' training split and, with a teacher, on `teacher_per_epoch`
+    pool images per epoch (soft targets); early stopping on the human validation Dice."""
     rng, gen = loop.seed_everything(cfg.seed, cfg.threads)
     model = build_unet(cfg.arch).to(memory_format=torch.channels_last)
     train_idx, val_idx = np.flatnonzero(data.split == "train"), np.flatnonzero(data.split == "val")
-    total = min(cfg.max_steps or 10**9, max(1, len(train_idx) // cfg.batch_size) * cfg.epochs)
+    x, targets = data.x, data.masks.astype(np.float32)
+    soft = np.zeros(len(x), bool)
+    pool_train = pool_held = np.empty(0, np.int64)
+    if pool is not None:
+        held = held_out(len(pool.x), cfg.seed)
+        pool_train = len(x) + np.flatnonzero(~held)
+        pool_held = np.flatnonzero(held)
+        x, targets = np.concatenate([x, pool.x]), np.concatenate([targets, pool.target])
+        soft = np.concatenate([soft, np.ones(len(pool.x), bool)])
+    per_epoch = len(train_idx) + min(cfg.teacher_per_epoch, len(pool_train))
+    total = min(cfg.max_steps or 10**9, max(1, per_epoch // cfg.batch_size) * cfg.epochs)
     opt, sched = loop.optimiser(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total)
     pre = segmenter_manifest(cfg.arch).preprocess
     mean, std = pre.mean[0], pre.std[0]
-    x01 = torch.from_numpy(data.x) * std + mean  # back to [0, 1] for photometric augmentation
-    masks = torch.from_numpy(data.masks)
+    x01 = torch.from_numpy(x) * std + mean  # back to [0, 1] for photometric augmentation
+    masks, soft_t = torch.from_numpy(targets), torch.from_numpy(soft)
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        image, mask = augment_pair(x01[idx], masks[idx], gen)
+        image, mask = augment_pair(x01[idx], masks[idx], gen, binarize=False)
+        hard = (mask >= 0.5).to(mask.dtype)
+        mask = torch.where(soft_t[idx][:, None, None, None], mask, hard)
         xb = ((image - mean) / std).contiguous(memory_format=torch.channels_last)
         with loop.autocast(precision):
             logits = model(xb).float()
@@ -173,16 +223,28 @@ def fit(
 
     stopper, history, step = loop.EarlyStopping(cfg.patience), [], 0
     for epoch in range(1, cfg.epochs + 1):
-        batches = loop.batches(train_idx, cfg.batch_size, rng)
+        epoch_idx = train_idx
+        if pool is not None:
+            drawn = rng.choice(pool_train, size=per_epoch - len(train_idx), replace=False)
+            epoch_idx = np.concatenate([train_idx, drawn])
+        batches = loop.batches(epoch_idx, cfg.batch_size, rng)
         stats = loop.train_epoch(model, opt, sched, batches, batch_loss, total - step)
         step += stats.steps
         pred = predict_masks(model, data.x[val_idx], precision)
         val_dice = float(dice_per_image(pred, data.masks[val_idx]).mean())
         stopper.update(epoch, val_dice, stats.loss, model)
-        history.append({"epoch": epoch, **stats.as_dict(), "val_dice": val_dice, "steps": step})
+        row = {"epoch": epoch, **stats.as_dict(), "val_dice": val_dice, "steps": step}
+        agree = ""
+        if pool is not None:
+            row |= teacher_agreement(model, pool, pool_held, precision)
+            agree = (
+                f"  held-out pool vs teacher: Dice {row['teacher_dice']:.4f}, box IoU mean "
+                f"{row['teacher_box_iou_mean']:.4f} min {row['teacher_box_iou_min']:.3f}"
+            )
+        history.append(row)
         log(
             f"segmenter epoch {epoch}/{cfg.epochs}  loss {stats.loss:.4f}  "
-            f"val Dice {val_dice:.4f}  {stats.img_per_s:.1f} img/s"
+            f"val Dice {val_dice:.4f}{agree}  {stats.img_per_s:.1f} img/s"
         )
         if stopper.should_stop or step >= total:
             break
@@ -194,9 +256,12 @@ def train_segmenter(cfg: SegmenterTrainConfig) -> Manifest:
     """Train, export segmenter.onnx + segmenter.json into cfg.out, return the manifest."""
     precision = loop.resolve_precision(cfg.precision)
     data, rule, skipped = load_data(cfg)
+    pool = load_pool(cfg, data)
     started = time.perf_counter()
-    model, stopper, history = fit(cfg, data, precision)
+    model, stopper, history = fit(cfg, data, precision, pool)
     training = _training_card(cfg, stopper, history, time.perf_counter() - started, precision)
+    if pool is not None:
+        training["distillation"] = _distillation_card(cfg, pool)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = f"trained U-Net segmenter ({cfg.arch})"
@@ -228,6 +293,35 @@ def train_segmenter(cfg: SegmenterTrainConfig) -> Manifest:
         f"[{test_ci['low']:.4f}, {test_ci['high']:.4f}] -> {manifest.onnx_path}"
     )
     return manifest
+
+
+def load_pool(cfg: SegmenterTrainConfig, data: SegData) -> TeacherData | None:
+    """The teacher's targets on --teacher-images, refusing images the segmenter is measured on
+    (its mask pairs and the images of the classifier's labels CSV)."""
+    if cfg.teacher is None or cfg.teacher_images is None:
+        return None
+    paths = pool_images(cfg.teacher_images)
+    measured = {"the mask pairs": [p.image for p in data.pairs]}
+    if cfg.labels is not None:
+        rows = read_table(cfg.labels, ("path",))
+        measured[str(cfg.labels)] = [Path(cfg.labels).parent / r["path"] for r in rows]
+    check_disjoint(paths, measured)
+    student = segmenter_manifest(cfg.arch, trained=False)
+    return teacher_targets(cfg.teacher, student, paths, threads=cfg.threads, cache=cfg.cache)
+
+
+def _distillation_card(cfg: SegmenterTrainConfig, pool: TeacherData) -> dict[str, Any]:
+    held = int(held_out(len(pool.x), cfg.seed).sum())
+    return {
+        "teacher": {"models": str(cfg.teacher), **pool.teacher},
+        "images": str(cfg.teacher_images),
+        "pool": len(pool.x),
+        "held_out": held,
+        "per_epoch": min(cfg.teacher_per_epoch, len(pool.x) - held),
+        "target": "the teacher's lung probability centred on its threshold, area-resized to "
+        "this model's input; BCE + soft Dice as for the human masks",
+        "selection": "the human masks' validation Dice (the teacher agreement is logged)",
+    }
 
 
 def served_dice(

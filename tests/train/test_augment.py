@@ -58,3 +58,22 @@ def test_context_swap_keeps_the_lungs_and_takes_the_rest_from_another_image():
     assert grown[0, 3:13, 2:8].all() and grown[0].sum() == 10 * 6
     with pytest.raises(ValueError, match="context swap"):
         ContextSwap(p=1.5)
+
+
+def test_augment_pair_warps_image_and_mask_alike_and_keeps_soft_masks_soft_when_asked():
+    from engine.train.augment import Geometry, Photometry, augment_pair
+
+    image = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    soft = torch.zeros(4, 1, 32, 32)
+    soft[:, :, 8:24, 8:24] = 0.3  # below 0.5: binarising would erase it
+    soft[:, :, 12:20, 12:20] = 0.9
+    still = Photometry(gamma=0.0, contrast=0.0, brightness=0.0)
+    kept_image, kept = augment_pair(
+        image, soft, torch.Generator().manual_seed(3), Geometry(), still, binarize=False
+    )
+    _, hard = augment_pair(image, soft, torch.Generator().manual_seed(3), Geometry(), still)
+    assert torch.equal(hard, (kept >= 0.5).to(hard.dtype))  # the same warp, thresholded
+    middle = kept[(kept > 0.05) & (kept < 0.45)]
+    assert middle.numel() > 100  # the 0.3 ring survives as soft values
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    assert kept_image.shape == image.shape

@@ -70,6 +70,9 @@ def mask_pairs(root: Path, n: int, *, label_csv: bool = True) -> Path:
         ({"epochs": 0}, "--epochs must be at least 1"),
         ({"batch_size": 1}, "--batch-size must be at least 2"),
         ({"max_steps": 0}, "--max-steps must be at least 1"),
+        ({"teacher": Path("models")}, "--teacher and --teacher-images go together"),
+        ({"teacher_images": Path("pool")}, "--teacher and --teacher-images go together"),
+        ({"teacher_per_epoch": 0}, "--teacher-per-epoch must be >= 1"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(options, message):
@@ -210,3 +213,46 @@ def test_train_segmenter_writes_the_model_its_card_splits_and_log(tmp_path):
     assert (
         log["history"][-1]["steps"] == 3 and log["best_epoch"] == m.card["training"]["best_epoch"]
     )
+
+
+def test_with_a_teacher_the_pool_trains_beside_the_pairs_and_the_card_says_so(
+    tmp_path, tiny_models_dir
+):
+    index = mask_pairs(tmp_path / "pairs", 8)
+    labels = write_csv(
+        tmp_path / "labels.csv",
+        [{"path": f"{i}.png", "label": i % 2, "patient_id": f"m{i}"} for i in range(8)],
+    )
+    images = [write_png(tmp_path / "pool" / f"p{i}.png", seed=500 + i) for i in range(6)]
+    cfg = SegmenterTrainConfig(
+        masks=index, out=tmp_path / "out", labels=labels, arch="tiny-unet", batch_size=2,
+        epochs=2, threads=1, precision="fp32", teacher=tiny_models_dir,
+        teacher_images=tmp_path / "pool", teacher_per_epoch=4, cache=tmp_path / "cache",
+    )  # fmt: skip
+    m = segmenter.train_segmenter(cfg)
+    card = m.card["training"]["distillation"]
+    assert card["pool"] == 6 and card["held_out"] == 1 and card["per_epoch"] == 4
+    assert card["teacher"]["sha256"] == load_manifest_of(tiny_models_dir).sha256
+    log = json.loads((tmp_path / "out" / segmenter.LOG_FILE).read_text())
+    n_train = m.card["splits"]["counts"]["train"]["images"]
+    first = log["history"][0]
+    assert first["steps"] == (n_train + 4) // 2  # every training pair + 4 pool images, batch 2
+    assert 0.0 <= first["teacher_dice"] <= 1.0
+    assert 0.0 <= first["teacher_box_iou_min"] <= first["teacher_box_iou_mean"] <= 1.0
+    assert list((tmp_path / "cache").glob("teacher-*.npz")) and len(images) == 6
+
+
+def test_a_pool_holding_the_mask_images_is_refused(tmp_path, tiny_models_dir):
+    index = mask_pairs(tmp_path / "pairs", 8, label_csv=False)
+    cfg = SegmenterTrainConfig(
+        masks=index, out=tmp_path / "out", arch="tiny-unet", threads=1,
+        teacher=tiny_models_dir, teacher_images=tmp_path / "pairs" / "images",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"holds 8 image\(s\) of the mask pairs"):
+        segmenter.train_segmenter(cfg)
+
+
+def load_manifest_of(models: Path):
+    from engine.models import load_manifest, manifest_path
+
+    return load_manifest(manifest_path(models, "segmenter"))
