@@ -9,7 +9,11 @@ Grayscale images follow the PS3.4 grayscale pipeline, in the standard's order:
 3. The VOI output range is mapped linearly onto 0..65535.
 4. MONOCHROME1 is inverted, so that 0 is always black.
 
-All of it in float64, then rounded and clipped to uint16.
+All of it in float64, then rounded and clipped to uint16. Every step maps one stored value to
+one display value (only the no-window range looks at the whole image), so for integer pixels
+whose range is smaller than the image (12-16 bit radiographs: 4096-65536 values, millions of
+pixels) the pipeline runs once per value in range, into a uint16 table that the image then
+indexes: the same output, bit for bit, at a tenth of the CPU (`grayscale_pixels`).
 
 Colour images (RGB, YBR_FULL, YBR_FULL_422, and YBR_ICT/YBR_RCT which the JPEG 2000 decoders
 return as RGB) are converted to luminance with the ITU-R BT.601 weights 0.299/0.587/0.114 (the
@@ -107,15 +111,13 @@ def decode_dicom(data: bytes) -> DicomImage:
                 raise ImageError(
                     f"DICOM is {photometric} but has {ds.get('SamplesPerPixel')} samples per pixel"
                 )
-            display = _grayscale_display(arr, ds)
-            if photometric == "MONOCHROME1":
-                np.subtract(_OUT_MAX, display, out=display)
+            pixels = grayscale_pixels(arr, ds, invert=photometric == "MONOCHROME1")
         else:
             if arr.ndim != 3 or arr.shape[-1] != 3:
                 raise ImageError(
                     f"DICOM is {photometric} but decoded to an array of shape {arr.shape}"
                 )
-            display = _colour_display(arr, bits_stored)
+            pixels = _to_uint16(_colour_display(arr, bits_stored))
     except (ImageError, MemoryError):
         raise
     except Exception as exc:
@@ -123,18 +125,57 @@ def decode_dicom(data: bytes) -> DicomImage:
         raise ImageError(
             f"cannot apply the DICOM grayscale pipeline: {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
-
-    np.rint(display, out=display)
-    np.clip(display, 0, _OUT_MAX, out=display)
-    pixels = np.ascontiguousarray(display.astype(np.uint16))
     return DicomImage(pixels=pixels, bit_depth=bits_stored, meta=_meta(ds))
 
 
 # --- pipeline ----------------------------------------------------------------------------------
 
+_MAX_TABLE = 1 << 17  # values in range; beyond that (32-bit pixels) the pipeline runs per pixel
 
-def _grayscale_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Modality LUT -> VOI -> linear map of the VOI output range onto 0..65535 (float64)."""
+
+def grayscale_pixels(
+    arr: np.ndarray, ds: Dataset, *, invert: bool, table: bool | None = None
+) -> np.ndarray:
+    """The grayscale pipeline (module docstring) to C-contiguous uint16. table=None: through a
+    table of the values in range when that is cheaper than the image (integer pixels, fewer
+    values in range than pixels); True/False force it (the tests compare the two)."""
+    if table is None:
+        table = arr.dtype.kind in "iu" and _span(arr) <= min(arr.size, _MAX_TABLE)
+    if not table:
+        return _to_uint16(_grayscale_display(arr, ds), invert=invert)
+    lo, hi = int(arr.min()), int(arr.max())
+    domain = np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
+    if arr.dtype.kind == "u":
+        index = arr if lo == 0 else np.subtract(arr, arr.dtype.type(lo))
+    else:  # signed: the offset may not fit the stored type
+        index = arr.astype(np.int64 if arr.dtype.itemsize > 2 else np.int32) - lo
+    present = None
+    if "ModalityLUTSequence" in ds and not _has_voi_lut_sequence(ds) and not _has_window(ds):
+        # the min..max range of a LUT that need not be monotone: over the values that occur
+        present = np.bincount(index.ravel(), minlength=len(domain)) > 0
+    lut = _to_uint16(_grayscale_display(domain, ds, present), invert=invert)
+    return np.ascontiguousarray(lut[index])
+
+
+def _span(arr: np.ndarray) -> int:
+    return int(arr.max()) - int(arr.min()) + 1 if arr.size else 0
+
+
+def _to_uint16(display: np.ndarray, *, invert: bool = False) -> np.ndarray:
+    """float64 display values (0 black .. 65535 white) to uint16; MONOCHROME1 inverted first."""
+    if invert:
+        np.subtract(_OUT_MAX, display, out=display)
+    np.rint(display, out=display)
+    np.clip(display, 0, _OUT_MAX, out=display)
+    return np.ascontiguousarray(display.astype(np.uint16))
+
+
+def _grayscale_display(
+    arr: np.ndarray, ds: Dataset, present: np.ndarray | None = None
+) -> np.ndarray:
+    """Modality LUT -> VOI -> linear map of the VOI output range onto 0..65535 (float64).
+    present: which entries of arr occur in the image, where arr is a table's domain (the
+    no-window range is then the min..max of those)."""
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
     values = apply_modality_lut(arr, ds)
@@ -155,7 +196,8 @@ def _grayscale_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         lo, hi = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds, index=0))
     else:
         out = values
-        lo, hi = float(np.min(out)), float(np.max(out))
+        seen = out if present is None else np.asarray(out)[present]
+        lo, hi = float(np.min(seen)), float(np.max(seen))
 
     if hi <= lo:
         # A constant image (or a degenerate LUT): no contrast to show, make it black.

@@ -191,6 +191,88 @@ def test_multi_frame_uses_first_frame():
     assert set(img.meta) == {"patient_id", "study_uid", "sop_uid", "view_position", "modality"}
 
 
+# --- the table: the same pipeline, once per value in range -------------------------------------
+
+
+def lut_item(first: int, values: list[int], bits: int = 16) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(values), first, bits]
+    item.add_new(0x00283006, "US", values)  # LUTData
+    return item
+
+
+def sparse_12_bit(rng: np.random.Generator, dtype=np.uint16, offset: int = 0) -> np.ndarray:
+    """A 12-bit image (100 x 90) that does not use every value of its range."""
+    pixels = rng.integers(200, 3900, (100, 90)).astype(np.int64) + offset
+    return pixels.astype(dtype)
+
+
+TABLE_CASES = {
+    "window + rescale": dict(RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=2048,
+                             WindowWidth=3000),
+    "window, MONOCHROME1": dict(photometric="MONOCHROME1", WindowCenter=1500, WindowWidth=1000),
+    "sigmoid window": dict(WindowCenter=2000, WindowWidth=1500, VOILUTFunction="SIGMOID"),
+    "linear exact window": dict(WindowCenter=1800, WindowWidth=900,
+                                VOILUTFunction="LINEAR_EXACT"),
+    "no window (min..max)": dict(),
+    "no window, negative slope": dict(RescaleSlope=-0.5, RescaleIntercept=100),
+    "no window, MONOCHROME1, 12 bits stored": dict(photometric="MONOCHROME1", bits_stored=12),
+    "VOI LUT sequence": dict(VOILUTSequence=[lut_item(0, [(v * 17) % 65536 for v in
+                                                           range(4096)])]),
+    # not monotone: the no-window range must come from the values that occur
+    "modality LUT sequence, no window": dict(ModalityLUTSequence=[lut_item(
+        0, [((v * 7919) % 5000) for v in range(4096)])]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_table_gives_the_per_pixel_pipeline_bit_for_bit(case, signed):
+    from pydicom import dcmread
+    from pydicom.pixels import pixel_array
+
+    from engine.io.dicom import grayscale_pixels
+
+    options = dict(TABLE_CASES[case])
+    if "ModalityLUTSequence" in options:
+        options["ModalityLUTSequence"][0].ModalityLUTType = "US"
+        if signed:
+            pytest.skip("a modality LUT indexes unsigned values here")
+    dtype, offset = (np.int16, -2000) if signed else (np.uint16, 0)
+    stored = sparse_12_bit(np.random.default_rng(len(case)), dtype, offset)
+    if signed:
+        options.setdefault("bits_stored", 16)
+    data = make_dicom(stored, **options)
+    ds = dcmread(__import__("io").BytesIO(data))
+    arr = pixel_array(ds, index=0)
+    invert = options.get("photometric") == "MONOCHROME1"
+    slow = grayscale_pixels(arr, ds, invert=invert, table=False)
+    fast = grayscale_pixels(arr, ds, invert=invert, table=True)
+    assert fast.dtype == np.uint16 and fast.flags.c_contiguous
+    np.testing.assert_array_equal(fast, slow)
+    assert len(np.unique(slow)) > 100  # a real spread of display values, not a trivial image
+    # and decode_dicom takes the table for such an image (fewer values in range than pixels)
+    np.testing.assert_array_equal(decode_dicom(data).pixels, slow)
+
+
+def test_the_table_is_taken_only_when_it_is_cheaper():
+    import engine.io.dicom as dicom
+
+    calls = []
+    real = dicom._grayscale_display
+    try:
+        dicom._grayscale_display = lambda arr, ds, present=None: (
+            calls.append(arr.size) or real(arr, ds, present)
+        )
+        big = sparse_12_bit(np.random.default_rng(0))
+        decode_dicom(make_dicom(big, WindowCenter=2048, WindowWidth=4096))
+        decode_dicom(make_dicom(ramp(12, 1000), WindowCenter=32768, WindowWidth=65536))
+    finally:
+        dicom._grayscale_display = real
+    assert calls[0] == int(big.max()) - int(big.min()) + 1  # the values in range, not 9000 pixels
+    assert calls[1] == 64  # 8 x 8 pixels spanning 63 001 values: per pixel
+
+
 # --- metadata ------------------------------------------------------------------------------
 
 
