@@ -30,6 +30,7 @@ from engine.train.data import IMAGE_SUFFIXES, decode_all, log, read_table
 from engine.train.export import ort_run, ort_session
 from engine.train.specs import classifier_for_segmenter, classifier_manifest
 
+CHUNK = 256  # pool images decoded at a time (their 512 px work images are dropped after)
 HELD_OUT_SHARE = 0.05  # of the pool, never trained on: the teacher agreement logged per epoch
 
 
@@ -106,17 +107,28 @@ def teacher_targets(
             log(f"teacher targets of {len(kept)} images from {cached}")
             return TeacherData(kept, z["x"], z["target"], about)
     log(f"teacher targets: {len(pool)} images through the teacher ({teacher.architecture})")
-    t_dec = decode_all(pool, _models(teacher), threads=threads)
-    logits = ort_run(ort_session(teacher.onnx_path, threads), t_dec.seg_input, batch=16)
-    prob = _sigmoid(logits[teacher.outputs[0].name] - logit_threshold(teacher.threshold))
-    s_dec = decode_all([pool[i] for i in t_dec.ok], _models(student), threads=threads)
-    ok = [t_dec.ok[j] for j in s_dec.ok]
-    target = area_resize(prob[s_dec.ok], student.preprocess.size)
-    data = TeacherData([pool[i] for i in ok], s_dec.seg_input, target, about)
+    session = ort_session(teacher.onnx_path, threads)
+    ok: list[int] = []
+    xs, targets = [], []
+    for start in range(0, len(pool), CHUNK):  # chunks: the 512 px work images are not kept
+        part = pool[start : start + CHUNK]
+        t_dec = decode_all(part, _models(teacher), threads=threads, require_any=False)
+        if not t_dec.ok:
+            continue
+        logits = ort_run(session, t_dec.seg_input, batch=16)[teacher.outputs[0].name]
+        prob = _sigmoid(logits - logit_threshold(teacher.threshold))
+        s_dec = decode_all([part[i] for i in t_dec.ok], _models(student), threads=threads)
+        ok += [start + t_dec.ok[j] for j in s_dec.ok]
+        xs.append(s_dec.seg_input)
+        targets.append(area_resize(prob[s_dec.ok], student.preprocess.size))
+        log(f"  teacher targets: {min(start + CHUNK, len(pool))}/{len(pool)} images")
+    if not ok:
+        raise ConfigError(f"none of the {len(pool)} --teacher-images could be decoded")
+    data = TeacherData([pool[i] for i in ok], np.concatenate(xs), np.concatenate(targets), about)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}.tmp.npz")
-        np.savez(tmp, ok=np.asarray(ok), x=data.x, target=data.target)
+        np.savez(tmp, ok=np.asarray(ok, np.int64), x=data.x, target=data.target)
         tmp.replace(cached)
     return data
 

@@ -112,6 +112,25 @@ def test_targets_are_the_teacher_s_served_probability_centred_on_its_threshold(
     assert len(list((tmp_path / "c").glob("teacher-*.npz"))) == 2
 
 
+def test_chunks_give_the_same_targets_and_a_pool_that_never_decodes_is_refused(
+    tmp_path, tiny_models_dir, monkeypatch
+):
+    import engine.train.distil as distil
+
+    images = pool(tmp_path, 5)
+    (tmp_path / "pool" / "p1.png").write_bytes(b"broken")
+    student = segmenter_manifest("tiny-unet", trained=False)
+    whole = teacher_targets(tiny_models_dir, student, images, threads=1)
+    monkeypatch.setattr(distil, "CHUNK", 2)  # chunks [p0, p1 (bad)], [p2, p3], [p4]
+    chunked = teacher_targets(tiny_models_dir, student, images, threads=1)
+    assert chunked.paths == whole.paths == [images[i] for i in (0, 2, 3, 4)]
+    assert np.array_equal(chunked.target, whole.target) and np.array_equal(chunked.x, whole.x)
+    for p in images:
+        p.write_bytes(b"broken")
+    with pytest.raises(ConfigError, match="none of the 5 --teacher-images could be decoded"):
+        teacher_targets(tiny_models_dir, student, images, threads=1)
+
+
 def test_a_teacher_folder_without_a_segmenter_is_refused(tmp_path):
     student = segmenter_manifest("tiny-unet", trained=False)
     with pytest.raises(ModelError, match="segmenter.json: model manifest not found"):
