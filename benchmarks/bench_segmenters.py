@@ -16,7 +16,13 @@ affects them alike. Per segmenter, one JSON line in results/segmenters.jsonl:
 - with --labels: box IoU against the reference's lung boxes on every labelled image (each
   segmenter fed by the engine's own Preprocessor from the same work image, boxes found as
   `cxr screen` finds them: engine.train.segmenter_int8.lung_boxes), mean, min and how many fall
-  below the bar (engine.models.SEG_MIN_BOX_IOU). Needs the train extra (torch).
+  below the bar (engine.models.SEG_MIN_BOX_IOU). Needs the train extra (torch);
+- with --labels and a classifier (--classifier, by default the reference's folder when it holds
+  one): what the box change does to the screening decisions. Every labelled image's work image
+  is cropped at each segmenter's box and scored by that one classifier (its own export, the
+  crop `cxr screen` cuts: engine.train.data.classifier_inputs); per segmenter, the share of
+  images with the reference's decision, ROC AUC against the labels beside the reference's, and
+  the largest change of the probability (`decisions_vs_reference`).
 
     python -m benchmarks.bench_segmenters --candidate /work/train/seg-unet-s8-128 \\
         --labels ../shared/data/cxr-dev/labels.csv --batch-size 16 --threads 2
@@ -124,14 +130,20 @@ def throughput(
 
 
 def box_agreement(
-    segmenters: Sequence[Segmenter], labels: Path, images: Path, threads: int
+    segmenters: Sequence[Segmenter],
+    labels: Path,
+    images: Path,
+    threads: int,
+    classifier: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Per segmenter: box IoU against segmenters[0]'s boxes on every labelled image."""
+    """Per segmenter: box IoU against segmenters[0]'s boxes on every labelled image; with a
+    classifier, also `decisions_vs_reference` (decision_agreement)."""
     from engine.train.data import read_labels
     from engine.train.segmenter_int8 import box_agreement as summary
     from engine.train.segmenter_int8 import box_iou, lung_boxes, segmenter_inputs
 
-    paths = [im.path for im in read_labels(labels, images)]
+    labelled = read_labels(labels, images)
+    paths = [im.path for im in labelled]
     inputs: dict[tuple[Any, ...], tuple[list[int], np.ndarray]] = {}
     boxes = []
     for seg in segmenters:
@@ -149,6 +161,59 @@ def box_agreement(
         both = decoded & ~np.isnan(b).any(axis=1)
         iou = box_iou(boxes[0][both], b[both])
         out.append({**summary(iou), "worst": _worst(iou, [paths[i] for i in np.flatnonzero(both)])})
+    if classifier is not None:
+        y = np.array([im.label for im in labelled])
+        decisions = decision_agreement(segmenters[0], boxes, paths, y, classifier, threads)
+        for line, dec in zip(out, decisions, strict=True):
+            line["decisions_vs_reference"] = dec
+    return out
+
+
+def decision_agreement(
+    reference: Segmenter,
+    boxes: Sequence[np.ndarray],
+    paths: Sequence[Path],
+    y: np.ndarray,
+    classifier: Path,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """One classifier on each segmenter's crops of the same work images: per set of boxes, the
+    share of images whose decision is the first set's, ROC AUC of both, max |prob change|."""
+    from sklearn.metrics import roc_auc_score
+
+    from engine.models import ModelSet, load_manifest, manifest_path
+    from engine.train.data import classifier_inputs, decode_all
+    from engine.train.export import ort_run
+
+    clf = load_manifest(manifest_path(Path(classifier), "classifier"))
+    dec = decode_all(
+        list(paths), ModelSet(segmenter=reference.manifest, classifier=clf), threads=threads
+    )
+    session = _session(clf.onnx_path, threads)
+    probs = []
+    for b in boxes:
+        ok = [i for i in dec.ok if not np.isnan(b[i]).any()]
+        rows = [dec.ok.index(i) for i in ok]
+        logit = ort_run(session, classifier_inputs(dec.work[rows], b[ok], clf), batch=16)
+        prob = np.full(len(paths), np.nan)
+        prob[ok] = 1.0 / (1.0 + np.exp(-logit[clf.outputs[0].name].reshape(-1)))
+        probs.append(prob)
+    out = []
+    for prob in probs:
+        both = ~np.isnan(prob) & ~np.isnan(probs[0])
+        same = (prob[both] >= clf.threshold) == (probs[0][both] >= clf.threshold)
+        out.append(
+            {
+                "classifier": str(classifier),
+                "threshold": clf.threshold,
+                "images": int(both.sum()),
+                "same_decision": float(same.mean()),
+                "decisions_changed": int((~same).sum()),
+                "roc_auc": float(roc_auc_score(y[both], prob[both])),
+                "roc_auc_reference": float(roc_auc_score(y[both], probs[0][both])),
+                "max_abs_prob_change": float(np.abs(prob[both] - probs[0][both]).max()),
+            }
+        )
     return out
 
 
@@ -222,10 +287,12 @@ def run_segmenter_bench(
     labels: Path | None = None,
     images: Path | None = None,
     masks: Path | None = None,
+    classifier: Path | None = None,
     results: Path = DEFAULT_RESULTS,
     note: str = "",
 ) -> list[dict[str, Any]]:
-    """Measure, append one line per segmenter to `results`, return the lines."""
+    """Measure, append one line per segmenter to `results`, return the lines. classifier=None:
+    the reference's folder when it holds a classifier.json."""
     import onnx
 
     segs = [load_segmenter(reference), *(load_segmenter(c) for c in candidates)]
@@ -233,7 +300,9 @@ def run_segmenter_bench(
     boxes: list[dict[str, Any] | None] = [None] * len(segs)
     if labels is not None:
         images = images or Path(labels).parent
-        boxes = list(box_agreement(segs, Path(labels), Path(images), threads))
+        if classifier is None and (Path(reference) / "classifier.json").is_file():
+            classifier = Path(reference)
+        boxes = list(box_agreement(segs, Path(labels), Path(images), threads, classifier))
     dice: list[dict[str, Any] | None] = [None] * len(segs)
     if masks is not None:
         dice = list(dice_at_reference_size(segs, Path(masks), labels, threads))
@@ -269,8 +338,9 @@ def run_segmenter_bench(
 def format_table(lines: Sequence[dict[str, Any]]) -> str:
     rows = [
         "| segmenter | input | GMACs/img | MACs ratio | img/s | speed ratio | test Dice [95% CI] "
-        "| test Dice at the reference's size | box IoU mean | min | #<bar | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| test Dice at the reference's size | box IoU mean | min | #<bar "
+        "| same decision | ROC AUC (reference's) | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for ln in lines:
         ci = ln["test_dice_ci95"]
@@ -282,6 +352,13 @@ def format_table(lines: Sequence[dict[str, Any]]) -> str:
         if bx:
             box = [f"{bx['box_iou_mean']:.4f}", f"{bx['box_iou_min']:.4f}"]
             box.append(f"{bx['box_iou_below_bar']}/{bx['images']}")
+        decided = ["-", "-"]
+        dv = (bx or {}).get("decisions_vs_reference")
+        if dv:
+            decided = [
+                f"{dv['same_decision']:.4f} ({dv['decisions_changed']} changed)",
+                f"{dv['roc_auc']:.4f} ({dv['roc_auc_reference']:.4f})",
+            ]
         dc = ln["test_dice_at_reference_size"]
         at_ref = "-"
         if dc:
@@ -291,7 +368,8 @@ def format_table(lines: Sequence[dict[str, Any]]) -> str:
         rows.append(
             f"| {ln['architecture']} | {ln['input'][0]} | {ln['macs_per_image'] / 1e9:.2f} "
             f"| {ln['macs_ratio']:.3f} | {ln['img_per_s']:.1f} | {ln['speed_ratio']:.2f} "
-            f"| {dice} | {at_ref} | {' | '.join(box)} | {ln['train_seconds'] or '-'} |"
+            f"| {dice} | {at_ref} | {' | '.join(box)} | {' | '.join(decided)} "
+            f"| {ln['train_seconds'] or '-'} |"
         )
     return "\n".join(rows)
 
@@ -309,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--labels", type=Path, help="labelled images: box IoU vs the reference")
     ap.add_argument("--images", type=Path, help="root of the labels' paths (default: its folder)")
     ap.add_argument("--masks", type=Path, help="lung masks: test Dice at the reference's size")
+    ap.add_argument(
+        "--classifier", type=Path, help="models dir: decisions on each segmenter's crops"
+    )
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
@@ -322,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels=args.labels,
         images=args.images,
         masks=args.masks,
+        classifier=args.classifier,
         results=args.results,
         note=args.note,
     )

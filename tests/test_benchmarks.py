@@ -427,7 +427,7 @@ def test_bench_segmenters_measures_each_segmenter_against_the_reference(tiny_mod
         pytest.skip(f"no lung masks at {masks}")
     images = dev_images(3)
     labels = tmp_path / "labels.csv"
-    rows = "".join(f"{p.name},0,p{i}\n" for i, p in enumerate(images))
+    rows = "".join(f"{p.name},{min(i, 1)},p{i}\n" for i, p in enumerate(images))
     labels.write_text("path,label,patient_id\n" + rows)
     reference = tmp_path / "reference"
     shutil.copytree(tiny_models_dir, reference)
@@ -464,7 +464,16 @@ def test_bench_segmenters_measures_each_segmenter_against_the_reference(tiny_mod
     assert same["boxes_vs_reference"]["box_iou_min"] == 1.0
     assert same["boxes_vs_reference"]["images"] == 3
     assert 0.0 <= seeded["boxes_vs_reference"]["box_iou_mean"] <= 1.0
+    # the reference's classifier on each segmenter's crops: the reference itself decides alike
+    decided = [ln["boxes_vs_reference"]["decisions_vs_reference"] for ln in lines]
+    assert decided[1]["same_decision"] == 1.0 and decided[1]["max_abs_prob_change"] == 0.0
+    assert (
+        decided[1]["roc_auc"] == decided[1]["roc_auc_reference"] == decided[2]["roc_auc_reference"]
+    )
+    assert decided[2]["images"] == 3 and 0.0 <= decided[2]["same_decision"] <= 1.0
+    assert decided[2]["classifier"] == str(reference)
     dice = [ln["test_dice_at_reference_size"] for ln in lines]
     assert dice[0] == dice[1] and dice[0]["images"] == 3 and dice[0]["side"] == 64
     assert all(d["same_test_images"] for d in dice) and 0.0 <= dice[2]["mean"] <= 1.0
     assert "| tiny-unet | 64 |" in format_table(lines)
+    assert "| 1.0000 (0 changed) |" in format_table(lines)
