@@ -14,22 +14,32 @@ import numpy as np
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
-def lung_bbox(masks: np.ndarray, threshold: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def lung_bbox(
+    masks: np.ndarray, threshold: float, margin: float, min_region: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box of the pixels at or above threshold, grown by a margin.
 
     masks: (N, h, w) scores (probabilities or logits; threshold is in the same units).
     margin: fraction of the box's width (height) added on the left and right (top and bottom).
+    min_region: a connected region (8-neighbours) of the pixels at or above threshold with fewer
+    than min_region x (that image's count of such pixels) pixels does not count for the box:
+    a speck that a rounding of the logits makes or removes cannot move a box edge. 0: every
+    pixel counts. The fraction counts every pixel either way.
     Returns boxes (N, 4) float32, normalised and clipped to [0, 1], and the foreground
     fraction (N,) float32. An empty mask gives the full image box and fraction 0, so the
     classifier still sees the whole image rather than nothing.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, h, w), got shape {masks.shape}")
+    if not 0.0 <= min_region < 1.0:
+        raise ValueError(f"min_region must be in [0, 1), got {min_region}")
     n, h, w = masks.shape
     fg = np.asarray(masks >= threshold)
+    fraction = fg.reshape(n, -1).mean(axis=1, dtype=np.float64).astype(np.float32)
+    if min_region > 0.0:
+        fg = np.stack([_without_specks(f, min_region) for f in fg]) if n else fg
     rows = np.any(fg, axis=2)  # (N, h)
     cols = np.any(fg, axis=1)  # (N, w)
-    fraction = fg.reshape(n, -1).mean(axis=1, dtype=np.float64).astype(np.float32)
     boxes = np.tile(np.asarray(FULL_BOX, np.float32), (n, 1))
     has = np.any(rows, axis=1)
     if has.any():
@@ -42,6 +52,62 @@ def lung_bbox(masks: np.ndarray, threshold: float, margin: float) -> tuple[np.nd
         grown = np.stack([(x0 - bw) / w, (y0 - bh) / h, (x1 + bw) / w, (y1 + bh) / h], axis=1)
         boxes[has] = np.clip(grown, 0.0, 1.0).astype(np.float32)
     return boxes, fraction
+
+
+def _without_specks(fg: np.ndarray, min_region: float) -> np.ndarray:
+    """fg (h, w) bool without the regions that min_region leaves out of the box, as far as the
+    box can tell: only regions reaching the box's edge are looked at (a small region inside the
+    box does not move it), each by a flood fill that stops once the region is big enough. The
+    box of the result is that of fg with every small region removed."""
+    total = int(fg.sum())
+    need = int(np.ceil(min_region * total))  # a region with fewer pixels is a speck
+    if total == 0 or need <= 1:
+        return fg
+    fg = fg.copy()
+    big: set[tuple[int, int]] = set()  # pixels of regions known to be big enough
+    h, w = fg.shape
+    while fg.any():
+        ys, xs = np.nonzero(fg)
+        edge = {
+            *zip(ys[ys == ys.min()], xs[ys == ys.min()], strict=True),
+            *zip(ys[ys == ys.max()], xs[ys == ys.max()], strict=True),
+            *zip(ys[xs == xs.min()], xs[xs == xs.min()], strict=True),
+            *zip(ys[xs == xs.max()], xs[xs == xs.max()], strict=True),
+        }
+        removed = False
+        for start in sorted(edge):
+            if start in big or not fg[start]:
+                continue
+            region, small = _region(fg, start, need, h, w)
+            if small:
+                for y, x in region:
+                    fg[y, x] = False
+                removed = True
+            else:
+                big.update(region)
+        if not removed:
+            return fg
+    return fg
+
+
+def _region(
+    fg: np.ndarray, start: tuple[int, int], need: int, h: int, w: int
+) -> tuple[list[tuple[int, int]], bool]:
+    """The 8-connected region of fg around start, explored until it has `need` pixels:
+    (its pixels, True) if it is smaller than that, else (the pixels seen, False)."""
+    seen = {start}
+    todo = [start]
+    while todo:
+        y, x = todo.pop()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                q = (y + dy, x + dx)
+                if 0 <= q[0] < h and 0 <= q[1] < w and q not in seen and fg[q]:
+                    seen.add(q)
+                    if len(seen) >= need:
+                        return list(seen), False
+                    todo.append(q)
+    return list(seen), True
 
 
 def crop_resize_normalize(

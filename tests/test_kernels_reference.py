@@ -142,6 +142,60 @@ def test_random_masks_match_slow_reference(h, w):
         assert math.isclose(frac[i], want_frac, rel_tol=1e-6, abs_tol=1e-9)
 
 
+def without_small_regions(fg: np.ndarray, min_region: float) -> np.ndarray:
+    """The rule said plainly, with SciPy's labelling: drop every 8-connected region smaller
+    than ceil(min_region x foreground pixels)."""
+    from scipy import ndimage
+
+    need = math.ceil(min_region * fg.sum())
+    labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= need
+    keep[0] = False
+    return keep[labels]
+
+
+@pytest.mark.parametrize("min_region", [0.001, 0.01, 0.05, 0.3])
+def test_min_region_boxes_equal_the_boxes_without_small_regions(min_region):
+    pytest.importorskip("scipy", reason="the check labels regions with SciPy (dev extra)")
+    rng = np.random.default_rng(int(min_region * 1000))
+    masks = np.zeros((40, 64, 48), np.float32)
+    for m in masks:
+        for _ in range(2):  # two "lungs" of random size and place
+            y, x = rng.integers(4, 40), rng.integers(2, 30)
+            m[y : y + rng.integers(8, 24), x : x + rng.integers(6, 16)] = 1.0
+        specks = rng.integers(0, 6)
+        m[rng.integers(0, 64, specks), rng.integers(0, 48, specks)] = 1.0  # single pixels
+        if rng.random() < 0.5:  # a 2 x 3 blob somewhere
+            y, x = rng.integers(0, 62), rng.integers(0, 45)
+            m[y : y + 2, x : x + 3] = 1.0
+    masks[0] = 0.0  # empty: the full box
+    boxes, fraction = lung_bbox(masks, 0.5, 0.1, min_region)
+    plain, plain_fraction = lung_bbox(masks, 0.5, 0.1)
+    cleaned = np.stack([without_small_regions(m >= 0.5, min_region) for m in masks])
+    want, _ = lung_bbox(cleaned.astype(np.float32), 0.5, 0.1)
+    np.testing.assert_array_equal(boxes, want)
+    np.testing.assert_array_equal(fraction, plain_fraction)  # every pixel still counts
+    assert tuple(boxes[0]) == FULL_BOX
+    moved = (boxes != plain).any(axis=1).sum()
+    if min_region >= 0.01:  # below that no region here is small enough (need <= 1 pixel)
+        assert moved >= 5
+    else:
+        assert moved == 0
+
+
+def test_min_region_zero_is_every_pixel_and_bad_values_are_refused():
+    m = np.zeros((1, 10, 10), np.float32)
+    m[0, 4:8, 4:8] = 1.0
+    m[0, 0, 0] = 1.0
+    np.testing.assert_allclose(lung_bbox(m, 0.5, 0.0, 0.0)[0], [[0.0, 0.0, 0.8, 0.8]])
+    # the speck (1 pixel) is smaller than ceil(0.1 x 17 pixels) = 2
+    np.testing.assert_allclose(lung_bbox(m, 0.5, 0.0, 0.1)[0], [[0.4, 0.4, 0.8, 0.8]])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_region must be in"):
+            lung_bbox(m, 0.5, 0.0, bad)
+
+
 def test_lung_bbox_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"\(N, h, w\)"):
         lung_bbox(np.zeros((8, 8), np.float32), 0.5, 0.0)

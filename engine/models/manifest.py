@@ -72,6 +72,9 @@ class Manifest:
     preprocess: Preprocess
     threshold: float  # classifier: decision threshold on prob; segmenter: on the mask prob
     trained: bool
+    # segmenter: connected mask regions below this share of the mask's pixels do not count for
+    # the lung box (kernels.reference.lung_bbox min_region); 0 = every pixel counts
+    box_min_region: float = 0.0
     crop: CropSpec | None = None
     card: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # of `onnx`
@@ -96,6 +99,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("directory")
+        if not d["box_min_region"]:  # written only when set: older manifests stay as they were
+            d.pop("box_min_region")
         return d
 
 
@@ -139,6 +144,7 @@ def parse_manifest(raw: dict[str, Any], directory: Path) -> Manifest:
         ),
         threshold=float(raw["threshold"]),
         trained=bool(raw["trained"]),
+        box_min_region=float(raw.get("box_min_region", 0.0)),
         crop=CropSpec(source_size=int(crop["source_size"]), margin=float(crop["margin"]))
         if crop
         else None,
@@ -175,6 +181,10 @@ def _validate(m: Manifest, where: Path) -> None:
             problems.append("a classifier needs a 'crop' section (source_size, margin)")
     if not 0.0 <= m.threshold <= 1.0:
         problems.append(f"threshold {m.threshold} is not a probability")
+    if not 0.0 <= m.box_min_region < 1.0:
+        problems.append(f"box_min_region {m.box_min_region} is not in [0, 1)")
+    if m.box_min_region and m.role != "segmenter":
+        problems.append("box_min_region belongs to the segmenter's manifest")
     if problems:
         raise ModelError(f"{where}: invalid manifest: " + "; ".join(problems))
 

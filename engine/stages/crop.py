@@ -28,7 +28,10 @@ def lung_crops(
     if classifier.crop is None:
         raise ValueError("classifier manifest has no crop section")
     boxes, fraction = lung_bbox(
-        mask_logits, logit_threshold(segmenter.threshold), classifier.crop.margin
+        mask_logits,
+        logit_threshold(segmenter.threshold),
+        classifier.crop.margin,
+        segmenter.box_min_region,
     )
     pre = classifier.preprocess
     x = crop_resize_normalize(work, boxes, pre.size, pre.mean, pre.std)

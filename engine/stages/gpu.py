@@ -83,6 +83,7 @@ class GpuStages:
         self.max_batch = min(segmenter.max_batch, classifier.max_batch)
         self.threshold = logit_threshold(models.segmenter.threshold)
         self.margin = models.classifier.crop.margin
+        self.min_region = models.segmenter.box_min_region
         self._stream = cuda.Stream()  # inference (main thread)
         self._ingest = cuda.Stream()  # DALI's outputs and their copies (pipeline thread)
         self._dev: dict[str, cuda.DeviceBuffer] = {}
@@ -245,6 +246,8 @@ class GpuStages:
         boxes_dev, _ = self._buffers("boxes", n * 4 * 4)
         frac_dev, _ = self._buffers("fraction", n * 4)
         lung_bbox_ptr(masks, n, h, w, self.threshold, self.margin, boxes_dev.ptr, frac_dev.ptr, s)
+        if self.min_region:
+            self._boxes_on_host(masks, (n, h, w), boxes_dev.ptr)
 
         pre = m.classifier.preprocess
         clf_shape = (n, pre.channels, *pre.size)
@@ -276,6 +279,21 @@ class GpuStages:
             lung_mask=host["masks"] >= self.threshold,  # as the CPU path: float32 >= logit
             work=host.get("work"),
         )
+
+    def _boxes_on_host(self, masks: int, shape: tuple[int, int, int], boxes_ptr: int) -> None:
+        """The boxes of a segmenter whose box rule leaves out small mask regions: the kernel
+        has no connected regions, so kernels.reference.lung_bbox finds them on the host (the
+        masks are 256 KB an image) and they replace the kernel's before the crop."""
+        from kernels.reference import lung_bbox
+
+        host, _ = self._download("masks_for_boxes", masks, shape)
+        self._stream.synchronize()
+        found, _ = lung_bbox(
+            host.view(shape, np.float32), self.threshold, self.margin, self.min_region
+        )
+        staged = self._host_buffer("boxes_from_host", found.nbytes)
+        staged.view(found.shape, np.float32)[...] = found
+        cuda.copy_to_device(boxes_ptr, staged.ptr, found.nbytes, self._stream.handle)
 
     def close(self) -> None:
         with self._stage_lock:  # waits for a copy in progress in the pipeline thread

@@ -16,8 +16,8 @@ cache entry per labelled set holds, memory-mapped:
 - boxes.npy (n, 4), fraction.npy (n,), ok.npy (n,) bool, errors.json.
 
 The entry's name is a hash of what decides its content: the labels CSV's bytes, the image
-folder, the segmenter's sha256, the classifier's preprocessing and crop. Anything else gives a
-new entry. Building is resumable by chunk (progress.json); meta.json is written last and marks
+folder, the segmenter's sha256, threshold and box rule, the classifier's preprocessing and crop.
+Anything else gives a new entry. Building is resumable by chunk (progress.json); meta.json is written last and marks
 the entry complete.
 """
 
@@ -60,6 +60,8 @@ def entry_key(label_set: LabelSet, seg: Manifest, clf: Manifest) -> str:
         "classifier_preprocess": asdict(clf.preprocess),
         "crop": asdict(clf.crop) if clf.crop else None,
     }
+    if seg.box_min_region:  # only when set, so the keys of existing caches stay valid
+        spec["segmenter_box_min_region"] = seg.box_min_region
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -368,6 +368,14 @@ def train_segmenter_int8(
             "logits whose threshold decides the box edges)."
         ),
     ] = 0,
+    box_min_region: Annotated[
+        float | None,
+        typer.Option(
+            help="Set the segmenter's box rule first: mask regions below this share of the "
+            "mask's pixels do not count for the lung box (e.g. 0.002; 0: every pixel counts). "
+            "Default: the manifest's."
+        ),
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """INT8 export of the segmenter, with its parity (lung-box IoU, Dice) recorded."""
@@ -382,6 +390,7 @@ def train_segmenter_int8(
             images,
             calibration_images=calibration_images,
             float_ends=float_ends,
+            box_min_region=box_min_region,
             threads=_threads(threads),
         )
         typer.echo(

@@ -77,10 +77,11 @@ def segmenter_inputs(
 
 def lung_boxes(session: Any, seg: Manifest, x: np.ndarray) -> np.ndarray:
     """(N, 4) lung boxes of segmenter inputs x as `cxr screen` finds them: the same
-    kernels.reference.lung_bbox, the segmenter's threshold and the full classifier's margin."""
+    kernels.reference.lung_bbox, the segmenter's threshold and box_min_region and the full
+    classifier's margin."""
     logits = ort_run(session, x, batch=16)[seg.outputs[0].name][:, 0]
     margin = classifier_manifest("resnet50", trained=False).crop.margin  # type: ignore[union-attr]
-    return lung_bbox(logits, logit_threshold(seg.threshold), margin)[0]
+    return lung_bbox(logits, logit_threshold(seg.threshold), margin, seg.box_min_region)[0]
 
 
 def box_agreement(iou: np.ndarray) -> dict[str, Any]:
@@ -101,12 +102,18 @@ def export_segmenter_int8(
     *,
     calibration_images: int = 64,
     float_ends: int = 0,
+    box_min_region: float | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Write models_dir/segmenter.int8.onnx and record it (with its parity) as the segmenter
-    manifest's int8 variant; returns the parity."""
+    manifest's int8 variant; returns the parity. box_min_region: set the segmenter's box rule
+    (kernels.reference.lung_bbox min_region) first; both exports' boxes follow it."""
     models_dir = Path(models_dir)
     seg = load_manifest(manifest_path(models_dir, "segmenter"))
+    if box_min_region is not None:
+        if not 0.0 <= box_min_region < 1.0:
+            raise ConfigError(f"--box-min-region must be in [0, 1), got {box_min_region}")
+        seg = replace(seg, box_min_region=box_min_region)
     if seg.precision != "fp32":
         raise ConfigError(f"{models_dir}: needs the FP32 segmenter, not its {seg.precision} export")
     split = _splits(models_dir / "splits.csv")
@@ -146,6 +153,7 @@ def export_segmenter_int8(
         "dice_int8": float(dice_b.mean()),
         "dice_drop": float(dice_a.mean() - dice_b.mean()),
         "bar": f"box IoU >= {SEG_MIN_BOX_IOU} on every image, Dice drop <= {SEG_MAX_DICE_DROP}",
+        "box_min_region": seg.box_min_region,
         "calibration": {"images": len(train), **recipe.describe()},
     }
     parity["meets_bar"] = segmenter_parity_ok(parity)

@@ -210,3 +210,23 @@ def test_several_problems_are_reported_together(models_dir):
     with pytest.raises(ModelError) as err:
         load_models(models_dir)
     assert "'crop' section" in str(err.value) and "not a probability" in str(err.value)
+
+
+def test_the_box_rule_is_read_written_only_when_set_and_checked(models_dir):
+    from engine.models import load_manifest, save_manifest
+
+    seg = load_models(models_dir).segmenter
+    assert seg.box_min_region == 0.0 and "box_min_region" not in seg.to_json()
+    assert "box_min_region" not in read_json(models_dir / "segmenter.json")  # as it was written
+    rewrite(models_dir / "segmenter.json", box_min_region=0.002)
+    seg = load_models(models_dir).segmenter
+    assert seg.box_min_region == 0.002 and seg.to_json()["box_min_region"] == 0.002
+    save_manifest(seg, models_dir)
+    assert load_manifest(models_dir / "segmenter.json").box_min_region == 0.002
+    rewrite(models_dir / "segmenter.json", box_min_region=1.5)
+    with pytest.raises(ModelError, match=r"box_min_region 1.5 is not in \[0, 1\)"):
+        load_models(models_dir)
+    rewrite(models_dir / "segmenter.json", box_min_region=0.0)
+    rewrite(models_dir / "classifier.json", box_min_region=0.01)
+    with pytest.raises(ModelError, match="box_min_region belongs to the segmenter's manifest"):
+        load_models(models_dir)

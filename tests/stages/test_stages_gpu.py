@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 from gpu_utils import requires_gpu
-from test_device_batch import MAX_BATCH, EmulatedCuda, EmulatedPlan, assert_matches, cpu_path
+from test_device_batch import (
+    MAX_BATCH,
+    EmulatedBuffer,
+    EmulatedCuda,
+    EmulatedPlan,
+    assert_matches,
+    cpu_path,
+    view,
+)
 
 from engine.pipeline import DeviceArray, DeviceBatch, Preprocessed
 from engine.runtime.onnxrt import OnnxRuntimeBackend
@@ -116,6 +124,42 @@ def test_uploads_take_any_float_layout(emulated, tiny_models):
     want = stages.infer(work, seg_input)
     got = stages.infer(np.asfortranarray(work.astype(np.float64)), seg_input.astype(np.float64))
     assert_matches(got, {f: getattr(want, f) for f in ("prob", "boxes", "fraction", "embedding")})
+
+
+class SpeckPlan(EmulatedPlan):
+    """The segmenter plan with set logits: two lung blocks and a one-pixel speck far out."""
+
+    def infer_device(self, inputs, batch, *, stream=None):
+        logits = np.full((batch, 1, *SEG), -4.0, np.float32)
+        logits[:, :, 10:50, 8:28] = 4.0
+        logits[:, :, 12:52, 36:56] = 4.0
+        logits[:, :, 1, 62] = 4.0  # the speck: without the rule it stretches every box
+        buf = self._out.setdefault("mask_logit", EmulatedBuffer())
+        buf.reserve(logits.nbytes)
+        view(buf.ptr, logits.shape)[...] = logits
+        return {"mask_logit": buf.ptr}
+
+
+def test_a_box_rule_without_specks_finds_the_boxes_on_the_host(tiny_models, monkeypatch):
+    from kernels.reference import lung_bbox
+
+    EmulatedCuda(monkeypatch)
+    models = replace(tiny_models, segmenter=replace(tiny_models.segmenter, box_min_region=0.01))
+    stages = GpuStages(models, SpeckPlan(models.segmenter, MAX_BATCH),
+                       EmulatedPlan(models.classifier, 8))  # fmt: skip
+    try:
+        work, seg_input = host_batch(4, seed=3)
+        got = stages.infer(work, seg_input)
+    finally:
+        stages.close()
+    mask = got.lung_mask.astype(np.float32)
+    margin = models.classifier.crop.margin
+    want, fraction = lung_bbox(mask, 0.5, margin, 0.01)
+    np.testing.assert_array_equal(got.boxes, want)
+    np.testing.assert_array_equal(got.fraction, fraction)  # every pixel counts here
+    every_pixel, _ = lung_bbox(mask, 0.5, margin)
+    assert (got.boxes[:, 1] > every_pixel[:, 1]).all()  # the speck no longer sets the top
+    assert (got.boxes[:, 2] < every_pixel[:, 2]).all()  # nor the right edge
 
 
 def test_predict_times_the_fused_stage(emulated):

@@ -84,6 +84,23 @@ def test_export_records_box_and_dice_parity_as_the_int8_variant(setup):
     assert parity["meets_bar"] == segmenter_parity_ok(parity)
 
 
+def test_a_box_rule_given_is_recorded_and_the_boxes_follow_it(setup, monkeypatch):
+    import engine.train.segmenter_int8 as si
+
+    models, index, labels, images = setup
+    rules = []
+    real = si.lung_bbox
+    monkeypatch.setattr(si, "lung_bbox", lambda m, t, g, r=0.0: rules.append(r) or real(m, t, g, r))
+    parity = export_segmenter_int8(
+        models, index, labels, images, calibration_images=3, box_min_region=0.002, threads=1
+    )
+    seg = load_manifest(models / "segmenter.json")
+    assert seg.box_min_region == 0.002 == parity["box_min_region"]
+    assert rules == [0.002, 0.002]  # the FP32 and the INT8 boxes, both under the rule
+    with pytest.raises(ConfigError, match=r"--box-min-region must be in \[0, 1\)"):
+        export_segmenter_int8(models, index, labels, images, box_min_region=1.0, threads=1)
+
+
 def test_what_the_export_needs_is_checked_first(setup, tmp_path):
     models, index, labels, images = setup
     seg = load_manifest(models / "segmenter.json")
