@@ -18,7 +18,8 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
     TensorRT's float plans build from; ``fp16``: float16-stored weights; ``fp16+int8``: the
     float16-stored weights with the trained INT8 export as their variant, which `--precision
     auto` runs on CPUs with VNNI/AMX where its recorded parity meets the bar), the segmenter as
-    is.
+    is, with its variants' files (its INT8 export, which `--precision auto` takes on the same
+    terms).
 
     The manifests keep the training card, including the INT8 parity measured against FP32.
     """
@@ -31,6 +32,8 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
     out.mkdir(parents=True, exist_ok=True)
     seg = models.segmenter
     shutil.copy2(seg.onnx_path, out / seg.onnx)
+    for variant in seg.variants.values():
+        shutil.copy2(seg.directory / variant.onnx, out / variant.onnx)
     save_manifest(replace(seg, directory=out), out)
     clf = models.classifier
     # as given (relative paths stay relative: a shipped card names no build machine's folders)

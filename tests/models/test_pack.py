@@ -76,6 +76,25 @@ def test_fp16_int8_pack_ships_float16_weights_with_the_int8_export_beside_them(m
     assert choose_precision(clf, "fp16").onnx == "classifier.fp16.onnx"
 
 
+def test_the_segmenter_goes_with_its_int8_export_and_box_rule(models, tmp_path):
+    from dataclasses import replace
+
+    from engine.models import save_manifest
+
+    add_int8_variant(models, "segmenter", "segmenter.int8.onnx")
+    seg = load_manifest(models / "segmenter.json")
+    save_manifest(replace(seg, box_min_region=0.0005), models)
+    out = tmp_path / "packed"
+    packed = pack_models(models, out, classifier_precision="fp16+int8")
+    assert sorted(p.name for p in out.glob("segmenter.*")) == [
+        "segmenter.int8.onnx",
+        "segmenter.json",
+        "segmenter.onnx",
+    ]
+    assert packed.segmenter.variants == seg.variants and packed.segmenter.box_min_region == 0.0005
+    assert sha256_file(out / "segmenter.int8.onnx") == seg.variants["int8"].sha256
+
+
 def test_what_cannot_be_packed_is_a_model_error(tiny_models_dir, tmp_path):
     with pytest.raises(ModelError, match="the classifier has no int8 export to pack"):
         pack_models(tiny_models_dir, tmp_path / "a", classifier_precision="int8")
