@@ -13,8 +13,12 @@ from engine.models import (
     AUTO_MAX_AUC_DIFF,
     AUTO_MIN_EMBEDDING_COSINE,
     AUTO_MIN_SAME_DECISION,
+    SEG_MIN_BOX_IOU,
+    Manifest,
     classifier_parity_ok,
-    load_models,
+    load_manifest,
+    manifest_path,
+    segmenter_parity_ok,
 )
 
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc")
@@ -92,8 +96,35 @@ def _dice_lines(card: dict[str, Any]) -> list[str]:
 
 
 def segmenter_section(models_dir: Path) -> list[str]:
-    seg = load_models(models_dir, precision="auto").segmenter
-    return ["## Segmenter", "", *_dice_lines(seg.card)]
+    seg = load_manifest(manifest_path(Path(models_dir), "segmenter"))
+    return ["## Segmenter", "", *_dice_lines(seg.card), *_box_lines(seg)]
+
+
+def _box_lines(seg: Manifest) -> list[str]:
+    """The box rule, and the INT8 export's parity, where the manifest has them."""
+    lines = []
+    if seg.box_min_region:
+        lines += [
+            "",
+            "Lung box: the bounding box of the mask grown by the crop margin, where a connected "
+            f"mask region with fewer than {seg.box_min_region:g} of the mask's pixels does not "
+            "count (a speck that rounding makes or removes cannot move a box edge; "
+            "kernels.reference.lung_bbox).",
+        ]
+    par = seg.variants["int8"].parity if "int8" in seg.variants else {}
+    if par:
+        bar = "yes" if segmenter_parity_ok(par) else "no"
+        lines += [
+            "",
+            "The INT8 QDQ export ships beside it: `--precision auto` runs it on CPUs with "
+            "VNNI/AMX where it meets the parity bar, the shipped export elsewhere. Against the "
+            f"FP32 export: lung-box IoU min {par['box_iou_min']:.4f}, mean "
+            f"{par['box_iou_mean']:.4f} over {par['images']} labelled images "
+            f"({par['box_iou_below_bar']} below {SEG_MIN_BOX_IOU}); Dice on "
+            f"{par['mask_images']} held-out mask images {par['dice_fp32']:.4f} -> "
+            f"{par['dice_int8']:.4f}. Meets the parity bar ({par['bar']}): {bar}.",
+        ]
+    return lines
 
 
 def num(v: Any, spec: str) -> str:

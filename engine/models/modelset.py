@@ -23,9 +23,11 @@ class ModelSet:
     @property
     def model_id(self) -> str:
         s, c = self.segmenter, self.classifier
+        # the box rule changes the crops, so it is part of what wrote a row (resume compares)
+        rule = f"/box{s.box_min_region:g}" if s.box_min_region else ""
         return (
             f"{c.architecture}-{c.precision}@{c.sha256[:8]}"
-            f"+{s.architecture}-{s.precision}@{s.sha256[:8]}"
+            f"+{s.architecture}-{s.precision}@{s.sha256[:8]}{rule}"
         )
 
     @property

@@ -169,6 +169,28 @@ def test_replace_segmenter_section_keeps_the_rest(models):
     )
 
 
+def test_the_segmenter_section_states_the_box_rule_and_the_int8_parity(models):
+    from conftest import add_int8_variant
+
+    from engine.models import Variant
+
+    assert "Lung box" not in "\n".join(card_md.segmenter_section(models))  # not set: not said
+    add_int8_variant(models, "segmenter", "segmenter.int8.onnx")
+    seg = load_manifest(manifest_path(models, "segmenter"))
+    parity = {
+        "images": 288, "box_iou_min": 0.9856, "box_iou_mean": 0.9989, "box_iou_below_bar": 0,
+        "mask_images": 52, "dice_fp32": 0.9454, "dice_int8": 0.9453, "dice_drop": 0.0001,
+        "bar": "box IoU >= 0.95 on every image, Dice drop <= 0.005",
+    }  # fmt: skip
+    v = Variant(onnx=seg.variants["int8"].onnx, sha256=seg.variants["int8"].sha256, parity=parity)
+    save_manifest(replace(seg, box_min_region=0.0005, variants={"int8": v}), models)
+    text = "\n".join(card_md.segmenter_section(models))
+    assert "fewer than 0.0005 of the mask's pixels does not count" in text
+    assert "lung-box IoU min 0.9856, mean 0.9989 over 288 labelled images (0 below 0.95)" in text
+    assert "0.9454 -> 0.9453. Meets the parity bar (box IoU >= 0.95 on every image" in text
+    assert text.endswith(": yes.")
+
+
 def test_replace_segmenter_section_refuses_another_models_card(models, tmp_path):
     other = init_models(tmp_path / "other", size="tiny", seed=1).classifier.directory
     text = render(other, EV, None, None)

