@@ -96,6 +96,11 @@ class Manifest:
                 return spec
         raise ModelError(f"{self.directory / (self.role + '.json')}: no output named {name!r}")
 
+    @property
+    def onnx_files(self) -> list[str]:
+        """The ONNX files the manifest names: its own export, then its variants'."""
+        return [self.onnx, *(v.onnx for v in self.variants.values())]
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("directory")

@@ -31,9 +31,8 @@ def pack_models(src: Path, out: Path, *, classifier_precision: str) -> ModelSet:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seg = models.segmenter
-    shutil.copy2(seg.onnx_path, out / seg.onnx)
-    for seg_variant in seg.variants.values():
-        shutil.copy2(seg.directory / seg_variant.onnx, out / seg_variant.onnx)
+    for name in seg.onnx_files:
+        shutil.copy2(seg.directory / name, out / name)
     save_manifest(replace(seg, directory=out), out)
     clf = models.classifier
     # as given (relative paths stay relative: a shipped card names no build machine's folders)

@@ -353,6 +353,6 @@ def _copy_segmenter(seg: Manifest, out: Path) -> None:
     """A models directory needs both models: bring the segmenter along when out is elsewhere."""
     if seg.directory.resolve() == Path(out).resolve():
         return
-    for name in (seg.onnx, "segmenter.json", SEGMENTER_SPLITS):
+    for name in (*seg.onnx_files, "segmenter.json", SEGMENTER_SPLITS):
         if (seg.directory / name).is_file():
             shutil.copy2(seg.directory / name, Path(out) / name)

@@ -230,3 +230,14 @@ def test_the_box_rule_is_read_written_only_when_set_and_checked(models_dir):
     rewrite(models_dir / "classifier.json", box_min_region=0.01)
     with pytest.raises(ModelError, match="box_min_region belongs to the segmenter's manifest"):
         load_models(models_dir)
+
+
+def test_onnx_files_are_the_export_then_its_variants(models_dir):
+    from conftest import add_int8_variant
+
+    from engine.models import load_manifest
+
+    assert load_manifest(models_dir / "segmenter.json").onnx_files == ["segmenter.onnx"]
+    add_int8_variant(models_dir, "segmenter", "segmenter.int8.onnx")
+    seg = load_manifest(models_dir / "segmenter.json")
+    assert seg.onnx_files == ["segmenter.onnx", "segmenter.int8.onnx"]
