@@ -3,7 +3,8 @@
 Configurations, each in its own child process (so that peak memory and warm caches do not mix):
 
     model-only   both models from RAM, ONNX Runtime, per precision and batch size: the ceiling
-                 of inference alone (the best of them is "the model-only ceiling")
+                 of inference alone (the best of them is "the model-only ceiling"); a
+                 classifier with test-time crops runs on that many crops an image
     naive        benchmarks/naive.py: a plain per-image loop with the same FP32 models and the
                  same preprocessing (Pillow/pydicom + NumPy), what a researcher would write
     null         engine.runner.screen with the null backend: the harness alone (read, decode,

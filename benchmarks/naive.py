@@ -3,8 +3,10 @@
 A plain loop, one image at a time: open with Pillow (pydicom for DICOM), preprocess with NumPy
 and Pillow (gray, resize to the work size, min-max, resize to the segmenter size, normalise),
 run the FP32 segmenter in ONNX Runtime, take the lung box from the mask, crop with
-kernels.reference.crop_resize_normalize, run the FP32 classifier, sigmoid. No batching, no
-overlap of decoding and inference, no Parquet or index; it only collects the numbers.
+kernels.reference.crop_resize_normalize (a crop per box transform when the classifier has
+test-time crops, as its manifest says), run the FP32 classifier, sigmoid of the mean logit. No
+batching, no overlap of decoding and inference, no Parquet or index; it only collects the
+numbers.
 
 It computes the same numbers as the engine (tests/test_benchmarks.py checks the probabilities),
 so the speed ratio compares equal work. The one convention a researcher would not know and that
@@ -28,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from engine.models import ModelSet
-from kernels.reference import crop_resize_normalize
+from engine.stages.classify import tta_mean
+from engine.stages.crop import classifier_crops
 
 
 @dataclass
@@ -135,11 +138,11 @@ class NaiveScreener:
         )
         mask_prob = 1.0 / (1.0 + np.exp(-mask_logit[0, 0].astype(np.float64)))
         box = lung_box(mask_prob, seg_m.threshold, clf_m.crop.margin)
-        pre = clf_m.preprocess
-        x = crop_resize_normalize(work[None], box[None], pre.size, pre.mean, pre.std)
+        # one crop, or one per box transform of a classifier with test-time crops (tta)
+        x = classifier_crops(work[None], box[None], clf_m)
         logit, embedding = self.clf.run(["logit", "embedding"], {clf_m.input.name: x})
-        prob = 1.0 / (1.0 + math.exp(-float(logit.reshape(-1)[0])))
-        return prob, embedding[0]
+        prob, emb = tta_mean(logit, embedding, clf_m)
+        return float(prob[0]), emb[0]
 
 
 def run_naive(

@@ -206,7 +206,8 @@ def _child_model_only(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     b = cfg.batch_size
     x_seg = rng.standard_normal((b, *_dims(models.segmenter))).astype(np.float32)
-    x_clf = rng.standard_normal((b, *_dims(models.classifier))).astype(np.float32)
+    crops = max(len(models.classifier.tta), 1)  # the classifier's test-time crops an image
+    x_clf = rng.standard_normal((b * crops, *_dims(models.classifier))).astype(np.float32)
     feeds_seg = {models.segmenter.input.name: x_seg}
     feeds_clf = {models.classifier.input.name: x_clf}
     seg.infer(feeds_seg)  # warm-up

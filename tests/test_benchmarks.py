@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,24 +104,33 @@ def test_make_archive_carries_the_source_labels(tmp_path):
         )
 
 
-def test_naive_baseline_matches_engine(bench_archive, tiny_models_dir, tmp_path):
+@pytest.mark.parametrize("crops", [1, 3], ids=["one-crop", "test-time-crops"])
+def test_naive_baseline_matches_engine(bench_archive, tiny_models_dir, tmp_path, crops):
+    import shutil
+
     from engine.config import ScreenConfig
-    from engine.models import load_models
+    from engine.models import load_manifest, load_models, manifest_path, save_manifest
     from engine.runner import screen
 
+    models_dir = tiny_models_dir
+    if crops > 1:  # the classifier's own test-time crops: the naive loop cuts them too
+        models_dir = Path(shutil.copytree(tiny_models_dir, tmp_path / "models"))
+        clf = load_manifest(manifest_path(models_dir, "classifier"))
+        tta = ((1.05, 0.95, 0.03, -0.02), (0.94, 1.06, -0.03, 0.02), (1.0, 1.0, 0.0, 0.0))
+        save_manifest(replace(clf, tta=tta[:crops]), models_dir)
     files = [p.resolve() for p in dev_images(9)] + archive_files(bench_archive)
     summary = screen(  # the engine's reference decoder: the naive loop decodes fully too
         ScreenConfig(
             inputs=tuple(files),
             out=tmp_path / "out",
-            models=tiny_models_dir,
+            models=models_dir,
             decoder="dali",
             progress=False,
         )
     )
     assert summary.ok == len(files)
     engine_out = quality.read_run(tmp_path / "out")
-    naive = run_naive(load_models(tiny_models_dir, precision="fp32"), files, limit=None, threads=2)
+    naive = run_naive(load_models(models_dir, precision="fp32"), files, limit=None, threads=2)
     assert not naive.errors and len(naive.names) == len(files)
     got = quality.from_arrays(naive.names, naive.prob, naive.embedding, engine_out.threshold)
     agree = quality.agreement(engine_out, got)

@@ -119,7 +119,8 @@ def render(
         f"Model id `{ms.model_id}`. Classifier: {clf.architecture} ({clf.precision}), "
         f"initialisation: {init}; segmenter: "
         f"{seg.architecture} ({seg.precision}). Decision threshold {clf.threshold:.4f}, chosen on "
-        "the validation patients by maximising Youden's J (ties to the lower threshold).",
+        "the validation patients by maximising Youden's J (ties to the lower threshold)."
+        + _crops_sentence(clf),
         "",
         "**Intended use:** research and retrospective screening of frontal chest X-rays for "
         "COVID-19 vs other findings, with a radiologist in the loop. **Not** a diagnostic device.",
@@ -331,3 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _crops_sentence(clf: Any) -> str:
+    """What the classifier is served: one crop an image, or the mean over its test-time crops."""
+    if not clf.tta:
+        return ""
+    return (
+        f" Each image is scored as the mean logit (and embedding) over {len(clf.tta)} crops, "
+        "its lung box moved and scaled by fixed draws of the box jitter the classifier was "
+        "trained with (test-time crops, manifest `tta`); the threshold and every figure below "
+        "are of that mean."
+    )

@@ -15,7 +15,8 @@ source detector: every image gets the share of the classifier's positives in its
 
 The lung mask is Screener.infer's own `lung_mask` (segmenter logits >= logit_threshold of the
 segmenter manifest's threshold, at the segmenter's resolution), upsampled to the work image
-with nearest neighbour (pixel centres); crops use kernels.reference.crop_resize_normalize.
+with nearest neighbour (pixel centres); crops use engine.stages.crop.classifier_crops (the
+served crops, test-time ones included).
 
     python -m engine.eval.shortcut --models DIR --labels CSV [--images ROOT]
         [--splits CSV] [--split test] [--json]
@@ -50,8 +51,8 @@ from engine.pipeline import Preprocessed
 from engine.screener import Screener
 from engine.stages.base import Predictions
 from engine.stages.classify import classify
+from engine.stages.crop import classifier_crops
 from engine.stages.segment import upsample_nearest
-from kernels.reference import crop_resize_normalize
 
 VARIANTS = ("as_is", "lungs_masked", "lungs_only")
 SOURCE_SCORES = ("source_detector", "source_prior")
@@ -116,8 +117,7 @@ class MaskingScreener(Screener):
     """The engine's Screener, plus classifying an edited work image with a given lung box."""
 
     def classify_work(self, work: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        pre = self.models.classifier.preprocess
-        x = crop_resize_normalize(work, boxes, pre.size, pre.mean, pre.std)
+        x = classifier_crops(work, boxes, self.models.classifier)  # its test-time crops too
         return classify(self._clf, self.models.classifier, x)[0]
 
     def variants(self, pre: Preprocessed) -> tuple[Predictions, dict[str, np.ndarray], np.ndarray]:

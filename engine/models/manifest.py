@@ -76,6 +76,9 @@ class Manifest:
     # the lung box (kernels.reference.lung_bbox min_region); 0 = every pixel counts
     box_min_region: float = 0.0
     crop: CropSpec | None = None
+    # classifier: box transforms (sx, sy, dx, dy) of the lung box, one crop each; its outputs are
+    # the mean over them (engine.stages.crop, test-time augmentation); () = the box alone
+    tta: tuple[tuple[float, float, float, float], ...] = ()
     card: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # of `onnx`
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> other export
@@ -104,8 +107,11 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("directory")
-        if not d["box_min_region"]:  # written only when set: older manifests stay as they were
-            d.pop("box_min_region")
+        for key in ("box_min_region", "tta"):  # written only when set: older manifests stay
+            if not d[key]:
+                d.pop(key)
+        if "tta" in d:
+            d["tta"] = [list(t) for t in d["tta"]]
         return d
 
 
@@ -117,6 +123,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tta_digest(tta: tuple[tuple[float, ...], ...]) -> str:
+    """8 hex digits that name a set of box transforms (in model ids)."""
+    return hashlib.sha256(json.dumps([list(t) for t in tta]).encode()).hexdigest()[:8]
+
+
 def manifest_path(models_dir: Path, role: Role) -> Path:
     return Path(models_dir) / f"{role}.json"
 
@@ -126,6 +137,12 @@ def _tensors(raw: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
         TensorSpec(name=t["name"], shape=tuple(t["shape"]), dtype=t.get("dtype", "float32"))
         for t in raw
     )
+
+
+def _transform(t: Any) -> tuple[float, float, float, float]:
+    if not isinstance(t, list | tuple) or len(t) != 4:
+        raise ValueError(f"tta: each box transform is [sx, sy, dx, dy], not {t!r}")
+    return (float(t[0]), float(t[1]), float(t[2]), float(t[3]))
 
 
 def parse_manifest(raw: dict[str, Any], directory: Path) -> Manifest:
@@ -150,6 +167,7 @@ def parse_manifest(raw: dict[str, Any], directory: Path) -> Manifest:
         threshold=float(raw["threshold"]),
         trained=bool(raw["trained"]),
         box_min_region=float(raw.get("box_min_region", 0.0)),
+        tta=tuple(_transform(t) for t in raw.get("tta") or ()),
         crop=CropSpec(source_size=int(crop["source_size"]), margin=float(crop["margin"]))
         if crop
         else None,
@@ -190,6 +208,12 @@ def _validate(m: Manifest, where: Path) -> None:
         problems.append(f"box_min_region {m.box_min_region} is not in [0, 1)")
     if m.box_min_region and m.role != "segmenter":
         problems.append("box_min_region belongs to the segmenter's manifest")
+    if m.tta and m.role != "classifier":
+        problems.append("tta belongs to the classifier's manifest")
+    if any(not (0.5 <= sx <= 2.0 and 0.5 <= sy <= 2.0) for sx, sy, _, _ in m.tta):
+        problems.append("tta: each transform's scales (sx, sy) must be in [0.5, 2]")
+    if any(not (abs(dx) <= 0.5 and abs(dy) <= 0.5) for _, _, dx, dy in m.tta):
+        problems.append("tta: each transform's shifts (dx, dy) must be within +-0.5 of the box")
     if problems:
         raise ModelError(f"{where}: invalid manifest: " + "; ".join(problems))
 

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import ModelError
-from engine.models.manifest import ROLES, Manifest, Role, load_manifest, manifest_path, verify_onnx
+from engine.models.manifest import (
+    ROLES,
+    Manifest,
+    Role,
+    load_manifest,
+    manifest_path,
+    tta_digest,
+    verify_onnx,
+)
 from engine.models.precision import at_precision, choose_precision, why_chosen
 
 # Where trained default models ship inside the package (filled by `cxr train`, issue 3).
@@ -25,8 +33,10 @@ class ModelSet:
         s, c = self.segmenter, self.classifier
         # the box rule changes the crops, so it is part of what wrote a row (resume compares)
         rule = f"/box{s.box_min_region:g}" if s.box_min_region else ""
+        # so are the box transforms of test-time crops (their values: a hash of them)
+        tta = f"/tta{len(c.tta)}@{tta_digest(c.tta)}" if c.tta else ""
         return (
-            f"{c.architecture}-{c.precision}@{c.sha256[:8]}"
+            f"{c.architecture}-{c.precision}@{c.sha256[:8]}{tta}"
             f"+{s.architecture}-{s.precision}@{s.sha256[:8]}{rule}"
         )
 

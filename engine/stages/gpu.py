@@ -42,6 +42,8 @@ from engine.pipeline import DeviceArray, DeviceBatch, ImagePreprocessor, Preproc
 from engine.runtime import cuda
 from engine.runtime.base import DeviceBackend
 from engine.stages.base import Predictions, StageClock
+from engine.stages.classify import tta_mean
+from engine.stages.crop import tta_boxes
 from engine.stages.segment import logit_threshold
 
 
@@ -80,7 +82,15 @@ class GpuStages:
                     )
         self.models = models
         self.seg, self.clf = segmenter, classifier
-        self.max_batch = min(segmenter.max_batch, classifier.max_batch)
+        # a classifier with box transforms (tta) takes K crops an image in one plan call
+        self.crops_per_image = max(len(models.classifier.tta), 1)
+        if classifier.max_batch < self.crops_per_image:
+            raise ValueError(
+                f"the classifier plan takes at most {classifier.max_batch} crops a call, fewer "
+                f"than the {self.crops_per_image} test-time crops (tta) of one image; rebuild it "
+                "with a larger --max-batch"
+            )
+        self.max_batch = min(segmenter.max_batch, classifier.max_batch // self.crops_per_image)
         self.threshold = logit_threshold(models.segmenter.threshold)
         self.margin = models.classifier.crop.margin
         self.min_region = models.segmenter.box_min_region
@@ -246,20 +256,29 @@ class GpuStages:
         boxes_dev, _ = self._buffers("boxes", n * 4 * 4)
         frac_dev, _ = self._buffers("fraction", n * 4)
         lung_bbox_ptr(masks, n, h, w, self.threshold, self.margin, boxes_dev.ptr, frac_dev.ptr, s)
-        if self.min_region:
-            self._boxes_on_host(masks, (n, h, w), boxes_dev.ptr)
+        found = self._boxes_on_host(masks, (n, h, w), boxes_dev.ptr) if self.min_region else None
+        crop_boxes = boxes_dev.ptr
+        k = self.crops_per_image
+        if k > 1:  # the transformed boxes, transform-major, from the host
+            if found is None:
+                host, _ = self._download("boxes_for_tta", boxes_dev.ptr, (n, 4))
+                self._stream.synchronize()
+                found = host.view((n, 4), np.float32).copy()
+            crop_boxes = self._upload("tta_boxes", tta_boxes(found, m.classifier))
 
         pre = m.classifier.preprocess
         clf_shape = (n, pre.channels, *pre.size)
-        clf_in, _ = self._buffers("clf_input", int(np.prod(clf_shape)) * 4)
-        crop_resize_normalize_ptr(
-            work_ptr, n, side, work_shape[2], boxes_dev.ptr, pre.size, pre.mean, pre.std,
-            clf_in.ptr, s,
-        )  # fmt: skip
-        outs = self.clf.infer_device({m.classifier.input.name: clf_in.ptr}, n, stream=s)
-        dim = self.clf.output_shape("embedding", n)
+        sample = int(np.prod(clf_shape)) * 4  # the bytes of one transform's n crops
+        clf_in, _ = self._buffers("clf_input", k * sample)
+        for t in range(k):
+            crop_resize_normalize_ptr(
+                work_ptr, n, side, work_shape[2], crop_boxes + t * n * 16, pre.size, pre.mean,
+                pre.std, clf_in.ptr + t * sample, s,
+            )  # fmt: skip
+        outs = self.clf.infer_device({m.classifier.input.name: clf_in.ptr}, k * n, stream=s)
+        dim = self.clf.output_shape("embedding", k * n)
         results = {
-            "logit": self._download("logit", outs["logit"], (n,)),
+            "logit": self._download("logit", outs["logit"], (k * n,)),
             "embedding": self._download("embedding", outs["embedding"], dim),
             "boxes": self._download("boxes", boxes_dev.ptr, (n, 4)),
             "fraction": self._download("fraction", frac_dev.ptr, (n,)),
@@ -268,22 +287,21 @@ class GpuStages:
         if with_work:  # the previews need the work images on the host
             results["work"] = self._download("work_out", work_ptr, tuple(work_shape))
         self._stream.synchronize()
-        host = {k: buf.view(shape, np.float32).copy() for k, (buf, shape) in results.items()}
-        logit = host["logit"].astype(np.float64)
-        prob = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)  # as engine.stages.classify
+        host = {key: buf.view(shape, np.float32).copy() for key, (buf, shape) in results.items()}
+        prob, embedding = tta_mean(host["logit"], host["embedding"], m.classifier)
         return Predictions(
             prob=prob,
             boxes=host["boxes"],
             fraction=host["fraction"],
-            embedding=host["embedding"],
+            embedding=embedding,
             lung_mask=host["masks"] >= self.threshold,  # as the CPU path: float32 >= logit
             work=host.get("work"),
         )
 
-    def _boxes_on_host(self, masks: int, shape: tuple[int, int, int], boxes_ptr: int) -> None:
+    def _boxes_on_host(self, masks: int, shape: tuple[int, int, int], boxes_ptr: int) -> np.ndarray:
         """The boxes of a segmenter whose box rule leaves out small mask regions: the kernel
         has no connected regions, so kernels.reference.lung_bbox finds them on the host (the
-        masks are 256 KB an image) and they replace the kernel's before the crop."""
+        masks are 256 KB an image) and they replace the kernel's before the crop; returned."""
         from kernels.reference import lung_bbox
 
         host, _ = self._download("masks_for_boxes", masks, shape)
@@ -294,6 +312,7 @@ class GpuStages:
         staged = self._host_buffer("boxes_from_host", found.nbytes)
         staged.view(found.shape, np.float32)[...] = found
         cuda.copy_to_device(boxes_ptr, staged.ptr, found.nbytes, self._stream.handle)
+        return found
 
     def close(self) -> None:
         with self._stage_lock:  # waits for a copy in progress in the pipeline thread

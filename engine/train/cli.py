@@ -325,11 +325,20 @@ def train_threshold(
     labels: TrainedLabels,
     images: TrainedImages = None,
     threshold_sensitivity: ThresholdSensitivity = None,
+    test_time_crops: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve the mean of this many crops an image, their boxes moved and scaled as "
+            "in training's box jitter (1: one crop; default: as the manifest has it).",
+        ),
+    ] = None,
+    tta_seed: Annotated[int, typer.Option(help="Seed that draws those crops' box transforms.")] = 0,
     cache: CacheDir = None,
     threads: Threads = None,
 ) -> None:
     """Re-choose the threshold on the validation patients and rewrite what depends on it (card
-    metrics, INT8 parity, held-out figures); the weights are unchanged."""
+    metrics, INT8 parity, held-out figures); the weights are unchanged. With
+    --test-time-crops, for the classifier served the mean over that many crops."""
 
     with fatal_errors():
         require_torch()
@@ -340,12 +349,15 @@ def train_threshold(
             models,
             pair_sets(labels, images or []),
             threshold_sensitivity=threshold_sensitivity,
+            test_time_crops=test_time_crops,
+            tta_seed=tta_seed,
             cache=cache,
             threads=_threads(threads),
         )
         test = m.card["metrics"].get("test", {}).get("all", {})
+        crops = f", {len(m.tta)} test-time crops" if m.tta else ""
         typer.echo(
-            f"{m.directory}: threshold {m.threshold:.4f} ({m.card['threshold_rule']}); "
+            f"{m.directory}: threshold {m.threshold:.4f} ({m.card['threshold_rule']}{crops}); "
             f"test sensitivity {test.get('sensitivity')}, specificity {test.get('specificity')}"
         )
 

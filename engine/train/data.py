@@ -22,6 +22,7 @@ from engine.errors import ConfigError, ImageError
 from engine.io.reader import to_sample
 from engine.models import Manifest, ModelSet
 from engine.pipeline import Preprocessed, Preprocessor, Sample
+from engine.stages.crop import scale_shift_boxes
 from kernels.reference import crop_resize_normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -213,20 +214,27 @@ def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
 def jitter_boxes(
     boxes: np.ndarray, rng: np.random.Generator, *, scale: float = 0.08, shift: float = 0.05
 ) -> np.ndarray:
-    """Scale each box by 1 +- scale and move its centre by +- shift of its size; clip to [0, 1]."""
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    """Scale each box by 1 +- scale and move its centre by +- shift of its size; clip to [0, 1]
+    (engine.stages.crop.scale_shift_boxes, as the served box transforms of a classifier's tta)."""
     n = len(boxes)
     s = 1 + rng.uniform(-scale, scale, (n, 2))
-    cx = cx + rng.uniform(-shift, shift, n) * bw
-    cy = cy + rng.uniform(-shift, shift, n) * bh
-    half_w, half_h = bw * s[:, 0] / 2, bh * s[:, 1] / 2
-    out = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
-    out = np.clip(out, 0.0, 1.0)
-    # A box squeezed against an edge keeps at least 1% of the image on each side.
-    out[:, 2] = np.maximum(out[:, 2], out[:, 0] + 0.01)
-    out[:, 3] = np.maximum(out[:, 3], out[:, 1] + 0.01)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    dx = rng.uniform(-shift, shift, n)
+    dy = rng.uniform(-shift, shift, n)
+    return scale_shift_boxes(boxes, s[:, 0], s[:, 1], dx, dy)
+
+
+def box_transforms(
+    k: int, seed: int, *, scale: float = 0.08, shift: float = 0.05
+) -> tuple[tuple[float, float, float, float], ...]:
+    """k (sx, sy, dx, dy) box transforms drawn from jitter_boxes' distribution: a classifier's
+    test-time crops (its manifest's tta)."""
+    rng = np.random.default_rng(seed)
+    s = 1 + rng.uniform(-scale, scale, (k, 2))
+    d = rng.uniform(-shift, shift, (k, 2))
+    return tuple(
+        (round(float(a), 6), round(float(b), 6), round(float(c), 6), round(float(e), 6))
+        for (a, b), (c, e) in zip(s, d, strict=True)
+    )
 
 
 def crops01(work: np.ndarray, boxes: np.ndarray, classifier: Manifest) -> np.ndarray:
@@ -245,7 +253,8 @@ def normalise(x01: np.ndarray, classifier: Manifest) -> np.ndarray:
 
 
 def classifier_inputs(work: np.ndarray, boxes: np.ndarray, classifier: Manifest) -> np.ndarray:
-    """Unaugmented classifier input: equals engine.stages.crop.lung_crops' classifier_input."""
+    """Unaugmented classifier input, one crop an image: engine.stages.crop.lung_crops'
+    classifier_input for a classifier without box transforms (tta)."""
     return normalise(crops01(work, boxes, classifier), classifier)
 
 

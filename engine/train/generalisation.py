@@ -17,10 +17,39 @@ import numpy as np
 
 from engine.eval.resolution import downscale_agreement
 from engine.eval.source_probe import source_probe
+from engine.models import Manifest
+from engine.stages.classify import crop_mean
+from engine.stages.crop import classifier_crops
 from engine.train.classifier_fit import CropData
 from engine.train.data import log
 
 HELD_OUT = "every labelled image not trained on (val, test, holdout, unseen, further sets)"
+TTA_CHUNK = 256  # images whose test-time crops are cut and scored at once
+
+
+def served_outputs(
+    clf: Manifest, data: CropData, single: dict[str, np.ndarray], threads: int
+) -> dict[str, np.ndarray]:
+    """The classifier's outputs ("logit" (n,), "embedding" (n, D)) as `cxr screen` serves them:
+    `single` (its outputs on data.inputs, one crop an image) when it has no test-time crops;
+    else the mean over its box transforms' crops (engine.stages.crop.classifier_crops), cut
+    from data.work, whose uint8 steps leave them within 1/255 of the served crops."""
+    if not clf.tta:
+        return single
+    from engine.train.export import ort_run, ort_session
+
+    session = ort_session(clf.onnx_path, threads)
+    logits, embeddings = [], []
+    for start in range(0, len(data.boxes), TTA_CHUNK):
+        work = np.asarray(data.work[start : start + TTA_CHUNK], np.float32)
+        if data.work.dtype == np.uint8:
+            work /= 255.0
+        x = classifier_crops(work, data.boxes[start : start + TTA_CHUNK], clf)
+        out = ort_run(session, x)
+        logit, emb = crop_mean(out["logit"], out["embedding"], len(clf.tta))
+        logits.append(logit)
+        embeddings.append(emb)
+    return {"logit": np.concatenate(logits), "embedding": np.concatenate(embeddings)}
 
 
 def held_out_by_group(
@@ -108,6 +137,8 @@ def measure_models(
     log(
         f"embedding {len(data.inputs)} crops with {clf.onnx_path} ({int(trained.sum())} trained on)"
     )
-    out = ort_run(ort_session(clf.onnx_path, threads), data.inputs)
+    out = served_outputs(
+        clf, data, ort_run(ort_session(clf.onnx_path, threads), data.inputs), threads
+    )
     threshold = 0.5 if clf.threshold is None else clf.threshold
     return measure(Path(models), data, out, trained, threshold, threads)

@@ -15,14 +15,15 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.models import Manifest, Variant, load_manifest, manifest_path, save_manifest
+from engine.train.augment import CropAugment
 from engine.train.classifier import SPLITS_FILE, evaluate, first_set_parity, int8_variant
 from engine.train.classifier_config import ClassifierTrainConfig
 from engine.train.classifier_fit import CropData
 from engine.train.crops import config_of, load_data, load_segmenter, recorded_splits, split_keys
-from engine.train.data import log
+from engine.train.data import box_transforms, log
 from engine.train.datasets import LabelSet
 from engine.train.export import ort_run, ort_session
-from engine.train.generalisation import from_training
+from engine.train.generalisation import from_training, served_outputs
 
 
 def reference_outputs(
@@ -138,6 +139,8 @@ def rethreshold(
     sets: tuple[LabelSet, ...],
     *,
     threshold_sensitivity: float | None = None,
+    test_time_crops: int | None = None,
+    tta_seed: int = 0,
     cache: Path | None = None,
     threads: int = 2,
 ) -> Manifest:
@@ -146,10 +149,18 @@ def rethreshold(
     depends on it: the threshold, its rule, the card's metrics, the INT8 export's parity
     (re-measured: its decisions are taken at the threshold; the file is unchanged) and the
     end-of-training figures (held-out specificity per group, downscale agreement). The card
-    keeps the threshold it replaced under `threshold_replaced`."""
+    keeps the threshold it replaced under `threshold_replaced`.
+
+    test_time_crops K > 1 serves the classifier the mean of K crops an image (its manifest's
+    tta: K box transforms drawn with tta_seed from the box jitter it was trained with), and every
+    figure above is of that mean; 1 removes them; None keeps the manifest's. The INT8 parity
+    stays that of the network on one crop an image."""
     m, data, fp32 = _prepare(models, sets, threads, cache)
+    if test_time_crops is not None:
+        m = replace(m, tta=test_time_transforms(m, test_time_crops, tta_seed))
+    served = served_outputs(m, data, fp32, threads)
     rule = _config(m, models, sets, threads, threshold_sensitivity=threshold_sensitivity)
-    probs = 1 / (1 + np.exp(-fp32["logit"].reshape(-1).astype(np.float64)))
+    probs = 1 / (1 + np.exp(-served["logit"].reshape(-1).astype(np.float64)))
     val = data.split == "val"
     threshold, rule_text = rule.threshold(probs[val], data.labels[val])
     log(f"threshold {m.threshold:.4f} -> {threshold:.4f} ({rule_text})")
@@ -160,6 +171,15 @@ def rethreshold(
         "by": "cxr train threshold (same FP32 model and validation patients)",
     }
     card |= {"threshold": threshold, "threshold_rule": rule_text}
+    card.pop("test_time_crops", None)
+    if m.tta:
+        card["test_time_crops"] = {
+            "crops": len(m.tta),
+            "seed": tta_seed if test_time_crops is not None else None,
+            "drawn_from": "the box jitter of its training (card: training.augmentation)",
+            "note": "threshold, metrics and held-out figures are of the mean logit over the "
+            "crops; the INT8 parity is of one crop an image",
+        }
     card["metrics"] = evaluate(probs, data, threshold)
     variants = dict(m.variants)
     if "int8" in variants and "int8" in card:
@@ -170,7 +190,26 @@ def rethreshold(
     out = replace(m, threshold=threshold, card=card, variants=variants)
     # saved first: the figures score the directory through the engine at its manifest threshold
     save_manifest(out, m.directory)
-    figures = from_training(m.directory, data, fp32, threshold, threads)
+    figures = from_training(m.directory, data, served, threshold, threads)
     out = replace(out, card=out.card | figures)
     save_manifest(out, m.directory)
     return out
+
+
+def test_time_transforms(
+    m: Manifest, crops: int, seed: int
+) -> tuple[tuple[float, float, float, float], ...]:
+    """`crops` box transforms drawn from the box jitter the classifier was trained with (its
+    card's training.augmentation; the trainer's defaults where it has none); () for one crop."""
+    if crops < 1:
+        raise ConfigError(f"--test-time-crops must be at least 1, not {crops}")
+    if crops == 1:
+        return ()
+    aug = m.card.get("training", {}).get("augmentation", {})
+    default = CropAugment()
+    return box_transforms(
+        crops,
+        seed,
+        scale=float(aug.get("box_scale", default.box_scale)),
+        shift=float(aug.get("box_shift", default.box_shift)),
+    )

@@ -191,6 +191,16 @@ def test_the_segmenter_section_states_the_box_rule_and_the_int8_parity(models):
     assert text.endswith(": yes.")
 
 
+def test_the_card_says_when_the_classifier_is_served_test_time_crops(models):
+    text = render(models, EV, None, None)
+    assert "crops, its lung box moved" not in text  # one crop: not said
+    clf = load_manifest(manifest_path(models, "classifier"))
+    save_manifest(replace(clf, tta=((1.05, 0.95, 0.02, 0.0), (0.95, 1.0, -0.02, 0.01))), models)
+    text = render(models, EV, None, None)
+    assert "scored as the mean logit (and embedding) over 2 crops, its lung box moved" in text
+    assert "/tta2@" in text  # the model id names them
+
+
 def test_replace_segmenter_section_refuses_another_models_card(models, tmp_path):
     other = init_models(tmp_path / "other", size="tiny", seed=1).classifier.directory
     text = render(other, EV, None, None)

@@ -232,6 +232,33 @@ def test_the_box_rule_is_read_written_only_when_set_and_checked(models_dir):
         load_models(models_dir)
 
 
+def test_test_time_crops_are_read_written_only_when_set_and_checked(models_dir):
+    from engine.models import load_manifest, save_manifest
+
+    clf = load_models(models_dir).classifier
+    assert clf.tta == () and "tta" not in clf.to_json()
+    assert "tta" not in read_json(models_dir / "classifier.json")  # as it was written
+    transforms = [[1.05, 0.95, 0.02, -0.03], [0.94, 1.07, -0.04, 0.01]]
+    rewrite(models_dir / "classifier.json", tta=transforms)
+    clf = load_models(models_dir).classifier
+    assert clf.tta == ((1.05, 0.95, 0.02, -0.03), (0.94, 1.07, -0.04, 0.01))
+    assert clf.to_json()["tta"] == transforms  # JSON lists again
+    save_manifest(clf, models_dir)
+    assert load_manifest(models_dir / "classifier.json").tta == clf.tta
+    for bad, message in (
+        ([[3.0, 1.0, 0.0, 0.0]], r"scales \(sx, sy\) must be in \[0.5, 2\]"),
+        ([[1.0, 1.0, 0.0, -0.7]], r"shifts \(dx, dy\) must be within \+-0.5"),
+        ([[1.0, 1.0, 0.0]], r"each box transform is \[sx, sy, dx, dy\], not \[1.0, 1.0, 0.0\]"),
+    ):
+        rewrite(models_dir / "classifier.json", tta=bad)
+        with pytest.raises(ModelError, match=message):
+            load_models(models_dir)
+    rewrite(models_dir / "classifier.json", tta=[])
+    rewrite(models_dir / "segmenter.json", tta=transforms)
+    with pytest.raises(ModelError, match="tta belongs to the classifier's manifest"):
+        load_models(models_dir)
+
+
 def test_onnx_files_are_the_export_then_its_variants(models_dir):
     from conftest import add_int8_variant
 

@@ -43,6 +43,19 @@ def test_model_id_names_the_box_rule_when_it_is_set(tiny_models):
     assert "/box" not in tiny_models.model_id
 
 
+def test_model_id_names_the_test_time_crops_when_there_are_some(tiny_models):
+    from dataclasses import replace
+
+    two = ((1.05, 0.95, 0.02, -0.03), (0.94, 1.07, -0.04, 0.01))
+    crops = replace(tiny_models, classifier=replace(tiny_models.classifier, tta=two))
+    clf_part, seg_part = crops.model_id.split("+")
+    assert clf_part.startswith(tiny_models.model_id.split("+")[0] + "/tta2@")
+    assert seg_part == tiny_models.model_id.split("+")[1]
+    other = replace(tiny_models, classifier=replace(tiny_models.classifier, tta=two[::-1]))
+    assert other.model_id != crops.model_id  # other transforms, other rows
+    assert "/tta" not in tiny_models.model_id
+
+
 def test_with_threshold(tiny_models):
     ms = tiny_models
     assert ms.with_threshold(None) is ms

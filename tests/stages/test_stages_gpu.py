@@ -161,6 +161,63 @@ def test_a_box_rule_without_specks_finds_the_boxes_on_the_host(tiny_models, monk
     assert (got.boxes[:, 1] > every_pixel[:, 1]).all()  # the speck no longer sets the top
     assert (got.boxes[:, 2] < every_pixel[:, 2]).all()  # nor the right edge
 
+    # with test-time crops too: their boxes are moved from the boxes found on the host
+    from engine.runtime.onnxrt import OnnxRuntimeBackend
+    from engine.stages.classify import classify
+    from engine.stages.crop import classifier_crops
+
+    tta = replace(
+        models,
+        classifier=replace(
+            models.classifier, tta=((1.05, 0.96, 0.02, -0.03), (0.95, 1.0, -0.01, 0.02))
+        ),
+    )
+    stages = GpuStages(tta, SpeckPlan(tta.segmenter, MAX_BATCH),
+                       EmulatedPlan(tta.classifier, 8))  # fmt: skip
+    try:
+        with_crops = stages.infer(work, seg_input)
+    finally:
+        stages.close()
+    np.testing.assert_array_equal(with_crops.boxes, want)
+    with OnnxRuntimeBackend(tta.classifier) as clf:
+        prob, _ = classify(clf, tta.classifier, classifier_crops(work, want, tta.classifier))
+    np.testing.assert_allclose(with_crops.prob, prob, rtol=1e-5, atol=1e-6)
+
+
+def test_test_time_crops_run_in_one_classifier_call_and_match_the_cpu_path(
+    tiny_models, monkeypatch
+):
+    transforms = ((1.06, 0.95, 0.03, -0.02), (0.93, 1.04, -0.04, 0.01))
+    models = replace(tiny_models, classifier=replace(tiny_models.classifier, tta=transforms))
+    EmulatedCuda(monkeypatch)
+    seg, clf = CountingPlan(models.segmenter, MAX_BATCH), CountingPlan(models.classifier, 4)
+    stages = GpuStages(models, seg, clf)
+    try:
+        assert stages.crops_per_image == 2
+        assert stages.max_batch == 2  # the classifier plan's 4 crops a call, 2 an image
+        work, seg_input = host_batch(5, seed=2)
+        got = stages.infer(work, seg_input)
+    finally:
+        stages.close()
+    assert seg.batches == [2, 2, 1] and clf.batches == [4, 4, 2]  # 2 crops an image, one call
+    assert got.prob.shape == (5,) and got.boxes.shape == (5, 4)
+    assert_matches(got, cpu_path(models, work, seg_input))
+    plain = GpuStages(tiny_models, CountingPlan(tiny_models.segmenter, MAX_BATCH),
+                      CountingPlan(tiny_models.classifier, 4))  # fmt: skip
+    try:
+        one = plain.infer(work, seg_input)
+    finally:
+        plain.close()
+    np.testing.assert_array_equal(got.boxes, one.boxes)
+    assert not np.allclose(got.prob, one.prob)
+
+
+def test_a_classifier_plan_smaller_than_the_test_time_crops_is_refused(tiny_models):
+    models = replace(tiny_models, classifier=replace(tiny_models.classifier,
+                                                     tta=((1.0, 1.0, 0.0, 0.0),) * 3))  # fmt: skip
+    with pytest.raises(ValueError, match="at most 2 crops a call, fewer than the 3 test-time"):
+        GpuStages(models, plan(4), plan(2))  # type: ignore[arg-type]
+
 
 def test_predict_times_the_fused_stage(emulated):
     stages, _, _, _ = emulated

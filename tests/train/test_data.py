@@ -288,6 +288,18 @@ def test_jitter_boxes_is_seeded_bounded_and_the_identity_when_off():
     assert edge[0, 3] - edge[0, 1] >= 0.01 - 1e-7
 
 
+def test_box_transforms_are_seeded_draws_of_the_box_jitter():
+    from engine.train.data import box_transforms
+
+    t = box_transforms(4, 0, scale=0.08, shift=0.05)
+    assert t == box_transforms(4, 0, scale=0.08, shift=0.05) != box_transforms(4, 1)
+    assert len(t) == 4 and all(len(x) == 4 for x in t)
+    a = np.array(t)
+    assert (np.abs(a[:, :2] - 1) <= 0.08).all() and (np.abs(a[:, 2:]) <= 0.05).all()
+    assert len({tuple(x) for x in t}) == 4  # four different crops
+    assert box_transforms(2, 0, scale=0.0, shift=0.0) == ((1.0, 1.0, 0.0, 0.0),) * 2
+
+
 def test_crops_are_the_serving_crop_before_and_after_normalisation():
     from kernels.reference import crop_resize_normalize
 

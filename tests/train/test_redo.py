@@ -152,6 +152,46 @@ def test_threshold_by_sensitivity_rewrites_what_depends_on_it(trained, sets, tmp
     assert again.card["metrics"] == before.card["metrics"]
 
 
+def test_test_time_crops_choose_the_threshold_for_the_mean_and_one_crop_undoes_them(
+    trained,
+    sets,
+    tmp_path,  # noqa: F811
+):
+    from engine.models import load_manifest, load_models, manifest_path
+    from engine.train.data import box_transforms
+
+    models = _copy(trained, tmp_path)
+    before = load_manifest(manifest_path(models, "classifier"))
+    cache = ["--cache", str(trained["cache"]), "--threads", "1"]
+    code, out = _cxr("train", "threshold", "--models", models, *_sets_args(sets), *cache,
+                     "--test-time-crops", "3", "--tta-seed", "5")  # fmt: skip
+    assert code == 0, out
+    assert "3 test-time crops" in out
+    after = load_manifest(manifest_path(models, "classifier"))
+    aug = before.card["training"]["augmentation"]
+    assert after.tta == box_transforms(3, 5, scale=aug["box_scale"], shift=aug["box_shift"])
+    assert after.card["test_time_crops"]["crops"] == 3
+    assert after.card["test_time_crops"]["seed"] == 5
+    assert after.sha256 == before.sha256  # the weights are untouched
+    # every figure is of the mean over the crops: other validation scores than one crop's
+    assert after.card["metrics"]["val"]["all"]["roc_auc"] is not None
+    val_before, val_after = before.card["metrics"]["val"], after.card["metrics"]["val"]
+    assert val_after != val_before
+    assert after.card["downscale_agreement"]["threshold"] == after.threshold
+    assert "/tta3@" in load_models(models).model_id
+    # --test-time-crops 1: back to one crop, the threshold and metrics training chose
+    code, out = _cxr("train", "threshold", "--models", models, *_sets_args(sets), *cache,
+                     "--test-time-crops", "1")  # fmt: skip
+    assert code == 0, out
+    again = load_manifest(manifest_path(models, "classifier"))
+    assert again.tta == () and "test_time_crops" not in again.card
+    assert again.threshold == pytest.approx(before.threshold)
+    assert again.card["metrics"] == before.card["metrics"]
+    code, out = _cxr("train", "threshold", "--models", models, *_sets_args(sets), *cache,
+                     "--test-time-crops", "0")  # fmt: skip
+    assert code == 1 and "--test-time-crops must be at least 1, not 0" in out
+
+
 def test_redo_needs_every_set_the_classifier_was_trained_on(trained, sets, tmp_path):  # noqa: F811
     from engine.train.datasets import LabelSet
     from engine.train.redo import requantize_int8, rethreshold
