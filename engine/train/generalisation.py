@@ -39,6 +39,7 @@ def served_outputs(
     from engine.train.export import ort_run, ort_session
 
     session = ort_session(clf.onnx_path, threads)
+    log(f"scoring {len(clf.tta)} test-time crops of each of {len(data.boxes)} images")
     logits, embeddings = [], []
     for start in range(0, len(data.boxes), TTA_CHUNK):
         work = np.asarray(data.work[start : start + TTA_CHUNK], np.float32)

@@ -154,8 +154,8 @@ def test_threshold_by_sensitivity_rewrites_what_depends_on_it(trained, sets, tmp
 
 def test_test_time_crops_choose_the_threshold_for_the_mean_and_one_crop_undoes_them(
     trained,
-    sets,
-    tmp_path,  # noqa: F811
+    sets,  # noqa: F811
+    tmp_path,
 ):
     from engine.models import load_manifest, load_models, manifest_path
     from engine.train.data import box_transforms
@@ -237,3 +237,34 @@ def test_requantize_needs_a_trained_fp32_classifier(tiny_models, tmp_path):
 
     with pytest.raises(ConfigError, match="needs the trained FP32 classifier .* untrained, fp32"):
         requantize_int8(tiny_models.classifier.directory, (LabelSet(tmp_path / "l.csv", tmp_path),))
+
+
+def test_the_test_time_crops_benchmark_scores_one_crop_and_k_crops(trained, sets):  # noqa: F811
+    from benchmarks import tta_crops
+    from engine.eval.metrics import roc_auc
+
+    pairs = [(sets["primary"], DEV), (sets["second"], DEV / "images")]
+    s = tta_crops.score(trained["models"], pairs, crops=[2, 3], seeds=2, threads=1)
+    held = tta_crops.held_images(trained["models"], pairs)
+    assert len(s["one"]) == len(held) and {im.path.suffix for im, _ in held} <= {".png", ".jpg"}
+    assert set(s["part"].tolist()) <= {"val", "test", "holdout"} and "val" in s["part"]
+    assert set(s["many"]) == {(2, 0), (2, 1), (3, 0), (3, 1)}
+    assert s["spread"].shape == (3, len(held))  # the largest K's crops, one row each
+    # seed 0's K crops are box_transforms(K, 0): their mean logit is the mean of the rows
+    np.testing.assert_allclose(s["many"][(3, 0)], s["spread"].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(s["many"][(2, 0)], s["one"])
+    summary = tta_crops.summarise(s, [2, 3], 2, resamples=30)
+    dev = (s["part"] == "val") | (s["part"] == "test")
+    if "val+test" in summary["roc_auc"]:
+        row = summary["roc_auc"]["val+test"]
+        assert row["images"] == int(dev.sum())
+        assert row["one_crop"] == roc_auc(s["label"][dev], s["one"][dev])
+        assert row["crops_2"]["min"] <= row["crops_2"]["mean"] <= row["crops_2"]["max"]
+        d = summary["paired_difference"]["crops_2 val+test"]
+        assert d["diff"] == pytest.approx(
+            roc_auc(s["label"][dev], s["many"][(2, 0)][dev]) - row["one_crop"]
+        )
+    sp = summary["probability_spread"]
+    assert sp["crops"] == 3 and 0 <= sp["median"] <= sp["p90"] <= sp["max"] <= 1
+    text = tta_crops.format_table(summary, [2, 3])
+    assert "| images | n | one crop | 2 crops | 3 crops |" in text
