@@ -43,6 +43,15 @@ def host_batch(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return work.astype(np.float32), seg.astype(np.float32)
 
 
+def infer_once(models: Any, seg: Any, clf: Any, work: np.ndarray, seg_input: np.ndarray) -> Any:
+    """Predictions of fresh GpuStages over the two plans on host arrays; the stages closed."""
+    stages = GpuStages(models, seg, clf)
+    try:
+        return stages.infer(work, seg_input)
+    finally:
+        stages.close()
+
+
 class CountingPlan(EmulatedPlan):
     """EmulatedPlan that records the batch of each call."""
 
@@ -145,13 +154,9 @@ def test_a_box_rule_without_specks_finds_the_boxes_on_the_host(tiny_models, monk
 
     EmulatedCuda(monkeypatch)
     models = replace(tiny_models, segmenter=replace(tiny_models.segmenter, box_min_region=0.01))
-    stages = GpuStages(models, SpeckPlan(models.segmenter, MAX_BATCH),
-                       EmulatedPlan(models.classifier, 8))  # fmt: skip
-    try:
-        work, seg_input = host_batch(4, seed=3)
-        got = stages.infer(work, seg_input)
-    finally:
-        stages.close()
+    work, seg_input = host_batch(4, seed=3)
+    got = infer_once(models, SpeckPlan(models.segmenter, MAX_BATCH),
+                     EmulatedPlan(models.classifier, 8), work, seg_input)  # fmt: skip
     mask = got.lung_mask.astype(np.float32)
     margin = models.classifier.crop.margin
     want, fraction = lung_bbox(mask, 0.5, margin, 0.01)
@@ -172,12 +177,8 @@ def test_a_box_rule_without_specks_finds_the_boxes_on_the_host(tiny_models, monk
             models.classifier, tta=((1.05, 0.96, 0.02, -0.03), (0.95, 1.0, -0.01, 0.02))
         ),
     )
-    stages = GpuStages(tta, SpeckPlan(tta.segmenter, MAX_BATCH),
-                       EmulatedPlan(tta.classifier, 8))  # fmt: skip
-    try:
-        with_crops = stages.infer(work, seg_input)
-    finally:
-        stages.close()
+    with_crops = infer_once(tta, SpeckPlan(tta.segmenter, MAX_BATCH),
+                            EmulatedPlan(tta.classifier, 8), work, seg_input)  # fmt: skip
     np.testing.assert_array_equal(with_crops.boxes, want)
     with OnnxRuntimeBackend(tta.classifier) as clf:
         prob, _ = classify(clf, tta.classifier, classifier_crops(work, want, tta.classifier))
@@ -192,22 +193,16 @@ def test_test_time_crops_run_in_one_classifier_call_and_match_the_cpu_path(
     EmulatedCuda(monkeypatch)
     seg, clf = CountingPlan(models.segmenter, MAX_BATCH), CountingPlan(models.classifier, 4)
     stages = GpuStages(models, seg, clf)
-    try:
-        assert stages.crops_per_image == 2
-        assert stages.max_batch == 2  # the classifier plan's 4 crops a call, 2 an image
-        work, seg_input = host_batch(5, seed=2)
-        got = stages.infer(work, seg_input)
-    finally:
-        stages.close()
+    assert stages.crops_per_image == 2
+    assert stages.max_batch == 2  # the classifier plan's 4 crops a call, 2 an image
+    stages.close()
+    work, seg_input = host_batch(5, seed=2)
+    got = infer_once(models, seg, clf, work, seg_input)
     assert seg.batches == [2, 2, 1] and clf.batches == [4, 4, 2]  # 2 crops an image, one call
     assert got.prob.shape == (5,) and got.boxes.shape == (5, 4)
     assert_matches(got, cpu_path(models, work, seg_input))
-    plain = GpuStages(tiny_models, CountingPlan(tiny_models.segmenter, MAX_BATCH),
-                      CountingPlan(tiny_models.classifier, 4))  # fmt: skip
-    try:
-        one = plain.infer(work, seg_input)
-    finally:
-        plain.close()
+    one = infer_once(tiny_models, CountingPlan(tiny_models.segmenter, MAX_BATCH),
+                     CountingPlan(tiny_models.classifier, 4), work, seg_input)  # fmt: skip
     np.testing.assert_array_equal(got.boxes, one.boxes)
     assert not np.allclose(got.prob, one.prob)
 
