@@ -325,15 +325,6 @@ def _read_json(option: str, path: Path) -> Any:
         raise ValueError(f"{option} {path}: not JSON ({exc})") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m engine.eval.card ARGS`: the exit code of `cxr eval card ARGS`."""
-    return run_script(card_command, argv, prog="python -m engine.eval.card")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _crops_sentence(clf: Any) -> str:
     """What the classifier is served: one crop an image, or the mean over its test-time crops."""
     if not clf.tta:
@@ -344,3 +335,12 @@ def _crops_sentence(clf: Any) -> str:
         "trained with (test-time crops, manifest `tta`); the threshold and every figure below "
         "are of that mean."
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.eval.card ARGS`: the exit code of `cxr eval card ARGS`."""
+    return run_script(card_command, argv, prog="python -m engine.eval.card")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

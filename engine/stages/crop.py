@@ -61,9 +61,7 @@ def tta_boxes(boxes: np.ndarray, classifier: Manifest) -> np.ndarray:
 def classifier_crops(work: np.ndarray, boxes: np.ndarray, classifier: Manifest) -> np.ndarray:
     """The classifier's inputs (K * N, C, h, w) cut from work images (N, S, S) at lung boxes."""
     pre = classifier.preprocess
-    per_transform = (
-        [scale_shift_boxes(boxes, *t) for t in classifier.tta] if classifier.tta else [boxes]
-    )
+    per_transform = np.split(tta_boxes(boxes, classifier), max(len(classifier.tta), 1))
     crops = [crop_resize_normalize(work, b, pre.size, pre.mean, pre.std) for b in per_transform]
     return crops[0] if len(crops) == 1 else np.concatenate(crops)
 
