@@ -392,7 +392,7 @@ def comparison_section(
         f"{c.name}: {c.architecture}, {c.initialisation}; model id "
         f"`{(c.eval.get('run') or {}).get('model_id')}`. Scored like the shipped model's FP32 "
         "reference: its FP32 export (a packed release: its shipped export) on the held-out "
-        "test patients, by source; 95% patient bootstrap intervals.",
+        "test patients, by source; 95% patient bootstrap intervals." + _crops_note(c.card),
         *training_summary(c.card),
         "",
         *lines,
@@ -408,3 +408,14 @@ def comparison_section(
     if c.note:
         out += ["", c.note]
     return out
+
+
+def _crops_note(card: dict[str, Any] | None) -> str:
+    """A classifier served the mean over test-time crops says so (its card's test_time_crops)."""
+    crops = ((card or {}).get("test_time_crops") or {}).get("crops")
+    if not crops:
+        return ""
+    return (
+        f" Served the mean logit over {crops} test-time crops (manifest `tta`); its threshold "
+        "and training figures are of that mean."
+    )

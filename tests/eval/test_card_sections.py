@@ -99,3 +99,11 @@ def test_data_lines_name_every_labelled_set_and_the_holdout():
     (many,) = card_sections.data_lines({"data": sets}, 900, 400)
     assert "3 labelled sets, 900 images. The first, `dev`," in many
     assert "`nih`, `rsna` are training data" in many and "slice of 0.1 of each" in many
+
+
+def test_a_comparison_served_test_time_crops_says_so():
+    from engine.eval.card_sections import _crops_note
+
+    assert _crops_note(None) == "" and _crops_note({"threshold": 0.5}) == ""
+    note = _crops_note({"test_time_crops": {"crops": 4, "seed": 0}})
+    assert "the mean logit over 4 test-time crops (manifest `tta`)" in note
