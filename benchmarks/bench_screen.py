@@ -32,6 +32,10 @@ the child process patches engine.screener before it screens; nothing in the engi
     --thread-split 2:2,1:2         DALI (decode) threads : ONNX Runtime intra-op threads
     --decode-workers 0,1,4         threads that read and (Pillow) decode images side by side
                                    (`cxr screen --decode-workers`); 0: as many as decode threads
+    --rounds 3                     the whole plan three times in a row, each round a run of its
+                                   own (its run id, its ratios; `series` and `round` tie them),
+                                   then the median and range of each rate and ratio: the naive
+                                   loop's rate varies by up to ~35% between runs on a shared VM
 
     python -m benchmarks.bench_screen --archive /tmp/bench-2000 --limit 500
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,6 +99,7 @@ class BenchOptions:
     workdir: Path | None = None  # None: a temporary directory, removed unless keep
     keep: bool = False
     quiet: bool = False
+    rounds: int = 1  # the whole plan this many times, interleaved; ratios per round, medians
 
     def __post_init__(self) -> None:
         bad = [k for k in self.configs if k not in KINDS]
@@ -114,6 +120,8 @@ class BenchOptions:
         for name, n in (("--limit", self.limit), ("--naive-limit", self.naive_limit)):
             if n is not None and n < 1:
                 raise ConfigError(f"{name} must be at least 1, not {n}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, not {self.rounds}")
         if self.archive is not None and not Path(self.archive).exists():
             raise ConfigError(f"--archive {self.archive} does not exist")
 
@@ -197,26 +205,36 @@ def run_bench(opts: BenchOptions) -> list[dict[str, Any]]:
                 missing[p] = str(exc)
         inputs = _inputs(opts)
         dev = _spread(list_images(opts.dev_images), opts.quality_limit) if opts.quality else []
-        run_id = uuid.uuid4().hex[:12]
-        base = header("screen", run_id)
-        records: list[dict[str, Any]] = []
-        # every run gets fresh output directories: `screen` would resume into old ones
-        ctx = _Context(
-            opts=opts, work=work / run_id, models=Path(models_dir), inputs=inputs, dev=dev
-        )
-        for cfg in plan(opts):
-            if cfg.precision not in available:
-                rec = _record(base, ctx, cfg, status="skipped", reason=missing.get(cfg.precision))
-            else:
-                _say(opts, f"running {cfg.name}")
-                result = _run_child(ctx, cfg)
-                rec = _record(base, ctx, cfg, result=result, model_id=available[cfg.precision])
-                _add_ratios_and_quality(rec, records, ctx)
-            append_jsonl(opts.results, rec)
-            records.append(rec)
-        if not opts.quiet:
-            print(format_table(records))
-        return records
+        series = uuid.uuid4().hex[:12]
+        rounds: list[list[dict[str, Any]]] = []
+        for r in range(opts.rounds):
+            # a round is a run of its own: its id, its ratios (configurations side by side)
+            run_id = series if opts.rounds == 1 else uuid.uuid4().hex[:12]
+            base = header("screen", run_id)
+            if opts.rounds > 1:
+                base |= {"series": series, "round": r + 1, "rounds": opts.rounds}
+            records: list[dict[str, Any]] = []
+            # every run gets fresh output directories: `screen` would resume into old ones
+            ctx = _Context(
+                opts=opts, work=work / run_id, models=Path(models_dir), inputs=inputs, dev=dev
+            )
+            for cfg in plan(opts):
+                if cfg.precision not in available:
+                    reason = missing.get(cfg.precision)
+                    rec = _record(base, ctx, cfg, status="skipped", reason=reason)
+                else:
+                    _say(opts, f"running {cfg.name}" + (f" (round {r + 1})" if r else ""))
+                    result = _run_child(ctx, cfg)
+                    rec = _record(base, ctx, cfg, result=result, model_id=available[cfg.precision])
+                    _add_ratios_and_quality(rec, records, ctx)
+                append_jsonl(opts.results, rec)
+                records.append(rec)
+            if not opts.quiet:
+                print(format_table(records))
+            rounds.append(records)
+        if opts.rounds > 1 and not opts.quiet:
+            print(format_rounds(rounds))
+        return [rec for records in rounds for rec in records]
     finally:
         if cleanup is not None and not opts.keep:
             cleanup.cleanup()
@@ -439,6 +457,40 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def round_medians(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per configuration over the rounds: img/s and each ratio as median, min, max."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for records in rounds:
+        for r in records:
+            if r["status"] != "ok":
+                continue
+            row = values.setdefault(r["config"]["name"], {})
+            row.setdefault("images_per_s", []).append(r["result"]["images_per_s"])
+            for key in ("vs_naive", "vs_model_only", "vs_null"):
+                if key in r.get("ratios", {}):
+                    row.setdefault(key, []).append(r["ratios"][key])
+    return {
+        name: {
+            key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+            for key, v in row.items()
+        }
+        for name, row in values.items()
+    }
+
+
+def format_rounds(rounds: list[list[dict[str, Any]]]) -> str:
+    """The medians over the rounds (min-max), a line per configuration."""
+    lines = [f"over {len(rounds)} rounds: median (min-max)"]
+    for name, row in round_medians(rounds).items():
+        cells = [
+            f"{key.replace('images_per_s', 'img/s').replace('vs_', 'x ')} "
+            f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+            for key, v in row.items()
+        ]
+        lines.append(f"{name:42s} " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:8.{digits}f}" if isinstance(x, int | float) else f"{'-':>8s}"
 
@@ -495,6 +547,9 @@ def options_from_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--workdir", type=Path, help="keep outputs here (default: temporary)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every configuration N times, interleaved"
+    )
     a = p.parse_args(argv)
     return BenchOptions(
         archive=a.archive,
@@ -518,6 +573,7 @@ def options_from_args(argv: list[str] | None = None) -> BenchOptions:
         workdir=a.workdir,
         keep=a.keep,
         quiet=a.quiet,
+        rounds=a.rounds,
     )
 
 

@@ -206,6 +206,45 @@ def test_bench_screen_writes_one_line_per_configuration(bench_archive, tiny_mode
     assert q["dev"]["roc_auc_ref"] is not None and q["dev"]["roc_auc_diff"] is not None
 
 
+def test_bench_screen_rounds_are_runs_of_their_own_and_give_medians(
+    bench_archive, tiny_models_dir, tmp_path, capsys
+):
+    results = tmp_path / "screen.jsonl"
+    opts = bench_screen.BenchOptions(
+        archive=bench_archive / "tree",
+        models=tiny_models_dir,
+        precisions=("fp32",),
+        batch_sizes=(4,),
+        threads=2,
+        configs=("naive", "engine"),
+        naive_limit=4,
+        warmup=4,
+        quality=False,
+        results=results,
+        rounds=2,
+    )
+    records = bench_screen.run_bench(opts)
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records)) and len(lines) == 4  # 2 configs x 2 rounds
+    assert len({r["run_id"] for r in lines}) == 2 and len({r["series"] for r in lines}) == 1
+    assert [r["round"] for r in lines] == [1, 1, 2, 2] and {r["rounds"] for r in lines} == {2}
+    engines = [r for r in lines if r["config"]["kind"] == "engine"]
+    for r in engines:  # each round's ratio is against that round's naive loop
+        naive = next(n for n in lines if n["run_id"] == r["run_id"] and n is not r)
+        assert r["ratios"]["vs_naive"] == pytest.approx(
+            r["result"]["images_per_s"] / naive["result"]["images_per_s"], rel=1e-3
+        )
+    med = bench_screen.round_medians([lines[:2], lines[2:]])
+    ratios = [r["ratios"]["vs_naive"] for r in engines]
+    row = med["engine fp32 b4 dali t2:2"]["vs_naive"]
+    assert row["n"] == 2 and row["min"] == min(ratios) and row["max"] == max(ratios)
+    assert row["median"] == pytest.approx(sum(ratios) / 2)
+    out = capsys.readouterr().out
+    assert "over 2 rounds: median (min-max)" in out and "x naive" in out
+    with pytest.raises(ConfigError, match="--rounds must be at least 1, not 0"):
+        bench_screen.BenchOptions(rounds=0)
+
+
 def test_bench_screen_runs_the_engine_defaults_and_decode_workers(
     bench_archive, tiny_models_dir, tmp_path
 ):
