@@ -325,6 +325,11 @@ def _training_card(
         "augmentation": asdict(cfg.augment),
         "acquisition": asdict(Acquisition()) if cfg.acquisition else None,
         "context_swap": asdict(ContextSwap(p=cfg.context_swap)) if cfg.context_swap else None,
+        "consistency": (
+            {"weight": cfg.consistency, "views": 2, "term": "mean squared logit difference"}
+            if cfg.consistency
+            else None
+        ),
         "input_standardization": cfg.standardize,
         "precision": precision,
         "seconds": round(seconds, 1),

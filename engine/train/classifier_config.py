@@ -59,6 +59,9 @@ class ClassifierTrainConfig:
     select_source: str | None = None  # choose the epoch on this source's validation images
     acquisition: bool = True  # randomise the acquisition look (augment.Acquisition)
     context_swap: float = 0.0  # share of crops whose context comes from another image
+    # weight of the two-view term: each training crop is also drawn a second time (another box
+    # jitter and augmentation) and the squared difference of the two logits is added (0: off)
+    consistency: float = 0.0
     threshold_sensitivity: float | None = None  # None: Youden's J on the validation patients
     standardize: bool = True  # per-image standardisation inside the network
     resume: bool = False
@@ -103,6 +106,8 @@ class ClassifierTrainConfig:
             raise ConfigError(f"--source-balance must be in [0, 1], not {self.source_balance}")
         if not 0.0 <= self.context_swap <= 1.0:
             raise ConfigError(f"--context-swap must be in [0, 1], not {self.context_swap}")
+        if not 0.0 <= self.consistency <= 100.0:
+            raise ConfigError(f"--consistency must be in [0, 100], not {self.consistency}")
         if self.threshold_sensitivity is not None and not 0.0 < self.threshold_sensitivity <= 1:
             raise ConfigError(
                 f"--threshold-sensitivity must be in (0, 1], not {self.threshold_sensitivity}"

@@ -154,6 +154,8 @@ def _with_progress(batches: list[np.ndarray], epoch: int, every: int = 32) -> It
 def _fingerprint(cfg: ClassifierTrainConfig, n_train: int) -> str:
     """What a checkpoint must agree with to be resumed (threads and --resume may differ)."""
     spec = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "resume")}
+    if not spec["consistency"]:  # off: the checkpoints of runs from before the option resume
+        spec.pop("consistency")
     spec["train_images"] = n_train
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -174,6 +176,14 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
             "the same command (only --threads may differ), or use another --out"
         )
     return state
+
+
+def two_view_loss(logit: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """logit (2B,): the B crops of a batch, then their second views. The mean BCE of both views
+    plus weight x the mean squared difference of each crop's two logits."""
+    first, second = logit.chunk(2)
+    bce = F.binary_cross_entropy_with_logits(logit, torch.cat([y, y]))
+    return bce + weight * (first - second).pow(2).mean()
 
 
 def fit(
@@ -217,9 +227,14 @@ def fit(
             idx: np.ndarray, rng: np.random.Generator = rng, gen: torch.Generator = gen
         ) -> torch.Tensor:
             xb = train_batch(data, idx, clf, cfg.augment, rng, gen, acq, swap)
+            if cfg.consistency > 0:  # a second view of each crop: another jitter, augmentation
+                xb = torch.cat([xb, train_batch(data, idx, clf, cfg.augment, rng, gen, acq, swap)])
             with loop.autocast(precision):
                 logit = model(xb.contiguous(memory_format=torch.channels_last))[0]
-            return F.binary_cross_entropy_with_logits(logit.float().reshape(-1), y[idx])
+            logit = logit.float().reshape(-1)
+            if cfg.consistency <= 0:
+                return F.binary_cross_entropy_with_logits(logit, y[idx])
+            return two_view_loss(logit, y[idx], cfg.consistency)
 
         stats = loop.train_epoch(
             model, opt, sched, _with_progress(batches, epoch), batch_loss, total - step

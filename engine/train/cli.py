@@ -209,6 +209,15 @@ def train_classifier(
             "outside the lungs stop predicting the label (0: off)."
         ),
     ] = 0.0,
+    consistency: Annotated[
+        float,
+        typer.Option(
+            help="Weight of a two-view term: every training crop is drawn twice (another box "
+            "jitter and augmentation) and the squared difference of its two logits is added to "
+            "the loss, so the score stops depending on where the box falls (0: off; doubles the "
+            "cost of a step)."
+        ),
+    ] = 0.0,
     threshold_sensitivity: ThresholdSensitivity = None,
     cache: Annotated[
         Path | None,

@@ -255,3 +255,41 @@ def test_killed_and_resumed_fit_equals_the_unbroken_one(tmp_path, monkeypatch):
     cfg = fit_config(tmp_path / "a", context_swap=0.5)
     unbroken, resumed, _ = kill_and_resume(cfg, data, CLF, tmp_path, monkeypatch, epoch=1)
     assert_same_fit(unbroken, resumed)
+
+
+def test_two_view_loss_is_both_views_bce_plus_the_weighted_logit_gap():
+    import torch.nn.functional as F
+
+    logit = torch.tensor([2.0, -1.0, 1.0, 0.0])  # crops a, b, then their second views
+    y = torch.tensor([1.0, 0.0])
+    bce = F.binary_cross_entropy_with_logits(logit, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    got = classifier_fit.two_view_loss(logit, y, 0.5)
+    assert got.item() == pytest.approx(bce.item() + 0.5 * (1.0**2 + 1.0**2) / 2)
+    same = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert classifier_fit.two_view_loss(same, y, 3.0).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(same, torch.tensor([1.0, 0.0, 1.0, 0.0])).item()
+    )
+
+
+def test_a_two_view_fit_runs_resumes_exactly_and_keeps_older_fingerprints(tmp_path, monkeypatch):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    cfg = fit_config(tmp_path / "a")
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "resume", "consistency")}
+    old["train_images"] = 10  # the fingerprint before the option existed
+    want = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
+    assert classifier_fit._fingerprint(cfg, 10) == want  # off: older checkpoints resume
+    assert classifier_fit._fingerprint(replace(cfg, consistency=0.5), 10) != want
+    with pytest.raises(ConfigError, match=r"--consistency must be in \[0, 100\], not -1"):
+        replace(cfg, consistency=-1.0)
+    data = crop_data(SPLIT16, sources=["a", "b"] * 8)
+    two = replace(cfg, consistency=0.5)
+    unbroken, resumed, _ = kill_and_resume(two, data, CLF, tmp_path, monkeypatch, epoch=1)
+    assert_same_fit(unbroken, resumed)
+    one, _, _, _ = classifier_fit.fit(replace(cfg, out=tmp_path / "c"), data, CLF, "fp32")
+    differ = [
+        k for k, v in one.state_dict().items() if not torch.equal(v, unbroken[0].state_dict()[k])
+    ]
+    assert differ  # the second view and its term change the training
