@@ -206,16 +206,25 @@ def test_bench_screen_writes_one_line_per_configuration(bench_archive, tiny_mode
     assert q["dev"]["roc_auc_ref"] is not None and q["dev"]["roc_auc_diff"] is not None
 
 
-def test_bench_screen_rounds_are_runs_of_their_own_and_give_medians(
-    bench_archive, tiny_models_dir, tmp_path, capsys
-):
-    results = tmp_path / "screen.jsonl"
-    opts = bench_screen.BenchOptions(
+def tiny_fp32_bench(bench_archive, tiny_models_dir, **kw) -> bench_screen.BenchOptions:
+    """BenchOptions over the bench archive's tree with the tiny models, FP32, batch 4, 2 threads."""
+    return bench_screen.BenchOptions(
         archive=bench_archive / "tree",
         models=tiny_models_dir,
         precisions=("fp32",),
         batch_sizes=(4,),
         threads=2,
+        **kw,
+    )
+
+
+def test_bench_screen_rounds_are_runs_of_their_own_and_give_medians(
+    bench_archive, tiny_models_dir, tmp_path, capsys
+):
+    results = tmp_path / "screen.jsonl"
+    opts = tiny_fp32_bench(
+        bench_archive,
+        tiny_models_dir,
         configs=("naive", "engine"),
         naive_limit=4,
         warmup=4,
@@ -252,12 +261,9 @@ def test_bench_screen_runs_the_engine_defaults_and_decode_workers(
     the readers/decoders, each line recording what ran (issue 17: PNG and DICOM vs ceiling)."""
     from engine.config import CPU_DECODER
 
-    opts = bench_screen.BenchOptions(
-        archive=bench_archive / "tree",
-        models=tiny_models_dir,
-        precisions=("fp32",),
-        batch_sizes=(4,),
-        threads=2,
+    opts = tiny_fp32_bench(
+        bench_archive,
+        tiny_models_dir,
         decoders=("auto",),
         decode_workers=(0, 3),
         configs=("engine",),
