@@ -33,10 +33,10 @@ import numpy as np
 from engine.eval.bootstrap import patient_codes, resample_images
 from engine.eval.metrics import roc_auc
 from engine.models import ModelSet, load_manifest, manifest_path
-from engine.stages.classify import crop_mean
 from engine.stages.crop import classifier_crops
 from engine.train.data import box_transforms, decode_all, read_labels
 from engine.train.export import ort_run, ort_session
+from engine.train.redo import training_jitter
 from engine.train.segmenter_int8 import lung_boxes
 
 PARTS = ("val", "test", "holdout")
@@ -73,24 +73,20 @@ def score(
                      threads=threads)  # fmt: skip
     boxes = lung_boxes(ort_session(seg.onnx_path, threads), seg, dec.seg_input)
     session = ort_session(clf.onnx_path, threads)
-    aug = clf.card.get("training", {}).get("augmentation", {})
-    jitter = {"scale": aug.get("box_scale", 0.08), "shift": aug.get("box_shift", 0.05)}
+    jitter = training_jitter(clf)
 
-    def logits(m: Any) -> np.ndarray:
+    def per_crop(m: Any) -> np.ndarray:  # (K, n): each crop's own logit, transform-major
         out = ort_run(session, classifier_crops(dec.work, boxes, m))
-        return crop_mean(out["logit"], out["embedding"], max(len(m.tta), 1))[0]
+        return out["logit"].reshape(max(len(m.tta), 1), -1).astype(np.float64)
 
-    def per_crop(m: Any) -> np.ndarray:  # (K, n): each crop's own logit
-        out = ort_run(session, classifier_crops(dec.work, boxes, m))
-        return out["logit"].reshape(len(m.tta), -1).astype(np.float64)
-
-    one = logits(clf)
-    many = {
-        (k, s): logits(replace(clf, tta=box_transforms(k, s, **jitter)))
+    one = per_crop(clf)[0]
+    crop_logits = {
+        (k, s): per_crop(replace(clf, tta=box_transforms(k, s, **jitter)))
         for k in crops
         for s in range(seeds)
     }
-    spread = per_crop(replace(clf, tta=box_transforms(max(crops), 0, **jitter)))
+    many = {key: v.mean(axis=0) for key, v in crop_logits.items()}  # the served mean logit
+    spread = crop_logits[(max(crops), 0)]
     ok = dec.ok
     return {
         "one": one,

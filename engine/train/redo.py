@@ -205,11 +205,15 @@ def test_time_transforms(
         raise ConfigError(f"--test-time-crops must be at least 1, not {crops}")
     if crops == 1:
         return ()
+    return box_transforms(crops, seed, **training_jitter(m))
+
+
+def training_jitter(m: Manifest) -> dict[str, float]:
+    """The box jitter ("scale", "shift") a classifier was trained with: its card's
+    training.augmentation, the trainer's defaults where it has none."""
     aug = m.card.get("training", {}).get("augmentation", {})
     default = CropAugment()
-    return box_transforms(
-        crops,
-        seed,
-        scale=float(aug.get("box_scale", default.box_scale)),
-        shift=float(aug.get("box_shift", default.box_shift)),
-    )
+    return {
+        "scale": float(aug.get("box_scale", default.box_scale)),
+        "shift": float(aug.get("box_shift", default.box_shift)),
+    }
